@@ -1,0 +1,1 @@
+"""clrun: a config-driven experiment runner for continual-learning research."""

@@ -1,0 +1,159 @@
+"""Structured configs: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Each YAML option under `conf/<group>/` starts from its schema
+(`defaults: [/schema/<group>/<schema>@_here_]`), so an unknown key or a value of
+the wrong type fails at composition, before any work, naming the key.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from clrun.errors import ClrunError
+
+
+class Optimizer(Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Schedule(Enum):
+    constant = "constant"
+    multistep = "multistep"
+    cosine = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    """One training phase: optimizer, learning-rate schedule, epochs, batch size."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    optimizer: Optimizer = Optimizer.sgd
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: Schedule = Schedule.constant
+    milestones: list[int] = field(default_factory=list)  # epochs where multistep multiplies lr by gamma
+    gamma: float = 0.1
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has; `_target_` names the class Hydra loads."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class JointConfig(MethodConfig):
+    reinit: bool = True  # start each task's joint training from a fresh model
+
+
+class Split(Enum):
+    """How a dataset's classes or inputs are cut into tasks."""
+
+    contiguous = "contiguous"  # classes in label order, classes_per_task each
+    random = "random"  # classes shuffled by the stream seed, then cut
+    superclass = "superclass"  # CIFAR-100 coarse labels, CPG's order
+    permutation = "permutation"  # every task all classes, a fixed pixel permutation each
+    rotation = "rotation"  # every task all classes, a fixed rotation each
+
+
+@dataclass
+class StreamConfig:
+    name: str = MISSING
+    dataset: str = MISSING  # synthetic | mnist | cifar10 | cifar100
+    split: Split = Split.contiguous
+    n_tasks: int = 5
+    classes_per_task: int = 2
+    split_seed: Optional[int] = None  # seed of class order / permutations / subsets (null: the run's seed)
+    max_rotation: float = 180.0  # rotation split: task k rotates by k * max_rotation / n_tasks degrees
+    train_per_task: Optional[int] = None  # keep at most this many training images per task (null: all)
+    test_per_task: Optional[int] = None
+    augment: bool = False  # random crop (padding 4) and horizontal flip while training
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    channels_last: Optional[bool] = None  # null: on for CUDA
+    cudnn_benchmark: Optional[bool] = None  # null: on for CUDA
+    threads: Optional[int] = None  # CPU threads for torch (null: torch's default)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING
+    width: float = 1.0  # channel / unit multiplier
+    pretrained: Optional[str] = None  # path to a state_dict for the backbone (e.g. torchvision ResNet50)
+
+
+@dataclass
+class MlpConfig(BackboneConfig):
+    hidden: list[int] = field(default_factory=lambda: [400, 400])  # hidden units per layer at width 1
+
+
+@dataclass
+class DataConfig:
+    root: str = "${oc.env:CLRUN_DATA,'~/.cache/clrun/data'}"  # dataset folder: env CLRUN_DATA, else ~/.cache/clrun/data
+    download: bool = False  # fetch missing files with torchvision's downloaders (needs network)
+
+
+@dataclass
+class Config:
+    method: Any = MISSING
+    backbone: Any = MISSING
+    stream: Any = MISSING
+    hardware: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    resume: bool = True  # continue from the run folder's checkpoint; false: start the run over
+
+
+def check_known_keys(node: DictConfig, path: str = "") -> None:
+    """Fail on keys outside the schema, such as ones force-added with Hydra's `+key=value`."""
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        full_key = f"{path}.{key}" if path else str(key)
+        if known is not None and key not in known:
+            raise ClrunError(f"unknown config key {full_key}; valid keys there: {', '.join(sorted(known))}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            check_known_keys(child, full_key)
+
+
+def register_configs() -> None:
+    """Register the schemas; called before Hydra composes."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="schema/method", name="method", node=MethodConfig)
+    cs.store(group="schema/method", name="joint", node=JointConfig)
+    cs.store(group="schema/backbone", name="backbone", node=BackboneConfig)
+    cs.store(group="schema/backbone", name="mlp", node=MlpConfig)
+    cs.store(group="schema/stream", name="stream", node=StreamConfig)
+    cs.store(group="schema/hardware", name="hardware", node=HardwareConfig)

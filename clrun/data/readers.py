@@ -1,0 +1,165 @@
+"""Readers of the official on-disk formats of MNIST, CIFAR-10 and CIFAR-100 (no MD5 checks).
+
+Every reader checks what it reads and raises a one-line `ClrunError` naming the
+file and the problem. A missing file is fetched with torchvision's downloader when
+`download` is set. Copies with fewer samples than the official files load with a
+warning: results on them are not comparable with papers.
+"""
+
+import gzip
+import logging
+import pickle
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from clrun.errors import ClrunError
+
+log = logging.getLogger("clrun")
+
+_IMAGES_MAGIC = 0x0803  # idx: unsigned bytes, 3 dimensions
+_LABELS_MAGIC = 0x0801  # idx: unsigned bytes, 1 dimension
+_OFFICIAL_SIZE = {"MNIST": (60000, 10000), "CIFAR-10": (50000, 10000), "CIFAR-100": (50000, 10000)}
+_DOWNLOADER = {"MNIST": "MNIST", "CIFAR-10": "CIFAR10", "CIFAR-100": "CIFAR100"}
+
+
+def read_mnist(root: str | Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST images uint8 (N, 1, 28, 28) and labels int64 (N,) from `<root>/MNIST/raw/` (idx files, gzipped or not)."""
+    root = Path(root).expanduser()
+    prefix = "train" if train else "t10k"
+    stems = [root / "MNIST" / "raw" / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+    _ensure([f"{s}[.gz]" for s in stems if _idx_file(s) is None], "MNIST", root, download)
+    images_path, labels_path = (_idx_file(s) for s in stems)
+    images = _read_idx(images_path, _IMAGES_MAGIC)
+    labels = _read_idx(labels_path, _LABELS_MAGIC)
+    if images.shape[1:] != (28, 28):
+        raise ClrunError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+    _check_labels(labels_path, labels, len(images), 10)
+    _warn_if_partial(images_path, "MNIST", train, len(images))
+    return torch.from_numpy(images.reshape(-1, 1, 28, 28).copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def read_cifar10(root: str | Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10 images uint8 (N, 3, 32, 32) and labels int64 (N,) from `<root>/cifar-10-batches-py/`."""
+    root = Path(root).expanduser()
+    folder = root / "cifar-10-batches-py"
+    paths = [folder / f"data_batch_{i}" for i in range(1, 6)] if train else [folder / "test_batch"]
+    _ensure([p for p in paths if not p.is_file()], "CIFAR-10", root, download)
+    batches = [_read_batch(p, {b"labels": 10}) for p in paths]
+    images, labels = (torch.cat(parts) for parts in zip(*batches, strict=True))
+    _warn_if_partial(folder if train else paths[0], "CIFAR-10", train, len(images))
+    return images, labels
+
+
+def read_cifar100(
+    root: str | Path, train: bool, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CIFAR-100 images uint8 (N, 3, 32, 32), fine and coarse labels int64 (N,) from `<root>/cifar-100-python/`."""
+    root = Path(root).expanduser()
+    path = root / "cifar-100-python" / ("train" if train else "test")
+    _ensure([path] if not path.is_file() else [], "CIFAR-100", root, download)
+    images, fine, coarse = _read_batch(path, {b"fine_labels": 100, b"coarse_labels": 20})
+    _warn_if_partial(path, "CIFAR-100", train, len(images))
+    return images, fine, coarse
+
+
+def read_cifar100_names(root: str | Path, download: bool = False) -> tuple[list[str], list[str]]:
+    """CIFAR-100's 100 fine and 20 coarse class names, in label order, from `<root>/cifar-100-python/meta`."""
+    root = Path(root).expanduser()
+    path = root / "cifar-100-python" / "meta"
+    _ensure([path] if not path.is_file() else [], "CIFAR-100", root, download)
+    meta = _load_pickle(path)
+    names = []
+    for key, count in ((b"fine_label_names", 100), (b"coarse_label_names", 20)):
+        values = meta.get(key) if isinstance(meta, dict) else None
+        if not isinstance(values, list) or len(values) != count:
+            raise ClrunError(f"{path}: {key.decode()} must be a list of {count} names")
+        names.append([v.decode() if isinstance(v, bytes) else str(v) for v in values])
+    return names[0], names[1]
+
+
+def _ensure(missing: list, dataset: str, root: Path, download: bool) -> None:
+    """Fetch a dataset with torchvision when files are `missing` and `download` is set; else raise for the first."""
+    if not missing:
+        return
+    if not download:
+        raise ClrunError(
+            f"{dataset} file not found: {missing[0]}; put the official files there, "
+            "or set data.root=... to the folder that holds them, or set data.download=true"
+        )
+    try:
+        getattr(torchvision.datasets, _DOWNLOADER[dataset])(str(root), download=True)
+    except Exception as e:  # network, disk or checksum problems all end the run the same way
+        raise ClrunError(f"could not download {dataset} into {root}: {_one_line(e)}") from e
+
+
+def _idx_file(stem: Path) -> Path | None:
+    """The idx file at `stem`, uncompressed or `.gz`, if either exists."""
+    return next((p for p in (stem, stem.with_name(stem.name + ".gz")) if p.is_file()), None)
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """The uint8 array of an idx file, checking its magic number and its size against its header."""
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ClrunError(f"{path}: cannot read ({_one_line(e)})") from e
+    ndim = magic & 0xFF
+    found = int.from_bytes(data[:4], "big")
+    if found != magic or len(data) < 4 + 4 * ndim:
+        raise ClrunError(f"{path}: bad idx magic number {found:#010x}, expected {magic:#010x}")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+    payload = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if payload.size != np.prod(dims):
+        shape = "x".join(map(str, dims))
+        raise ClrunError(f"{path}: truncated or corrupt: header says {shape} bytes, the file holds {payload.size}")
+    return payload.reshape(dims)
+
+
+def _load_pickle(path: Path) -> object:
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:  # a truncated or foreign file can fail inside pickle in many ways
+        raise ClrunError(f"{path}: not a readable CIFAR pickle ({_one_line(e)})") from e
+
+
+def _read_batch(path: Path, label_keys: dict[bytes, int]) -> tuple[torch.Tensor, ...]:
+    """Images uint8 (N, 3, 32, 32) and one int64 label tensor per key (with its class count) of a CIFAR pickle."""
+    batch = _load_pickle(path)
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ClrunError(f"{path}: 'data' must be an N x 3072 uint8 array, found {found}")
+    labels = []
+    for key, n_classes in label_keys.items():
+        values = np.asarray(batch.get(key, []), dtype=np.int64)
+        _check_labels(path, values, len(data), n_classes, key.decode())
+        labels.append(torch.from_numpy(values))
+    return (torch.from_numpy(data.reshape(-1, 3, 32, 32)), *labels)
+
+
+def _check_labels(path: Path, labels: np.ndarray, n: int, n_classes: int, key: str = "labels") -> None:
+    if labels.shape != (n,):
+        raise ClrunError(f"{path}: {labels.size} {key} for {n} images")
+    if n and (labels.min() < 0 or labels.max() >= n_classes):
+        raise ClrunError(f"{path}: {key} outside 0..{n_classes - 1} (found {labels.min()}..{labels.max()})")
+
+
+def _warn_if_partial(path: Path, dataset: str, train: bool, n: int) -> None:
+    official = _OFFICIAL_SIZE[dataset][0 if train else 1]
+    if n < official:
+        log.warning(
+            "%s: %d of the official %d %s images: a partial copy, results are not comparable with papers",
+            path,
+            n,
+            official,
+            "training" if train else "test",
+        )
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

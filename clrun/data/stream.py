@@ -1,0 +1,53 @@
+"""Task streams: an ordered list of tasks, each with device-resident uint8 images."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Split:
+    """Images and labels of one split of one task.
+
+    `x` is uint8 (N, C, H, W) on the run's device; `y` is int64 (N,) with labels
+    local to the task (0 .. n_classes-1).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass
+class Task:
+    """One task of a stream: its index, a readable name, the global class ids it covers."""
+
+    index: int
+    name: str
+    classes: list[int]
+    train: Split
+    test: Split
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Stream:
+    """An ordered list of tasks sharing one input shape and one normalisation."""
+
+    name: str
+    tasks: list[Task]
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+
+    def __len__(self) -> int:
+        return len(self.tasks)

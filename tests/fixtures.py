@@ -1,0 +1,106 @@
+"""Writers of small fake MNIST, CIFAR-10 and CIFAR-100 copies in the exact official on-disk formats.
+
+Images are seeded random bytes; labels cycle through every class. Each writer returns
+what it wrote, as numpy arrays, so tests can compare a reader's output with it.
+"""
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+CIFAR100_FINE_NAMES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
+    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
+    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
+    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+CIFAR100_COARSE_NAMES = (
+    "aquatic_mammals fish flowers food_containers fruit_and_vegetables household_electrical_devices "
+    "household_furniture insects large_carnivores large_man-made_outdoor_things large_natural_outdoor_scenes "
+    "large_omnivores_and_herbivores medium_mammals non-insect_invertebrates people reptiles small_mammals trees "
+    "vehicles_1 vehicles_2"
+).split()
+# the coarse label of each fine label, as in the official CIFAR-100 files
+CIFAR100_COARSE_OF_FINE = np.array([
+    4, 1, 14, 8, 0, 6, 7, 7, 18, 3, 3, 14, 9, 18, 7, 11, 3, 9, 7, 11, 6, 11, 5, 10, 7, 6, 13, 15, 3, 15,
+    0, 11, 1, 10, 12, 14, 16, 9, 11, 5, 5, 19, 8, 8, 15, 13, 14, 17, 18, 10, 16, 4, 17, 4, 2, 0, 17, 4, 18, 17,
+    10, 3, 2, 12, 12, 16, 12, 1, 9, 19, 2, 10, 0, 1, 16, 12, 9, 13, 15, 13, 16, 19, 2, 4, 6, 19, 5, 5, 8, 19,
+    18, 1, 2, 15, 6, 0, 17, 8, 14, 13,
+])  # fmt: skip
+
+
+def write_mnist(root: Path, n_train: int, n_test: int, gz: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Idx files under `<root>/MNIST/raw/`; returns {"train"/"test": (images (N, 28, 28), labels)}."""
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, gz)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, gz)
+        written[split] = images, labels
+    return written
+
+
+def write_idx(stem: Path, array: np.ndarray, gz: bool = True) -> Path:
+    """An idx file of uint8 `array` at `stem` (plus `.gz` when `gz`): magic 0x0000080<ndim>, big-endian dims."""
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    data = header + array.astype(np.uint8).tobytes()
+    path = stem.with_name(stem.name + ".gz") if gz else stem
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_cifar10(root: Path, n_per_batch: int, n_test: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Python-version pickles under `<root>/cifar-10-batches-py/` (5 training batches, a test batch, batches.meta)."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    parts = {}
+    for i, name in enumerate(names):
+        n, first = (n_test, 0) if name == "test_batch" else (n_per_batch, i * n_per_batch)
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [(first + j) % 10 for j in range(n)]  # training labels cycle across the batches
+        _pickle(folder / name, {b"batch_label": name.encode(), b"labels": labels, b"data": data})
+        parts[name] = data, np.array(labels)
+    _pickle(folder / "batches.meta", {b"label_names": [b"c%d" % i for i in range(10)], b"num_vis": 3072})
+    train = [parts[n] for n in names[:5]]
+    return {"train": tuple(np.concatenate(p) for p in zip(*train, strict=True)), "test": parts["test_batch"]}
+
+
+def write_cifar100(root: Path, n_train: int, n_test: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Pickles `train`, `test` and `meta` (the official names) under `<root>/cifar-100-python/`."""
+    folder = Path(root) / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    written = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = np.arange(n) % 100
+        coarse = CIFAR100_COARSE_OF_FINE[fine]
+        _pickle(folder / name, {
+            b"filenames": [b"img_%d.png" % i for i in range(n)],
+            b"batch_label": name.encode(),
+            b"fine_labels": fine.tolist(),
+            b"coarse_labels": coarse.tolist(),
+            b"data": data,
+        })  # fmt: skip
+        written[name] = data, fine, coarse
+    _pickle(folder / "meta", {
+        b"fine_label_names": [n.encode() for n in CIFAR100_FINE_NAMES],
+        b"coarse_label_names": [n.encode() for n in CIFAR100_COARSE_NAMES],
+    })  # fmt: skip
+    return written
+
+
+def _pickle(path: Path, obj: dict) -> None:
+    with path.open("wb") as f:
+        pickle.dump(obj, f, protocol=2)

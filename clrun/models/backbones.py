@@ -1,0 +1,300 @@
+"""Backbones: feature extractors built from a `BackboneConfig` node and an input shape.
+
+Every backbone exposes `out_features` and maps (N, C, H, W) inputs to
+(N, out_features) features; classifiers live in `clrun.models.heads`. All
+convolutions, linear layers and batch norms are clrun layer types.
+"""
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from clrun.errors import ClrunError
+from clrun.models.layers import BatchNorm2d, Conv2d, Linear
+
+Shape = tuple[int, int, int]
+
+
+def _scale(c: int, width: float) -> int:
+    return max(1, round(c * width))
+
+
+def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [Conv2d(c_in, c_out, 3, padding=1, bias=False), BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear + ReLU for each hidden layer."""
+
+    def __init__(self, input_shape: Shape, hidden: list[int]) -> None:
+        super().__init__()
+        n = math.prod(input_shape)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for h in hidden:
+            layers += [Linear(n, h), nn.ReLU(inplace=True)]
+            n = h
+        self.layers = nn.Sequential(*layers)
+        self.out_features = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ConvNet(nn.Module):
+    """Three blocks of 3x3 conv + BN + ReLU + 2x2 max-pool (32, 64, 128 channels), then global average pool."""
+
+    def __init__(self, in_channels: int, width: float) -> None:
+        super().__init__()
+        c = in_channels
+        layers: list[nn.Module] = []
+        for c_out in (_scale(n, width) for n in (32, 64, 128)):
+            layers += [*_conv_bn_relu(c, c_out), nn.MaxPool2d(2)]
+            c = c_out
+        self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_features = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16BN(nn.Module):
+    """CPG's CIFAR VGG16-BN: 13 conv + BN + ReLU, 5 max-pools, then two 4096-unit Linear + ReLU (no dropout)."""
+
+    def __init__(self, input_shape: Shape, width: float) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        layers: list[nn.Module] = []
+        for v in VGG16:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += _conv_bn_relu(c, _scale(v, width))
+                c = _scale(v, width)
+        self.features = nn.Sequential(*layers)
+        hidden = _scale(4096, width)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            Linear(c * (h // 32) * (w // 32), hidden),
+            nn.ReLU(inplace=True),
+            Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+        )
+        self.out_features = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _downsample(c_in: int, c_out: int, stride: int) -> nn.Module | None:
+    if stride == 1 and c_in == c_out:
+        return None
+    return nn.Sequential(Conv2d(c_in, c_out, 1, stride, bias=False), BatchNorm2d(c_out))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with a skip (torchvision's names)."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = Conv2d(c_in, planes, 3, stride, 1, bias=False)
+        self.bn1 = BatchNorm2d(planes)
+        self.conv2 = Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(c_in, planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block, stride on the 3x3 conv (torchvision's v1.5 layout and names)."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int) -> None:
+        super().__init__()
+        c_out = planes * self.expansion
+        self.conv1 = Conv2d(c_in, planes, 1, bias=False)
+        self.bn1 = BatchNorm2d(planes)
+        self.conv2 = Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = BatchNorm2d(planes)
+        self.conv3 = Conv2d(planes, c_out, 1, bias=False)
+        self.bn3 = BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(c_in, c_out, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet trunk with torchvision's module names, no `fc`; ends in global average pooling.
+
+    `imagenet_stem`: 7x7 stride-2 conv + 3x3 max-pool; otherwise the CIFAR stem
+    (3x3 stride-1 conv, no pool).
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock | Bottleneck],
+        blocks: list[int],
+        in_channels: int,
+        width: float,
+        imagenet_stem: bool,
+    ) -> None:
+        super().__init__()
+        c = _scale(64, width)
+        if imagenet_stem:
+            self.conv1 = Conv2d(in_channels, c, 7, 2, 3, bias=False)
+        else:
+            self.conv1 = Conv2d(in_channels, c, 3, 1, 1, bias=False)
+        self.bn1 = BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if imagenet_stem else nn.Identity()
+        for i, n in enumerate(blocks):
+            planes = _scale(64 * 2**i, width)
+            layer = []
+            for j in range(n):
+                layer.append(block(c, planes, 2 if i > 0 and j == 0 else 1))
+                c = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.out_features = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+class SphereUnit(nn.Module):
+    """SphereFace residual unit: two 3x3 conv + PReLU, identity skip."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = Conv2d(c, c, 3, 1, 1)
+        self.prelu1 = nn.PReLU(c)
+        self.conv2 = Conv2d(c, c, 3, 1, 1)
+        self.prelu2 = nn.PReLU(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.prelu2(self.conv2(self.prelu1(self.conv1(x))))
+
+
+class SphereFace20(nn.Module):
+    """SphereFace-20 ("sphere20a", Liu et al. 2017) without its angular classifier; features from fc5."""
+
+    def __init__(self, input_shape: Shape, width: float) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        layers: list[nn.Module] = []
+        for c_out, units in zip((_scale(n, width) for n in (64, 128, 256, 512)), (1, 2, 4, 1), strict=True):
+            layers += [Conv2d(c, c_out, 3, 2, 1), nn.PReLU(c_out)]
+            layers += [SphereUnit(c_out) for _ in range(units)]
+            c = c_out
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.out_features = _scale(512, width)
+        self.fc5 = Linear(c * (h // 16) * (w // 16), self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc5(self.features(x))
+
+
+def _shape_text(shape: Shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _require_min_size(name: str, shape: Shape, size: int) -> None:
+    if shape[1] < size or shape[2] < size:
+        raise ClrunError(
+            f"backbone.name={name} needs inputs of at least {size}x{size} pixels, got {_shape_text(shape)}"
+        )
+
+
+def _mlp(cfg: DictConfig, shape: Shape) -> nn.Module:
+    return MLP(shape, [_scale(h, cfg.width) for h in cfg.hidden])
+
+
+def _convnet(cfg: DictConfig, shape: Shape) -> nn.Module:
+    _require_min_size("convnet", shape, 8)
+    return ConvNet(shape[0], cfg.width)
+
+
+def _vgg16_bn(cfg: DictConfig, shape: Shape) -> nn.Module:
+    _require_min_size("vgg16_bn", shape, 32)
+    return VGG16BN(shape, cfg.width)
+
+
+def _resnet18(cfg: DictConfig, shape: Shape) -> nn.Module:
+    return ResNet(BasicBlock, [2, 2, 2, 2], shape[0], cfg.width, imagenet_stem=False)
+
+
+def _resnet50(cfg: DictConfig, shape: Shape) -> nn.Module:
+    return ResNet(Bottleneck, [3, 4, 6, 3], shape[0], cfg.width, imagenet_stem=True)
+
+
+def _sphereface20(cfg: DictConfig, shape: Shape) -> nn.Module:
+    if shape[1:] not in ((112, 96), (112, 112)):
+        raise ClrunError(f"backbone.name=sphereface20 needs inputs of Cx112x96 or Cx112x112, got {_shape_text(shape)}")
+    return SphereFace20(shape, cfg.width)
+
+
+BACKBONES: dict[str, Callable[[DictConfig, Shape], nn.Module]] = {
+    "mlp": _mlp,
+    "convnet": _convnet,
+    "vgg16_bn": _vgg16_bn,
+    "resnet18": _resnet18,
+    "resnet50": _resnet50,
+    "sphereface20": _sphereface20,
+}
+
+
+def _load_pretrained(model: nn.Module, cfg: DictConfig) -> None:
+    """Load `cfg.pretrained` into `model` strictly, dropping the classifier's `fc.*` keys."""
+    path = Path(cfg.pretrained).expanduser()
+    if not path.is_file():
+        raise ClrunError(f"backbone.pretrained: file not found: {cfg.pretrained}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = model.state_dict()
+    bad = sorted(own.keys() ^ state.keys()) + sorted(
+        k for k in own.keys() & state.keys() if own[k].shape != state[k].shape
+    )
+    if bad:
+        raise ClrunError(
+            f"backbone.pretrained: {cfg.pretrained} does not fit backbone.name={cfg.name} at width {cfg.width}: "
+            f"{len(bad)} keys missing, unexpected or of another shape, e.g. {bad[0]}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def build_backbone(cfg: DictConfig, input_shape: tuple[int, int, int]) -> nn.Module:
+    """Build the backbone `cfg.name` for (C, H, W) inputs, loading `cfg.pretrained` if set.
+
+    Raises `ClrunError` for an unknown name, an input shape the backbone cannot
+    take, or a missing or non-matching pretrained file.
+    """
+    if cfg.name not in BACKBONES:
+        raise ClrunError(f"backbone.name: unknown backbone '{cfg.name}' (valid: {', '.join(BACKBONES)})")
+    shape = tuple(int(s) for s in input_shape)
+    model = BACKBONES[cfg.name](cfg, shape)
+    if cfg.pretrained is not None:
+        _load_pretrained(model, cfg)
+    return model

@@ -1,0 +1,59 @@
+"""Where and how a run computes: device, autocast precision, memory format."""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from clrun.errors import ClrunError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The resolved hardware settings a method trains and evaluates with."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: plain fp32
+    channels_last: bool
+
+    def autocast(self):
+        """Autocast context for forward passes (a no-op in fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Lay out a float image batch for this hardware."""
+        if self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move a model to the device in the chosen memory format."""
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+
+def resolve_hardware(cfg) -> Hardware:
+    """Turn a `hardware` config (auto, cpu, gpu) into concrete settings."""
+    device_name = cfg.device.value
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ClrunError("hardware.device=cuda but no CUDA device is visible; use hardware=cpu or hardware=auto")
+    device = torch.device(device_name)
+    on_cuda = device.type == "cuda"
+
+    precision = cfg.precision.value
+    if precision == "auto":
+        precision = "bf16" if on_cuda else "fp32"
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    return Hardware(device=device, autocast_dtype=autocast_dtype, channels_last=channels_last)

@@ -1,0 +1,53 @@
+"""Individual models: an independent backbone and head trained from scratch per task.
+
+The "individual models" baseline of CPG's Table 2 and the source of its
+accuracy goals: no forgetting and no transfer, at T times the parameters.
+"""
+
+from clrun.data.stream import Task
+from clrun.methods.base import Footprint, Method, count_params, module_bytes, task_loss
+from clrun.train import fit
+
+
+class Scratch(Method):
+    def __init__(self, cfg, backbone_cfg, stream, hw):
+        super().__init__(cfg, backbone_cfg, stream, hw)
+        self.models = []
+
+    def learn(self, task: Task, progress) -> dict:
+        model = self.new_model([task])
+        self.models.append(model)
+        stats = fit(
+            model,
+            model.parameters(),
+            task_loss(model, 0),
+            (task.train.x, task.train.y),
+            self.cfg.train,
+            self.stream,
+            self.hw,
+            progress,
+            f"task {task.index} {task.name}",
+        )
+        return stats.row()
+
+    def predict(self, x, task):
+        model = self.models[task]
+        model.eval()
+        return model(x, 0)
+
+    def state_dict(self) -> dict:
+        return {"models": [model.state_dict() for model in self.models]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.models = []
+        for task, model_state in zip(self.stream.tasks, state["models"], strict=False):
+            model = self.new_model([task])
+            model.load_state_dict(model_state)
+            self.models.append(model)
+
+    def footprint(self) -> Footprint:
+        return Footprint(
+            params=sum(count_params(m) for m in self.models),
+            bytes=sum(module_bytes(m) for m in self.models),
+            base_params=count_params(self.models[0]),
+        )

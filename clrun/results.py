@@ -1,0 +1,133 @@
+"""Writing one run's results: parquet tables, plots and the console report.
+
+Every file is written to a temporary name in the same folder and renamed, so a
+crash never leaves a half-written result.
+"""
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from clrun import metrics  # noqa: E402
+from clrun.methods.base import Footprint  # noqa: E402
+
+ACCURACY_FILE = "accuracy.parquet"
+SUMMARY_FILE = "summary.parquet"
+TASKS_FILE = "tasks.parquet"
+MATRIX_PLOT = "accuracy_matrix.png"
+CURVES_PLOT = "accuracy_curves.png"
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` then rename the temporary file onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def accuracy_matrix(accuracy: pd.DataFrame, n_tasks: int) -> np.ndarray:
+    """The T x T matrix R[train_task, eval_task] from the long-form table; NaN where not measured."""
+    R = np.full((n_tasks, n_tasks), np.nan)
+    R[accuracy["train_task"].to_numpy(), accuracy["eval_task"].to_numpy()] = accuracy["accuracy"].to_numpy()
+    return R
+
+
+def summarize(R: np.ndarray, footprint: Footprint, wall_s: float) -> dict:
+    """The summary metrics of a finished run (definitions in `clrun.metrics`)."""
+    return {
+        "acc": metrics.acc(R),
+        "bwt": metrics.bwt(R),
+        "fwt": metrics.fwt(R, np.full(len(R), np.nan)),
+        "forgetting": metrics.forgetting(R),
+        "lower_triangle_acc": metrics.lower_triangle_mean(R),
+        "expansion": metrics.expansion(footprint.params, footprint.base_params),
+        "params": footprint.params,
+        "model_mb": metrics.model_mb(footprint.bytes),
+        "wall_s": wall_s,
+    }
+
+
+def save_plots(R: np.ndarray, names: list[str], run_dir: Path, title: str) -> None:
+    """The accuracy matrix as a heat map and each task's accuracy across the stream."""
+    T = len(R)
+    size = max(4.0, 0.45 * T + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(np.ma.masked_invalid(R * 100), vmin=0, vmax=100, cmap="viridis")
+    if T <= 20:
+        for i in range(T):
+            for j in range(T):
+                if not math.isnan(R[i, j]):
+                    ax.text(j, i, f"{R[i, j] * 100:.0f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xlabel("evaluated task j")
+    ax.set_ylabel("after training task i")
+    ax.set_xticks(range(T))
+    ax.set_yticks(range(T))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    atomic_write(run_dir / MATRIX_PLOT, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j in range(T):
+        ax.plot(range(j, T), R[j:, j] * 100, marker="o", markersize=3, label=f"{j}: {names[j]}")
+    ax.set_xlabel("after training task i")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks(range(T))
+    if T <= 20:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    atomic_write(run_dir / CURVES_PLOT, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def print_report(console: Console, R: np.ndarray, names: list[str], summary: dict, run_dir: Path) -> None:
+    """Print the accuracy matrix and the summary metrics as rich tables."""
+    matrix = Table(title="accuracy (%): row = after training task i, column = task j")
+    matrix.add_column("i \\ j", justify="right")
+    for j in range(len(R)):
+        matrix.add_column(str(j), justify="right")
+    for i, row in enumerate(R):
+        matrix.add_row(f"{i} {names[i]}", *("" if math.isnan(v) else f"{v * 100:.1f}" for v in row))
+    console.print(matrix)
+
+    table = Table(title="summary")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, _format(key, value))
+    console.print(table)
+    console.print(f"results: {run_dir}")
+
+
+def _format(key: str, value) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "n/a"
+    if key in ("acc", "bwt", "fwt", "forgetting", "lower_triangle_acc"):
+        return f"{value * 100:.2f}"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)

@@ -1,0 +1,152 @@
+"""One run: build the stream, method and hardware, learn the tasks in order, evaluate, checkpoint."""
+
+import hashlib
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from clrun import results
+from clrun.config import check_known_keys
+from clrun.data import build_stream
+from clrun.errors import ClrunError
+from clrun.hardware import resolve_hardware
+from clrun.train import accuracy, make_progress
+
+CHECKPOINT = Path("checkpoints") / "last.pt"
+IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
+
+
+def identity(cfg) -> dict:
+    """The part of the config that decides a run's results (not `data.root`, not `resume`)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(IDENTITY_KEYS)), resolve=True, enum_to_str=True)
+
+
+def run_name(cfg) -> str:
+    """The run's folder name and id: method, stream, backbone, seed and a hash of the whole identity."""
+    digest = hashlib.sha1(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.method.name}-{cfg.stream.name}-{cfg.backbone.name}-seed{cfg.seed}-{digest}"
+
+
+class Run:
+    """Executes one configured run in `run_dir`, resuming from its checkpoint when there is one."""
+
+    def __init__(self, cfg, run_dir: Path, console: Console | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.console = console or Console()
+        self.run_id = self.run_dir.name
+        self.labels = {
+            "run_id": self.run_id,
+            "method": cfg.method.name,
+            "stream": cfg.stream.name,
+            "backbone": cfg.backbone.name,
+            "seed": cfg.seed,
+        }
+
+    def execute(self) -> dict:
+        """Learn every remaining task, write the results, return the summary row."""
+        cfg = self.cfg
+        check_known_keys(cfg)
+        hw = resolve_hardware(cfg.hardware)
+        torch.manual_seed(cfg.seed)
+        stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
+        method = get_class(cfg.method._target_)(cfg.method, cfg.backbone, stream, hw)
+        accuracy_rows, task_rows = self._resume(method)
+        names = [task.name for task in stream.tasks]
+
+        remaining = stream.tasks[len(task_rows) :]
+        if remaining:
+            self.console.print(
+                f"[bold]{self.run_id}[/]: tasks {remaining[0].index}..{len(stream) - 1} of {len(stream)} on {hw.device}"
+            )
+        with make_progress() as progress:
+            for task in remaining:
+                start = time.perf_counter()
+                stats = method.learn(task, progress)
+                for j in range(task.index + 1):
+                    acc = accuracy(
+                        partial(method.predict, task=j), stream.tasks[j].test, stream, hw, cfg.method.eval_batch_size
+                    )
+                    accuracy_rows.append(
+                        {
+                            **self.labels,
+                            "train_task": task.index,
+                            "eval_task": j,
+                            "eval_task_name": names[j],
+                            "accuracy": acc,
+                            "n_samples": len(stream.tasks[j].test),
+                        }
+                    )
+                footprint = method.footprint()
+                task_rows.append(
+                    {
+                        **self.labels,
+                        "task": task.index,
+                        "name": task.name,
+                        "wall_s": time.perf_counter() - start,
+                        **stats,
+                        "params": footprint.params,
+                        "model_mb": footprint.bytes / 2**20,
+                    }
+                )
+                self._checkpoint(method, accuracy_rows, task_rows)
+
+        accuracy_table = pd.DataFrame(accuracy_rows)
+        R = results.accuracy_matrix(accuracy_table, len(stream))
+        summary = {
+            **self.labels,
+            "n_tasks": len(stream),
+            **results.summarize(R, method.footprint(), sum(row["wall_s"] for row in task_rows)),
+        }
+        results.write_parquet(pd.DataFrame([summary]), self.run_dir / results.SUMMARY_FILE)
+        results.save_plots(R, names, self.run_dir, f"{self.run_id}")
+        results.print_report(
+            self.console, R, names, {k: summary[k] for k in summary if k not in self.labels}, self.run_dir
+        )
+        return summary
+
+    def _resume(self, method) -> tuple[list[dict], list[dict]]:
+        """Load the checkpoint into `method` and the RNG; return the result rows so far."""
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            return [], []
+        if not self.cfg.resume:
+            path.unlink()
+            for name in (results.ACCURACY_FILE, results.TASKS_FILE, results.SUMMARY_FILE):
+                (self.run_dir / name).unlink(missing_ok=True)
+            return [], []
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["identity"] != json.dumps(identity(self.cfg), sort_keys=True):
+            raise ClrunError(
+                f"{path} belongs to a run with another config; use resume=false to start over "
+                "or hydra.run.dir=<another folder>"
+            )
+        method.load_state_dict(state["method"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if torch.cuda.is_available() and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.console.print(f"resuming {self.run_id} after task {len(state['tasks']) - 1}")
+        return state["accuracy"], state["tasks"]
+
+    def _checkpoint(self, method, accuracy_rows: list[dict], task_rows: list[dict]) -> None:
+        """Save method state, results and RNG state; refresh the per-task tables."""
+        state = {
+            "identity": json.dumps(identity(self.cfg), sort_keys=True),
+            "method": method.state_dict(),
+            "accuracy": accuracy_rows,
+            "tasks": task_rows,
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+        results.atomic_write(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        results.write_parquet(pd.DataFrame(accuracy_rows), self.run_dir / results.ACCURACY_FILE)
+        results.write_parquet(pd.DataFrame(task_rows), self.run_dir / results.TASKS_FILE)

@@ -1,0 +1,128 @@
+"""Shared training and evaluation loops that every method calls.
+
+A method supplies what makes it that method (which parameters train, the loss);
+this module owns the optimizer, schedule, batching, autocast and progress.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from clrun.data import iterate, prepare
+from clrun.data.stream import Split, Stream
+from clrun.hardware import Hardware
+
+
+@dataclass
+class FitStats:
+    """What one training phase did."""
+
+    epochs: int
+    images: int
+    seconds: float
+    loss: float  # mean loss of the last epoch
+
+    def row(self) -> dict:
+        """The figures that go into `tasks.parquet`."""
+        images_per_s = self.images / self.seconds if self.seconds > 0 else float("nan")
+        return {"epochs": self.epochs, "train_s": self.seconds, "images_per_s": images_per_s, "train_loss": self.loss}
+
+
+def make_progress() -> Progress:
+    """The rich progress display: one bar per training phase with epoch, loss and images/s."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.fields[epoch]}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[ips]:.0f} img/s"),
+        TimeElapsedColumn(),
+    )
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, hw: Hardware) -> torch.optim.Optimizer:
+    """The optimizer a `TrainConfig` names (fused kernels on CUDA)."""
+    params = list(params)
+    fused = {"fused": True} if hw.device.type == "cuda" else {}
+    name = cfg.optimizer.value
+    if name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fused
+        )
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule a `TrainConfig` names."""
+    name = cfg.schedule.value
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def fit(
+    module: torch.nn.Module,
+    params: Iterable[torch.nn.Parameter],
+    loss_fn: Callable[..., torch.Tensor],
+    tensors: tuple[torch.Tensor, ...],
+    cfg,
+    stream: Stream,
+    hw: Hardware,
+    progress: Progress | None,
+    label: str,
+) -> FitStats:
+    """Train `params` of `module` for `cfg.epochs` on `tensors` (uint8 images first).
+
+    Each batch's images are augmented and normalised on the device; `loss_fn`
+    receives the float images followed by the batch's other tensors.
+    """
+    optimizer = make_optimizer(params, cfg, hw)
+    schedule = make_schedule(optimizer, cfg)
+    n = len(tensors[0])
+    steps_per_epoch = -(-n // cfg.batch_size)
+    bar = None
+    if progress is not None:
+        bar = progress.add_task(
+            label, total=cfg.epochs * steps_per_epoch, epoch=f"0/{cfg.epochs}", loss=float("nan"), ips=0.0
+        )
+    module.train()
+    start, images, mean_loss = time.perf_counter(), 0, float("nan")
+    for epoch in range(cfg.epochs):
+        loss_sum = torch.zeros((), device=hw.device)
+        for batch in iterate(tensors, cfg.batch_size, shuffle=True):
+            x = hw.to_input(prepare(batch[0], stream.mean, stream.std, stream.augment))
+            with hw.autocast():
+                loss = loss_fn(x, *batch[1:])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().float() * len(x)
+            if bar is not None:
+                progress.advance(bar)
+        schedule.step()
+        images += n
+        mean_loss = loss_sum.item() / n
+        if bar is not None:
+            ips = images / (time.perf_counter() - start)
+            progress.update(bar, epoch=f"{epoch + 1}/{cfg.epochs}", loss=mean_loss, ips=ips)
+    return FitStats(epochs=cfg.epochs, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
+
+
+@torch.inference_mode()
+def accuracy(
+    predict: Callable[[torch.Tensor], torch.Tensor], split: Split, stream: Stream, hw: Hardware, batch_size: int
+) -> float:
+    """Top-1 accuracy of `predict` (float images -> logits) on a split."""
+    correct = torch.zeros((), dtype=torch.long, device=split.y.device)
+    for x, y in iterate((split.x, split.y), batch_size, shuffle=False):
+        with hw.autocast():
+            logits = predict(hw.to_input(prepare(x, stream.mean, stream.std, augment=False)))
+        correct += (logits.argmax(1) == y).sum()
+    return correct.item() / len(split)

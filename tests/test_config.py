@@ -1,0 +1,108 @@
+"""Every option of every config group composes; bad keys, types and options fail by name."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import clrun.cli  # noqa: F401  (registers the schemas and the run-name resolver)
+from clrun.config import check_known_keys
+from clrun.errors import ClrunError
+from clrun.run import run_name
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ("method", "backbone", "stream", "hardware")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_defaults_compose():
+    cfg = compose_config()
+    assert (cfg.method.name, cfg.backbone.name, cfg.stream.name, cfg.hardware.name) == (
+        "finetune",
+        "convnet",
+        "synthetic",
+        "auto",
+    )
+    assert cfg.resume is True
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option):
+    cfg = compose_config(f"{group}={option}")
+    assert cfg[group].name == option
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def test_expected_options_exist():
+    assert {"finetune", "scratch", "joint"} <= set(options("method"))
+    assert {"mlp", "convnet", "vgg16_bn", "resnet18", "resnet50", "sphereface20"} <= set(options("backbone"))
+    assert {
+        "synthetic",
+        "split_mnist",
+        "permuted_mnist",
+        "rotated_mnist",
+        "cifar10_5",
+        "cifar100_10",
+        "cifar100_20",
+    } <= set(options("stream"))
+    assert {"cpu", "gpu", "auto"} <= set(options("hardware"))
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(Exception, match="lr_typo"):
+        compose_config("method.train.lr_typo=0.1")
+    # Hydra's `+` force-adds keys into typed nodes; clrun refuses them before any work
+    for override, key in [
+        ("+method.train.learning_rate=0.1", "method.train.learning_rate"),
+        ("+stream.nope=1", "stream.nope"),
+        ("+extra=1", "extra"),
+    ]:
+        with pytest.raises(ClrunError, match=f"unknown config key {key};"):
+            check_known_keys(compose_config(override))
+    check_known_keys(compose_config("stream=rotated_mnist", "backbone=mlp", "method=joint"))
+
+
+def composition_error(*overrides: str) -> str:
+    """The message Hydra prints for a failed composition (the error and its cause)."""
+    with pytest.raises(Exception) as info:
+        compose_config(*overrides)
+    return f"{info.value}\n{info.value.__cause__}"
+
+
+def test_bad_type_fails_naming_key():
+    message = composition_error("method.train.epochs=many")
+    assert "method.train.epochs" in message and "many" in message
+
+
+def test_bad_choice_value_lists_valid_ones():
+    message = composition_error("method.train.optimizer=lbfgs")
+    assert "lbfgs" in message and "sgd, adam, adamw" in message
+
+
+def test_unknown_option_lists_choices():
+    message = composition_error("method=nonexistent")
+    assert "nonexistent" in message and all(name in message for name in ("finetune", "joint", "scratch"))
+
+
+def test_data_root_comes_from_env(monkeypatch):
+    monkeypatch.setenv("CLRUN_DATA", "/some/where")
+    assert compose_config().data.root == "/some/where"
+    monkeypatch.delenv("CLRUN_DATA")
+    assert compose_config().data.root.endswith("clrun/data")
+
+
+def test_run_name_depends_on_results_config_only():
+    base = run_name(compose_config())
+    assert base.startswith("finetune-synthetic-convnet-seed0-")
+    assert run_name(compose_config("resume=false", "data.root=/x")) == base
+    assert run_name(compose_config("method.train.lr=0.02")) != base
+    assert run_name(compose_config("seed=1")) != base

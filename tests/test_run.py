@@ -1,0 +1,193 @@
+"""End-to-end runs: result files, resume after SIGKILL, errors, sweeps, real MNIST."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from rich.console import Console
+
+import clrun.cli  # noqa: F401  (registers the schemas and the run-name resolver)
+from clrun import results
+from clrun.errors import ClrunError
+from clrun.run import CHECKPOINT, Run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data"
+CLRUN = [sys.executable, "-c", "from clrun.cli import main; main()"]
+TINY = [
+    "hardware=cpu",
+    "stream.train_per_task=160",
+    "stream.test_per_task=80",
+    "backbone.width=0.5",
+    "method.train.epochs=1",
+    "method.train.batch_size=32",
+]
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def run(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
+    run_dir = tmp_path / name
+    summary = Run(compose_config(*overrides), run_dir, Console(quiet=True)).execute()
+    return summary, run_dir
+
+
+def matrix(run_dir: Path) -> np.ndarray:
+    table = pd.read_parquet(run_dir / results.ACCURACY_FILE)
+    return results.accuracy_matrix(table, table["train_task"].max() + 1)
+
+
+def clrun(cwd: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLRUN, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_tiny_run_writes_results(tmp_path):
+    summary, run_dir = run(tmp_path, *TINY, "stream.n_tasks=3")
+    accuracy = pd.read_parquet(run_dir / results.ACCURACY_FILE)
+    assert len(accuracy) == 6  # lower triangle of 3 x 3
+    assert {
+        "run_id",
+        "method",
+        "stream",
+        "backbone",
+        "seed",
+        "train_task",
+        "eval_task",
+        "accuracy",
+        "n_samples",
+    } <= set(accuracy.columns)
+    assert (accuracy["n_samples"] == 80).all()
+    assert sorted(zip(accuracy.train_task, accuracy.eval_task, strict=True)) == [
+        (0, 0),
+        (1, 0),
+        (1, 1),
+        (2, 0),
+        (2, 1),
+        (2, 2),
+    ]
+    R = results.accuracy_matrix(accuracy, 3)
+    assert np.isnan(R[0, 1]) and np.isnan(R[1, 2])
+
+    table = pd.read_parquet(run_dir / results.SUMMARY_FILE)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row["acc"] == pytest.approx(R[2].mean())
+    assert row["bwt"] == pytest.approx(((R[2, 0] - R[0, 0]) + (R[2, 1] - R[1, 1])) / 2)
+    assert np.isnan(row["fwt"])
+    assert row["wall_s"] > 0 and row["params"] > 0
+    # finetune stores one backbone plus three heads: a little over one backbone with one head
+    assert 1.0 < row["expansion"] < 1.1
+
+    tasks = pd.read_parquet(run_dir / results.TASKS_FILE)
+    assert list(tasks["task"]) == [0, 1, 2]
+    assert {"wall_s", "epochs", "images_per_s", "params"} <= set(tasks.columns)
+    assert (tasks["epochs"] == 1).all() and (tasks["images_per_s"] > 0).all()
+    for plot in (results.MATRIX_PLOT, results.CURVES_PLOT):
+        assert (run_dir / plot).read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_scratch_never_forgets_and_expands_per_task(tmp_path):
+    summary, run_dir = run(tmp_path, *TINY, "method=scratch", "stream.n_tasks=3")
+    R = matrix(run_dir)
+    for j in range(3):
+        assert (R[j:, j] == R[j, j]).all()  # bit-identical: other tasks never touch task j's model
+    assert summary["bwt"] == 0.0 and summary["forgetting"] == 0.0
+    assert summary["expansion"] == pytest.approx(3.0)
+
+
+def test_joint_trains_on_all_seen_tasks(tmp_path):
+    summary, run_dir = run(tmp_path, *TINY, "method=joint", "stream.n_tasks=2", "method.train.epochs=3")
+    assert summary["acc"] > 0.6  # two 2-class tasks: chance is 0.5
+
+
+def test_cpu_run_is_reproducible(tmp_path):
+    _, first = run(tmp_path, *TINY, "stream.n_tasks=2", name="a")
+    _, second = run(tmp_path, *TINY, "stream.n_tasks=2", name="b")
+    np.testing.assert_array_equal(matrix(first), matrix(second))
+
+
+def test_finished_run_is_not_retrained_and_resume_false_restarts(tmp_path):
+    _, run_dir = run(tmp_path, *TINY, "stream.n_tasks=2")
+    before = (run_dir / CHECKPOINT).stat().st_mtime_ns
+    run(tmp_path, *TINY, "stream.n_tasks=2")
+    assert (run_dir / CHECKPOINT).stat().st_mtime_ns == before
+    run(tmp_path, *TINY, "stream.n_tasks=2", "resume=false")
+    assert (run_dir / CHECKPOINT).stat().st_mtime_ns != before
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    run(tmp_path, *TINY, "stream.n_tasks=2")
+    with pytest.raises(ClrunError, match="another config"):
+        run(tmp_path, *TINY, "stream.n_tasks=2", "method.train.lr=0.5")
+
+
+def test_sigkill_during_task_3_then_rerun_equals_uninterrupted(tmp_path):
+    args = [*TINY, "stream.n_tasks=4", "stream.train_per_task=600"]
+    full = clrun(tmp_path, *args, "hydra.run.dir=full")
+    assert full.returncode == 0, full.stderr
+
+    process = subprocess.Popen(
+        [*CLRUN, *args, "hydra.run.dir=killed"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    tasks_file = tmp_path / "killed" / results.TASKS_FILE
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if tasks_file.exists() and len(pd.read_parquet(tasks_file)) == 2:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=True)["tasks"]) == 2
+    assert not (tmp_path / "killed" / results.SUMMARY_FILE).exists()
+
+    resumed = clrun(tmp_path, *args, "hydra.run.dir=killed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    np.testing.assert_array_equal(matrix(tmp_path / "killed"), matrix(tmp_path / "full"))
+
+
+def test_bad_config_fails_before_any_work(tmp_path):
+    result = clrun(tmp_path, "method.train.epochs=many")
+    assert result.returncode != 0
+    assert "method.train.epochs" in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_missing_dataset_is_one_clear_line_and_no_files(tmp_path):
+    result = clrun(tmp_path, "stream=split_mnist", f"data.root={tmp_path / 'nowhere'}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(tmp_path / "nowhere") in lines[0] and "data.download=true" in lines[0]
+    assert not any((tmp_path / "outputs").rglob("*.*"))
+
+
+def test_multirun_gives_one_folder_per_job(tmp_path):
+    result = clrun(tmp_path, "-m", "method=finetune,scratch", "seed=0,1", *TINY, "stream.n_tasks=2")
+    assert result.returncode == 0, result.stderr
+    folders = sorted(p.parent.name for p in (tmp_path / "outputs" / "runs").glob("*/summary.parquet"))
+    assert len(folders) == 4
+    assert {name.split("-seed")[0] for name in folders} == {"finetune-synthetic-convnet", "scratch-synthetic-convnet"}
+
+
+@pytest.mark.skipif(not (MNIST / "MNIST" / "raw").exists(), reason="needs ../shared/data/MNIST")
+def test_real_split_mnist_finetune_forgets_scratch_does_not(tmp_path):
+    common = ["hardware=cpu", "stream=split_mnist", "backbone=mlp", f"data.root={MNIST}", "method.train.epochs=1"]
+    finetune, _ = run(tmp_path, *common, "method=finetune", name="finetune")
+    scratch, _ = run(tmp_path, *common, "method=scratch", name="scratch")
+    assert scratch["acc"] > 0.95  # chance is 0.5
+    assert scratch["bwt"] == 0.0
+    assert finetune["acc"] > 0.6
+    assert finetune["bwt"] < -0.02

@@ -1,7 +1,7 @@
 """Structured configs: one dataclass per config group, registered in Hydra's ConfigStore.
 
 Each YAML option under `conf/<group>/` starts from its schema
-(`defaults: [/schema/<group>/<schema>@_here_]`), so an unknown key or a value of
+(`defaults: [/<name>_schema@_here_]`), so an unknown key or a value of
 the wrong type fails at composition, before any work, naming the key.
 """
 
@@ -69,10 +69,17 @@ class Split(Enum):
     rotation = "rotation"  # every task all classes, a fixed rotation each
 
 
+class Dataset(Enum):
+    synthetic = "synthetic"
+    mnist = "mnist"
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
+
+
 @dataclass
 class StreamConfig:
     name: str = MISSING
-    dataset: str = MISSING  # synthetic | mnist | cifar10 | cifar100
+    dataset: Dataset = MISSING
     split: Split = Split.contiguous
     n_tasks: int = 5
     classes_per_task: int = 2
@@ -151,9 +158,9 @@ def register_configs() -> None:
     """Register the schemas; called before Hydra composes."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="schema/method", name="method", node=MethodConfig)
-    cs.store(group="schema/method", name="joint", node=JointConfig)
-    cs.store(group="schema/backbone", name="backbone", node=BackboneConfig)
-    cs.store(group="schema/backbone", name="mlp", node=MlpConfig)
-    cs.store(group="schema/stream", name="stream", node=StreamConfig)
-    cs.store(group="schema/hardware", name="hardware", node=HardwareConfig)
+    cs.store(name="method_schema", node=MethodConfig)
+    cs.store(name="joint_method_schema", node=JointConfig)
+    cs.store(name="backbone_schema", node=BackboneConfig)
+    cs.store(name="mlp_backbone_schema", node=MlpConfig)
+    cs.store(name="stream_schema", node=StreamConfig)
+    cs.store(name="hardware_schema", node=HardwareConfig)

@@ -140,12 +140,7 @@ def test_sigkill_during_task_3_then_rerun_equals_uninterrupted(tmp_path):
     process = subprocess.Popen(
         [*CLRUN, *args, "hydra.run.dir=killed"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    tasks_file = tmp_path / "killed" / results.TASKS_FILE
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if tasks_file.exists() and len(pd.read_parquet(tasks_file)) == 2:
-            break
-        time.sleep(0.02)
+    wait_for_tasks(process, tmp_path / "killed", 2)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -156,6 +151,33 @@ def test_sigkill_during_task_3_then_rerun_equals_uninterrupted(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     np.testing.assert_array_equal(matrix(tmp_path / "killed"), matrix(tmp_path / "full"))
+
+
+def wait_for_tasks(process: subprocess.Popen, run_dir: Path, n_tasks: int) -> None:
+    """Poll until the run has written results for `n_tasks` tasks (or has exited)."""
+    tasks_file = run_dir / results.TASKS_FILE
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if tasks_file.exists() and len(pd.read_parquet(tasks_file)) == n_tasks:
+            return
+        time.sleep(0.02)
+
+
+def test_ctrl_c_saves_finished_tasks_and_exits_cleanly(tmp_path):
+    args = [*TINY, "stream.n_tasks=3", "stream.train_per_task=600", "hydra.run.dir=run"]
+    process = subprocess.Popen([*CLRUN, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_tasks(process, tmp_path / "run", 1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert len(torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["tasks"]) == 1
+    assert not [p for p in (tmp_path / "run").rglob(".*") if p.name != ".hydra" and ".hydra" not in p.parts]
+
+    resumed = clrun(tmp_path, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert len(pd.read_parquet(tmp_path / "run" / results.ACCURACY_FILE)) == 6
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

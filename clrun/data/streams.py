@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms.functional import InterpolationMode, rotate
 
+from clrun.config import Dataset
 from clrun.config import Split as SplitKind
 from clrun.data.readers import read_cifar10, read_cifar100, read_cifar100_names, read_mnist
 from clrun.data.stream import Split, Stream, Task
@@ -73,7 +74,7 @@ def build_stream(cfg, root: str, download: bool, seed: int, device: torch.device
 
 def _load(cfg, kind: SplitKind, root: str, download: bool, seed: int):
     """Training and test (images, labels), the class count and the (mean, std) of the stream's dataset."""
-    if cfg.dataset == "synthetic":
+    if cfg.dataset is Dataset.synthetic:
         domain = kind in (SplitKind.permutation, SplitKind.rotation)
         n_classes = cfg.classes_per_task * (1 if domain else cfg.n_tasks)
         sizes = zip((cfg.train_per_task, cfg.test_per_task), SYNTHETIC_PER_TASK, strict=True)
@@ -84,10 +85,8 @@ def _load(cfg, kind: SplitKind, root: str, download: bool, seed: int):
         pixels = x_train.float().div_(255)
         stats = tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
         return (x_train, y_train), (x_test, y_test), n_classes, stats
-    if cfg.dataset not in READERS:
-        raise ClrunError(f"stream {cfg.name}: unknown dataset {cfg.dataset!r} (synthetic, mnist, cifar10 or cifar100)")
-    train, test = (READERS[cfg.dataset](root, is_train, download)[:2] for is_train in (True, False))
-    return train, test, N_CLASSES[cfg.dataset], STATS[cfg.dataset]
+    train, test = (READERS[cfg.dataset.value](root, is_train, download)[:2] for is_train in (True, False))
+    return train, test, N_CLASSES[cfg.dataset.value], STATS[cfg.dataset.value]
 
 
 def _task_specs(
@@ -107,7 +106,7 @@ def _task_specs(
     if cfg.n_tasks * c > n_classes:
         raise ClrunError(
             f"stream {cfg.name}: {cfg.n_tasks} tasks x {c} classes need {cfg.n_tasks * c} classes, "
-            f"{cfg.dataset} has {n_classes}"
+            f"{cfg.dataset.value} has {n_classes}"
         )
     order = every if kind is SplitKind.contiguous else torch.randperm(n_classes, generator=g).tolist()
     cuts = [order[k * c : (k + 1) * c] for k in range(cfg.n_tasks)]
@@ -116,8 +115,8 @@ def _task_specs(
 
 def _superclass_tasks(cfg, root: str, download: bool) -> list[tuple[str, list[int]]]:
     """CPG's CIFAR-100 tasks (superclass name, fine class ids), checked against the dataset's meta names."""
-    if cfg.dataset != "cifar100":
-        raise ClrunError(f"stream {cfg.name}: split superclass needs dataset cifar100, not {cfg.dataset}")
+    if cfg.dataset is not Dataset.cifar100:
+        raise ClrunError(f"stream {cfg.name}: split superclass needs dataset cifar100, not {cfg.dataset.value}")
     if cfg.n_tasks > len(SUPERCLASSES):
         raise ClrunError(f"stream {cfg.name}: split superclass has {len(SUPERCLASSES)} tasks, not {cfg.n_tasks}")
     fine_names, coarse_names = read_cifar100_names(root, download)

@@ -56,10 +56,13 @@ def accuracy_matrix(accuracy: pd.DataFrame, n_tasks: int) -> np.ndarray:
 
 def summarize(R: np.ndarray, footprint: Footprint, wall_s: float) -> dict:
     """The summary metrics of a finished run (definitions in `clrun.metrics`)."""
+    # Multi-head task-incremental runs never measure R[j-1, j] (no head before task j is learned),
+    # so FWT is NaN whatever the initial accuracies b_j; they are left unmeasured (NaN) here.
+    initial = np.full(len(R), np.nan)
     return {
         "acc": metrics.acc(R),
         "bwt": metrics.bwt(R),
-        "fwt": metrics.fwt(R, np.full(len(R), np.nan)),
+        "fwt": metrics.fwt(R, initial),
         "forgetting": metrics.forgetting(R),
         "lower_triangle_acc": metrics.lower_triangle_mean(R),
         "expansion": metrics.expansion(footprint.params, footprint.base_params),

@@ -1,0 +1,84 @@
+"""Reading and comparing many runs: `clrun-report [FOLDER ...]`.
+
+Collects every finished run below the given folders (default `outputs/runs`),
+adds each run's transfer against the `scratch` run of the same stream, backbone
+and seed, and prints the mean and standard deviation over seeds per method.
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from clrun.results import ACCURACY_FILE, SUMMARY_FILE, write_parquet
+
+GROUP = ["method", "stream", "backbone"]
+COLUMNS = ["acc", "bwt", "forgetting", "transfer_vs_scratch", "expansion", "model_mb", "wall_s"]
+PERCENT = {"acc", "bwt", "forgetting", "transfer_vs_scratch"}
+
+
+def load_runs(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Summary rows and accuracy rows of every finished run below `folders`."""
+    run_dirs = sorted({p.parent for folder in folders for p in Path(folder).rglob(SUMMARY_FILE)})
+    if not run_dirs:
+        return pd.DataFrame(), pd.DataFrame()
+    summaries = pd.concat([pd.read_parquet(d / SUMMARY_FILE) for d in run_dirs], ignore_index=True)
+    accuracy = pd.concat([pd.read_parquet(d / ACCURACY_FILE) for d in run_dirs], ignore_index=True)
+    return summaries, accuracy
+
+
+def transfer_vs_scratch(summaries: pd.DataFrame, accuracy: pd.DataFrame) -> pd.Series:
+    """Per run: mean_j (R[j, j] - scratch_j), scratch_j the `scratch` run's R[j, j] with the same stream,
+    backbone and seed; NaN where no such scratch run exists."""
+    diagonal = accuracy[accuracy["train_task"] == accuracy["eval_task"]]
+    scratch = diagonal[diagonal["method"] == "scratch"].set_index(["stream", "backbone", "seed", "eval_task"])
+    transfer = {}
+    for run_id, rows in diagonal.groupby("run_id"):
+        keys = list(zip(rows["stream"], rows["backbone"], rows["seed"], rows["eval_task"], strict=True))
+        reference = scratch["accuracy"].reindex(keys).to_numpy()
+        differences = rows["accuracy"].to_numpy() - reference
+        transfer[run_id] = np.nanmean(differences) if not np.isnan(differences).all() else np.nan
+    return summaries["run_id"].map(transfer)
+
+
+def aggregate(summaries: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of each metric, per method, stream and backbone."""
+    grouped = summaries.groupby(GROUP)
+    table = grouped[COLUMNS].agg(["mean", "std"])
+    table[("seeds", "n")] = grouped.size()
+    return table.reset_index()
+
+
+def print_table(console: Console, table: pd.DataFrame) -> None:
+    """Print the aggregated table, metrics as mean ± std (accuracies in %)."""
+    view = Table(title="runs: mean ± std over seeds")
+    for column in [*GROUP, "seeds", *COLUMNS]:
+        view.add_column(column, justify="left" if column in GROUP else "right")
+    for _, row in table.iterrows():
+        cells = [str(row[(key, "")]) for key in GROUP] + [str(row[("seeds", "n")])]
+        for column in COLUMNS:
+            scale = 100 if column in PERCENT else 1
+            mean, std = row[(column, "mean")] * scale, row[(column, "std")] * scale
+            cells.append("n/a" if np.isnan(mean) else f"{mean:.2f}" + ("" if np.isnan(std) else f" ± {std:.2f}"))
+        view.add_row(*cells)
+    console.print(view)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `clrun-report` command."""
+    parser = argparse.ArgumentParser(prog="clrun-report", description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="*", type=Path, default=[Path("outputs/runs")])
+    parser.add_argument("--out", type=Path, help="also write the per-run table (with transfer) to this parquet file")
+    args = parser.parse_args(argv)
+    summaries, accuracy = load_runs(args.folders)
+    if summaries.empty:
+        parser.exit(
+            2, f"clrun-report: error: no finished runs ({SUMMARY_FILE}) below {', '.join(map(str, args.folders))}\n"
+        )
+    summaries["transfer_vs_scratch"] = transfer_vs_scratch(summaries, accuracy)
+    print_table(Console(), aggregate(summaries))
+    if args.out:
+        write_parquet(summaries, args.out)

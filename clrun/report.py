@@ -52,19 +52,32 @@ def aggregate(summaries: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+LABELS = {
+    "acc": "ACC %",
+    "bwt": "BWT %",
+    "forgetting": "forgetting %",
+    "transfer_vs_scratch": "vs scratch %",
+    "expansion": "expansion",
+    "model_mb": "model MB",
+    "wall_s": "wall s",
+}
+
+
 def print_table(console: Console, table: pd.DataFrame) -> None:
-    """Print the aggregated table, metrics as mean ± std (accuracies in %)."""
-    view = Table(title="runs: mean ± std over seeds")
-    for column in [*GROUP, "seeds", *COLUMNS]:
-        view.add_column(column, justify="left" if column in GROUP else "right")
-    for _, row in table.iterrows():
-        cells = [str(row[(key, "")]) for key in GROUP] + [str(row[("seeds", "n")])]
+    """Print one table per stream and backbone: a column per method, a row per metric (mean±std over seeds)."""
+    for (stream, backbone), rows in table.groupby([("stream", ""), ("backbone", "")]):
+        view = Table(title=f"{stream} / {backbone}: mean±std over seeds")
+        view.add_column("metric")
+        for _, row in rows.iterrows():
+            view.add_column(f"{row[('method', '')]} ({row[('seeds', 'n')]})", justify="right")
         for column in COLUMNS:
             scale = 100 if column in PERCENT else 1
-            mean, std = row[(column, "mean")] * scale, row[(column, "std")] * scale
-            cells.append("n/a" if np.isnan(mean) else f"{mean:.2f}" + ("" if np.isnan(std) else f" ± {std:.2f}"))
-        view.add_row(*cells)
-    console.print(view)
+            cells = []
+            for _, row in rows.iterrows():
+                mean, std = row[(column, "mean")] * scale, row[(column, "std")] * scale
+                cells.append("n/a" if np.isnan(mean) else f"{mean:.2f}" + ("" if np.isnan(std) else f"±{std:.2f}"))
+            view.add_row(LABELS[column], *cells)
+        console.print(view)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,6 +62,9 @@ class Run:
         names = [task.name for task in stream.tasks]
 
         remaining = stream.tasks[len(task_rows) :]
+        if task_rows:
+            state = f"resuming after task {len(task_rows) - 1}" if remaining else "finished earlier, nothing to train"
+            self.console.print(f"[bold]{self.run_id}[/]: {state}")
         if remaining:
             self.console.print(
                 f"[bold]{self.run_id}[/]: tasks {remaining[0].index}..{len(stream) - 1} of {len(stream)} on {hw.device}"
@@ -132,7 +135,6 @@ class Run:
         torch.set_rng_state(state["rng"]["cpu"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.console.print(f"resuming {self.run_id} after task {len(state['tasks']) - 1}")
         return state["accuracy"], state["tasks"]
 
     def _checkpoint(self, method, accuracy_rows: list[dict], task_rows: list[dict]) -> None:

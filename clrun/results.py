@@ -82,7 +82,8 @@ def save_plots(R: np.ndarray, names: list[str], run_dir: Path, title: str) -> No
         for i in range(T):
             for j in range(T):
                 if not math.isnan(R[i, j]):
-                    ax.text(j, i, f"{R[i, j] * 100:.0f}", ha="center", va="center", fontsize=7, color="w")
+                    color = "black" if R[i, j] > 0.6 else "white"  # readable on viridis' bright and dark ends
+                    ax.text(j, i, f"{R[i, j] * 100:.0f}", ha="center", va="center", fontsize=7, color=color)
     ax.set_xlabel("evaluated task j")
     ax.set_ylabel("after training task i")
     ax.set_xticks(range(T))

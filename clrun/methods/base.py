@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from clrun.data.stream import Stream, Task
 from clrun.hardware import Hardware
 from clrun.models import TaskModel, build_backbone
+from clrun.train import fit
 
 
 @dataclass
@@ -60,6 +61,21 @@ class Method:
         for task in tasks:
             model.add_head(task.n_classes)
         return self.hw.prepare_model(model)
+
+    def train_task(self, model: TaskModel, params, head: int, task: Task, progress) -> dict:
+        """Train `params` on `task`'s data with the cross-entropy of `model`'s head `head`; return `FitStats.row()`."""
+        stats = fit(
+            model,
+            params,
+            task_loss(model, head),
+            (task.train.x, task.train.y),
+            self.cfg.train,
+            self.stream,
+            self.hw,
+            progress,
+            f"task {task.index} {task.name}",
+        )
+        return stats.row()
 
     def learn(self, task: Task, progress) -> dict:
         """Learn a new task; return per-task figures for `tasks.parquet` (see `FitStats.row`)."""

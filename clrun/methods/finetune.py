@@ -6,23 +6,11 @@ heads untouched (methods.md §0.4).
 """
 
 from clrun.data.stream import Task
-from clrun.methods.base import SharedModelMethod, task_loss
-from clrun.train import fit
+from clrun.methods.base import SharedModelMethod
 
 
 class Finetune(SharedModelMethod):
     def learn(self, task: Task, progress) -> dict:
         head = self.model.add_head(task.n_classes)
         params = list(self.model.backbone.parameters()) + list(self.model.heads.heads[head].parameters())
-        stats = fit(
-            self.model,
-            params,
-            task_loss(self.model, head),
-            (task.train.x, task.train.y),
-            self.cfg.train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {task.index} {task.name}",
-        )
-        return stats.row()
+        return self.train_task(self.model, params, head, task, progress)

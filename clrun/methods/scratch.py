@@ -5,8 +5,7 @@ accuracy goals: no forgetting and no transfer, at T times the parameters.
 """
 
 from clrun.data.stream import Task
-from clrun.methods.base import Footprint, Method, count_params, module_bytes, task_loss
-from clrun.train import fit
+from clrun.methods.base import Footprint, Method, count_params, module_bytes
 
 
 class Scratch(Method):
@@ -17,18 +16,7 @@ class Scratch(Method):
     def learn(self, task: Task, progress) -> dict:
         model = self.new_model([task])
         self.models.append(model)
-        stats = fit(
-            model,
-            model.parameters(),
-            task_loss(model, 0),
-            (task.train.x, task.train.y),
-            self.cfg.train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {task.index} {task.name}",
-        )
-        return stats.row()
+        return self.train_task(model, model.parameters(), 0, task, progress)
 
     def predict(self, x, task):
         model = self.models[task]

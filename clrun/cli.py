@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -22,29 +23,33 @@ OmegaConf.register_new_resolver("clrun_run_name", lambda *, _root_: run_name(_ro
 
 
 def _discard_unstarted(run_dir: Path) -> None:
-    """Remove what Hydra wrote into a run folder that never got a checkpoint."""
+    """Remove a run folder that never got a checkpoint (what Hydra and the lock left in it)."""
     if not (run_dir / CHECKPOINT).exists():
         shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        shutil.rmtree(run_dir / CHECKPOINT.parent, ignore_errors=True)
         if run_dir.exists() and not any(run_dir.iterdir()):
             run_dir.rmdir()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (SLURM preemption, `timeout`) stops like Ctrl-C
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one continual-learning experiment; return its final average accuracy (for sweepers)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
-    console = Console()
+    signal.signal(signal.SIGTERM, _interrupt)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        return Run(cfg, run_dir, console).execute()["acc"]
+        return Run(cfg, run_dir, Console()).execute()["acc"]
     except ClrunError as error:
-        _discard_unstarted(run_dir)
-        print(f"clrun: error: {error}", file=sys.stderr)
+        print(f"clrun: error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         sys.exit(2)
     except KeyboardInterrupt:
-        _discard_unstarted(run_dir)
-        print(
-            f"clrun: interrupted; finished tasks are saved in {run_dir}; run the same command again to resume",
-            file=sys.stderr,
-        )
+        kept = (run_dir / CHECKPOINT).exists()
+        where = f"finished tasks are saved in {run_dir}; run the same command again to resume"
+        print(f"clrun: interrupted; {where if kept else 'no task had finished, nothing was kept'}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        _discard_unstarted(run_dir)

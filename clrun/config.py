@@ -32,12 +32,12 @@ class Schedule(Enum):
 class TrainConfig:
     """One training phase: optimizer, learning-rate schedule, epochs, batch size."""
 
-    epochs: int = 1
-    batch_size: int = 64
-    optimizer: Optimizer = Optimizer.sgd
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
+    epochs: int = 2
+    batch_size: int = 128
+    optimizer: Optimizer = Optimizer.adam
+    lr: float = 0.001
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
     weight_decay: float = 0.0
     schedule: Schedule = Schedule.constant
     milestones: list[int] = field(default_factory=list)  # epochs where multistep multiplies lr by gamma
@@ -59,7 +59,7 @@ class JointConfig(MethodConfig):
     reinit: bool = True  # start each task's joint training from a fresh model
 
 
-class Split(Enum):
+class SplitRule(Enum):
     """How a dataset's classes or inputs are cut into tasks."""
 
     contiguous = "contiguous"  # classes in label order, classes_per_task each
@@ -80,7 +80,7 @@ class Dataset(Enum):
 class StreamConfig:
     name: str = MISSING
     dataset: Dataset = MISSING
-    split: Split = Split.contiguous
+    split: SplitRule = SplitRule.contiguous
     n_tasks: int = 5
     classes_per_task: int = 2
     split_seed: Optional[int] = None  # seed of class order / permutations / subsets (null: the run's seed)
@@ -139,6 +139,33 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
     resume: bool = True  # continue from the run folder's checkpoint; false: start the run over
+
+
+# (key, test, what the value must be): checked before any work
+RANGES = [
+    ("method.train.epochs", lambda v: v >= 1, "at least 1"),
+    ("method.train.batch_size", lambda v: v >= 1, "at least 1"),
+    ("method.train.lr", lambda v: v > 0, "positive"),
+    ("method.train.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("method.train.weight_decay", lambda v: v >= 0, "non-negative"),
+    ("method.train.gamma", lambda v: v > 0, "positive"),
+    ("method.eval_batch_size", lambda v: v >= 1, "at least 1"),
+    ("backbone.width", lambda v: v > 0, "positive"),
+    ("stream.n_tasks", lambda v: v >= 1, "at least 1"),
+    ("stream.classes_per_task", lambda v: v >= 1, "at least 1"),
+    ("stream.train_per_task", lambda v: v is None or v >= 1, "null or at least 1"),
+    ("stream.test_per_task", lambda v: v is None or v >= 1, "null or at least 1"),
+    ("hardware.threads", lambda v: v is None or v >= 1, "null or at least 1"),
+]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail with one line on keys outside the schema or values out of range, before any work."""
+    check_known_keys(cfg)
+    for key, test, expected in RANGES:
+        value = OmegaConf.select(cfg, key)
+        if not test(value):
+            raise ClrunError(f"{key}={value} is invalid: it must be {expected}")
 
 
 def check_known_keys(node: DictConfig, path: str = "") -> None:

@@ -47,8 +47,8 @@ def resolve_hardware(cfg) -> Hardware:
     on_cuda = device.type == "cuda"
 
     precision = cfg.precision.value
-    if precision == "auto":
-        precision = "bf16" if on_cuda else "fp32"
+    if precision == "auto":  # bf16 where the GPU has it natively (Ampere and later), else fp32
+        precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
 
     channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last

@@ -2,7 +2,8 @@
 
 Collects every finished run below the given folders (default `outputs/runs`),
 adds each run's transfer against the `scratch` run of the same stream, backbone
-and seed, and prints the mean and standard deviation over seeds per method.
+and seed, and prints the mean and standard deviation over seeds of each config
+(runs that differ only in their seed share a `config_id`).
 """
 
 import argparse
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from clrun.results import ACCURACY_FILE, SUMMARY_FILE, write_parquet
 
-GROUP = ["method", "stream", "backbone"]
+GROUP = ["method", "stream", "backbone", "config_id"]
 COLUMNS = ["acc", "bwt", "forgetting", "transfer_vs_scratch", "expansion", "model_mb", "wall_s"]
 PERCENT = {"acc", "bwt", "forgetting", "transfer_vs_scratch"}
 
@@ -31,10 +32,11 @@ def load_runs(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def transfer_vs_scratch(summaries: pd.DataFrame, accuracy: pd.DataFrame) -> pd.Series:
-    """Per run: mean_j (R[j, j] - scratch_j), scratch_j the `scratch` run's R[j, j] with the same stream,
-    backbone and seed; NaN where no such scratch run exists."""
+    """Per run: mean_j (R[j, j] - scratch_j), scratch_j the `scratch` R[j, j] with the same stream, backbone
+    and seed (the mean over such scratch runs if there are several); NaN where there is none."""
     diagonal = accuracy[accuracy["train_task"] == accuracy["eval_task"]]
-    scratch = diagonal[diagonal["method"] == "scratch"].set_index(["stream", "backbone", "seed", "eval_task"])
+    keys = ["stream", "backbone", "seed", "eval_task"]
+    scratch = diagonal[diagonal["method"] == "scratch"].groupby(keys)[["accuracy"]].mean()
     transfer = {}
     for run_id, rows in diagonal.groupby("run_id"):
         keys = list(zip(rows["stream"], rows["backbone"], rows["seed"], rows["eval_task"], strict=True))
@@ -45,7 +47,7 @@ def transfer_vs_scratch(summaries: pd.DataFrame, accuracy: pd.DataFrame) -> pd.S
 
 
 def aggregate(summaries: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds of each metric, per method, stream and backbone."""
+    """Mean and standard deviation over seeds of each metric, per config (method, stream, backbone, config_id)."""
     grouped = summaries.groupby(GROUP)
     table = grouped[COLUMNS].agg(["mean", "std"])
     table[("seeds", "n")] = grouped.size()
@@ -69,7 +71,8 @@ def print_table(console: Console, table: pd.DataFrame) -> None:
         view = Table(title=f"{stream} / {backbone}: mean±std over seeds")
         view.add_column("metric")
         for _, row in rows.iterrows():
-            view.add_column(f"{row[('method', '')]} ({row[('seeds', 'n')]})", justify="right")
+            name = f"{row[('method', '')]} {row[('config_id', '')][:4]}"
+            view.add_column(f"{name} ({row[('seeds', 'n')]} seeds)", justify="right")
         for column in COLUMNS:
             scale = 100 if column in PERCENT else 1
             cells = []

@@ -1,9 +1,11 @@
 """One run: build the stream, method and hardware, learn the tasks in order, evaluate, checkpoint."""
 
+import fcntl
 import hashlib
 import json
 import time
 from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +15,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from clrun import results
-from clrun.config import check_known_keys
+from clrun.config import check_config
 from clrun.data import build_stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
@@ -28,10 +30,18 @@ def identity(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(IDENTITY_KEYS)), resolve=True, enum_to_str=True)
 
 
+def _digest(value: dict) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def run_name(cfg) -> str:
     """The run's folder name and id: method, stream, backbone, seed and a hash of the whole identity."""
-    digest = hashlib.sha1(json.dumps(identity(cfg), sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.method.name}-{cfg.stream.name}-{cfg.backbone.name}-seed{cfg.seed}-{digest}"
+    return f"{cfg.method.name}-{cfg.stream.name}-{cfg.backbone.name}-seed{cfg.seed}-{_digest(identity(cfg))}"
+
+
+def config_id(cfg) -> str:
+    """A hash of the identity without the seed: runs that differ only in seed share it."""
+    return _digest({key: value for key, value in identity(cfg).items() if key != "seed"})
 
 
 class Run:
@@ -48,16 +58,36 @@ class Run:
             "stream": cfg.stream.name,
             "backbone": cfg.backbone.name,
             "seed": cfg.seed,
+            "config_id": config_id(cfg),
         }
 
     def execute(self) -> dict:
         """Learn every remaining task, write the results, return the summary row."""
+        check_config(self.cfg)
+        lock_path = self.run_dir / CHECKPOINT.parent / "lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ClrunError(
+                    f"another clrun process is running in {self.run_dir}; wait for it or stop it"
+                ) from None
+            return self._execute()
+
+    def _execute(self) -> dict:
         cfg = self.cfg
-        check_known_keys(cfg)
         hw = resolve_hardware(cfg.hardware)
         torch.manual_seed(cfg.seed)
         stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
-        method = get_class(cfg.method._target_)(cfg.method, cfg.backbone, stream, hw)
+        try:
+            method_class = get_class(cfg.method._target_)
+        except Exception as error:
+            raise ClrunError(
+                f"method._target_={cfg.method._target_} cannot be imported; "
+                "it must name a method class such as clrun.methods.finetune.Finetune"
+            ) from error
+        method = method_class(cfg.method, cfg.backbone, stream, hw)
         accuracy_rows, task_rows = self._resume(method)
         names = [task.name for task in stream.tasks]
 
@@ -93,6 +123,7 @@ class Run:
                         **self.labels,
                         "task": task.index,
                         "name": task.name,
+                        "n_train": len(task.train),
                         "wall_s": time.perf_counter() - start,
                         **stats,
                         "params": footprint.params,
@@ -103,16 +134,14 @@ class Run:
 
         accuracy_table = pd.DataFrame(accuracy_rows)
         R = results.accuracy_matrix(accuracy_table, len(stream))
-        summary = {
-            **self.labels,
+        metrics = {
             "n_tasks": len(stream),
-            **results.summarize(R, method.footprint(), sum(row["wall_s"] for row in task_rows)),
+            **results.summarize(R, method.footprint(), sum(r["wall_s"] for r in task_rows)),
         }
+        summary = {**self.labels, "clrun_version": version("clrun"), **metrics}
         results.write_parquet(pd.DataFrame([summary]), self.run_dir / results.SUMMARY_FILE)
-        results.save_plots(R, names, self.run_dir, f"{self.run_id}")
-        results.print_report(
-            self.console, R, names, {k: summary[k] for k in summary if k not in self.labels}, self.run_dir
-        )
+        results.save_plots(R, names, self.run_dir, self.run_id)
+        results.print_report(self.console, R, names, metrics, self.run_dir)
         return summary
 
     def _resume(self, method) -> tuple[list[dict], list[dict]]:
@@ -138,7 +167,13 @@ class Run:
         return state["accuracy"], state["tasks"]
 
     def _checkpoint(self, method, accuracy_rows: list[dict], task_rows: list[dict]) -> None:
-        """Save method state, results and RNG state; refresh the per-task tables."""
+        """Refresh the per-task tables, then save method state, results and RNG state.
+
+        Tables first: a crash in between leaves them one task ahead of the checkpoint,
+        and resuming redoes that task and rewrites them.
+        """
+        results.write_parquet(pd.DataFrame(accuracy_rows), self.run_dir / results.ACCURACY_FILE)
+        results.write_parquet(pd.DataFrame(task_rows), self.run_dir / results.TASKS_FILE)
         state = {
             "identity": json.dumps(identity(self.cfg), sort_keys=True),
             "method": method.state_dict(),
@@ -150,5 +185,3 @@ class Run:
             },
         }
         results.atomic_write(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
-        results.write_parquet(pd.DataFrame(accuracy_rows), self.run_dir / results.ACCURACY_FILE)
-        results.write_parquet(pd.DataFrame(task_rows), self.run_dir / results.TASKS_FILE)

@@ -1,27 +1,18 @@
 """Every option of every config group composes; bad keys, types and options fail by name."""
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import CONF, compose_config
 from omegaconf import OmegaConf
 
-import clrun.cli  # noqa: F401  (registers the schemas and the run-name resolver)
-from clrun.config import check_known_keys
+from clrun.config import check_config, check_known_keys
 from clrun.errors import ClrunError
 from clrun.run import run_name
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("method", "backbone", "stream", "hardware")
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def test_defaults_compose():
@@ -106,3 +97,21 @@ def test_run_name_depends_on_results_config_only():
     assert run_name(compose_config("resume=false", "data.root=/x")) == base
     assert run_name(compose_config("method.train.lr=0.02")) != base
     assert run_name(compose_config("seed=1")) != base
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "method.train.batch_size=0",
+        "method.train.epochs=0",
+        "method.train.lr=-1",
+        "method.eval_batch_size=0",
+        "backbone.width=-0.5",
+        "stream.n_tasks=0",
+        "hardware.threads=0",
+    ],
+)
+def test_out_of_range_values_fail_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ClrunError, match=f"^{key}=.* is invalid: it must be"):
+        check_config(compose_config(override))

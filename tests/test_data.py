@@ -8,19 +8,18 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import SHARED_DATA, needs_shared
 from fixtures import CIFAR100_COARSE_OF_FINE, CIFAR100_FINE_NAMES, write_cifar10, write_cifar100, write_idx, write_mnist
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 from torch import nn
 
-from clrun.config import Split as SplitKind
-from clrun.config import StreamConfig
+from clrun.config import SplitRule, StreamConfig
 from clrun.data import build_stream, iterate, prepare
 from clrun.data.readers import read_cifar10, read_cifar100, read_cifar100_names, read_mnist
 from clrun.data.synthetic import make_synthetic
 from clrun.errors import ClrunError
 
-SHARED = Path("/work/shared/data")
 # images per class in the official MNIST files
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -170,7 +169,7 @@ def test_download_failure_is_a_clrun_error(tmp_path, monkeypatch):
 
 def test_cifar100_superclass_split(tmp_path):
     write_cifar100(tmp_path, 300, 200)
-    stream = build(tmp_path, dataset="cifar100", split=SplitKind.superclass, n_tasks=20, classes_per_task=5)
+    stream = build(tmp_path, dataset="cifar100", split=SplitRule.superclass, n_tasks=20, classes_per_task=5)
     assert len(stream) == 20 and stream.input_shape == (3, 32, 32)
     assert stream.mean == (0.5071, 0.4865, 0.4409)
     names = [[CIFAR100_FINE_NAMES[c] for c in task.classes] for task in stream.tasks]
@@ -187,26 +186,26 @@ def test_cifar100_superclass_split(tmp_path):
         assert torch.equal(torch.tensor(task.classes)[task.train.y], fine_all[keep])  # local label i is classes[i]
     assert stream.tasks[0].train.y.unique().tolist() == [0, 1, 2, 3, 4]
 
-    first = build(tmp_path, dataset="cifar100", split=SplitKind.superclass, n_tasks=3)
+    first = build(tmp_path, dataset="cifar100", split=SplitRule.superclass, n_tasks=3)
     assert [t.name for t in first.tasks] == ["aquatic_mammals", "fish", "flowers"]
     with pytest.raises(ClrunError, match="needs dataset cifar100"):
-        build(tmp_path, dataset="synthetic", split=SplitKind.superclass)
+        build(tmp_path, dataset="synthetic", split=SplitRule.superclass)
 
 
-@pytest.mark.skipif(not (SHARED / "CIFAR-100-subset").is_dir(), reason="shared CIFAR-100 subset absent")
+@needs_shared("CIFAR-100-subset")
 def test_cifar100_superclass_on_real_subset():
-    root = SHARED / "CIFAR-100-subset"
+    root = SHARED_DATA / "CIFAR-100-subset"
     _, fine, coarse = read_cifar100(root, True)
     assert (torch.from_numpy(CIFAR100_COARSE_OF_FINE)[fine] == coarse).all()  # the fixture's table is the real one
     assert read_cifar100_names(root)[0] == CIFAR100_FINE_NAMES
-    stream = build(root, dataset="cifar100", split=SplitKind.superclass, n_tasks=20)
+    stream = build(root, dataset="cifar100", split=SplitRule.superclass, n_tasks=20)
     assert sum(len(t.train) for t in stream.tasks) == len(fine)
 
 
-@pytest.mark.skipif(not (SHARED / "MNIST" / "raw").is_dir(), reason="shared MNIST absent")
+@needs_shared("MNIST", "raw")
 def test_split_mnist_on_real_data(caplog):
     with caplog.at_level(logging.WARNING, logger="clrun"):
-        stream = build(SHARED, dataset="mnist", n_tasks=5, classes_per_task=2)
+        stream = build(SHARED_DATA, dataset="mnist", n_tasks=5, classes_per_task=2)
     assert "partial" not in caplog.text
     assert len(stream) == 5 and stream.input_shape == (1, 28, 28)
     assert stream.mean == (0.1307,) and stream.std == (0.3081,)
@@ -223,7 +222,7 @@ def test_permutation_split(tmp_path):
     position = torch.arange(28 * 28)
     original[0, 0], original[1, 0] = (position % 256).view(28, 28), (position // 256).view(28, 28)
     write_idx(tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte", original[:, 0].numpy())  # images 0, 1 tag pixels
-    stream = build(tmp_path, dataset="mnist", split=SplitKind.permutation, n_tasks=3, split_seed=4)
+    stream = build(tmp_path, dataset="mnist", split=SplitRule.permutation, n_tasks=3, split_seed=4)
     assert [t.name for t in stream.tasks] == ["perm0", "perm1", "perm2"]
     assert all(t.classes == list(range(10)) and len(t.train) == 50 for t in stream.tasks)
     task0, task1, task2 = (t.train.x.flatten(1) for t in stream.tasks)
@@ -234,8 +233,8 @@ def test_permutation_split(tmp_path):
     assert sorted(source.tolist()) == list(range(28 * 28))
     assert torch.equal(task1, task0[:, source])  # one permutation for every image
 
-    again = build(tmp_path, dataset="mnist", split=SplitKind.permutation, n_tasks=3, split_seed=4)
-    other = build(tmp_path, dataset="mnist", split=SplitKind.permutation, n_tasks=3, split_seed=5)
+    again = build(tmp_path, dataset="mnist", split=SplitRule.permutation, n_tasks=3, split_seed=4)
+    other = build(tmp_path, dataset="mnist", split=SplitRule.permutation, n_tasks=3, split_seed=5)
     assert torch.equal(again.tasks[1].train.x, stream.tasks[1].train.x)
     assert not torch.equal(other.tasks[1].train.x, stream.tasks[1].train.x)
     assert torch.equal(stream.tasks[1].train.y, stream.tasks[0].train.y)
@@ -243,12 +242,12 @@ def test_permutation_split(tmp_path):
 
 def test_rotation_split(tmp_path):
     write_mnist(tmp_path, 20, 10)
-    stream = build(tmp_path, dataset="mnist", split=SplitKind.rotation, n_tasks=4, max_rotation=360.0)
+    stream = build(tmp_path, dataset="mnist", split=SplitRule.rotation, n_tasks=4, max_rotation=360.0)
     assert [t.name for t in stream.tasks] == ["rot0_0deg", "rot1_90deg", "rot2_180deg", "rot3_270deg"]
     base = stream.tasks[0].test.x
     for k, task in enumerate(stream.tasks):
         assert torch.equal(task.test.x, torch.rot90(base, k, (2, 3)))  # counter-clockwise by k * 90 degrees
-    quarter = build(tmp_path, dataset="mnist", split=SplitKind.rotation, n_tasks=2, max_rotation=90.0)
+    quarter = build(tmp_path, dataset="mnist", split=SplitRule.rotation, n_tasks=2, max_rotation=90.0)
     assert quarter.tasks[1].name == "rot1_45deg"
 
 
@@ -256,18 +255,18 @@ def test_random_split_depends_on_seed(tmp_path):
     write_mnist(tmp_path, 40, 20)
     orders = {}
     for seed in (0, 1, 2):
-        stream = build(tmp_path, seed=seed, dataset="mnist", split=SplitKind.random, n_tasks=5, classes_per_task=2)
+        stream = build(tmp_path, seed=seed, dataset="mnist", split=SplitRule.random, n_tasks=5, classes_per_task=2)
         orders[seed] = [c for t in stream.tasks for c in t.classes]
         assert sorted(orders[seed]) == list(range(10))
         assert all(task.name == "-".join(map(str, task.classes)) for task in stream.tasks)
     assert len({tuple(o) for o in orders.values()}) == 3
-    pinned = build(tmp_path, seed=2, dataset="mnist", split=SplitKind.random, split_seed=0)
+    pinned = build(tmp_path, seed=2, dataset="mnist", split=SplitRule.random, split_seed=0)
     assert [c for t in pinned.tasks for c in t.classes] == orders[0]
 
 
 def test_random_split_labels_follow_classes(tmp_path):
     written = write_mnist(tmp_path, 40, 20)
-    stream = build(tmp_path, seed=3, dataset="mnist", split=SplitKind.random, n_tasks=5, classes_per_task=2)
+    stream = build(tmp_path, seed=3, dataset="mnist", split=SplitRule.random, n_tasks=5, classes_per_task=2)
     images, labels = (torch.from_numpy(a) for a in written["train"])
     for task in stream.tasks:
         for i, c in enumerate(task.classes):
@@ -327,7 +326,7 @@ def test_synthetic_stream(tmp_path):
     assert torch.allclose(torch.tensor(stream.std), pixels.std((0, 2, 3)), atol=1e-4)
     odd = build(tmp_path, dataset="synthetic", n_tasks=2, classes_per_task=3, train_per_task=100, test_per_task=10)
     assert [(len(t.train), len(t.test)) for t in odd.tasks] == [(100, 10), (100, 10)]
-    rotated = build(tmp_path, dataset="synthetic", split=SplitKind.rotation, n_tasks=2, classes_per_task=4)
+    rotated = build(tmp_path, dataset="synthetic", split=SplitRule.rotation, n_tasks=2, classes_per_task=4)
     assert rotated.tasks[1].classes == [0, 1, 2, 3]
 
 

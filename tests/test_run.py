@@ -10,16 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import SHARED_DATA, compose_config, needs_shared
 from rich.console import Console
 
-import clrun.cli  # noqa: F401  (registers the schemas and the run-name resolver)
 from clrun import results
 from clrun.errors import ClrunError
 from clrun.run import CHECKPOINT, Run
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-MNIST = Path(__file__).resolve().parents[2] / "shared" / "data"
 CLRUN = [sys.executable, "-c", "from clrun.cli import main; main()"]
 TINY = [
     "hardware=cpu",
@@ -29,11 +26,6 @@ TINY = [
     "method.train.epochs=1",
     "method.train.batch_size=32",
 ]
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def run(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
@@ -106,9 +98,26 @@ def test_scratch_never_forgets_and_expands_per_task(tmp_path):
     assert summary["expansion"] == pytest.approx(3.0)
 
 
-def test_joint_trains_on_all_seen_tasks(tmp_path):
-    summary, run_dir = run(tmp_path, *TINY, "method=joint", "stream.n_tasks=2", "method.train.epochs=3")
-    assert summary["acc"] > 0.6  # two 2-class tasks: chance is 0.5
+@pytest.mark.parametrize("method", ["finetune", "scratch", "joint"])
+def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, monkeypatch, method):
+    overrides = [*TINY, f"method={method}", "stream.n_tasks=3", "stream.augment=true", "method.train.epochs=2"]
+    if method == "joint":
+        overrides.append("method.reinit=false")  # state carries over between tasks
+    _, uninterrupted = run(tmp_path, *overrides, name="full")
+
+    save = Run._checkpoint
+
+    def save_then_stop(self, method, accuracy_rows, task_rows):
+        save(self, method, accuracy_rows, task_rows)
+        if len(task_rows) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *overrides, name="resumed")
+    monkeypatch.undo()
+    run(tmp_path, *overrides, name="resumed")
+    np.testing.assert_array_equal(matrix(tmp_path / "resumed"), matrix(uninterrupted))
 
 
 def test_cpu_run_is_reproducible(tmp_path):
@@ -180,6 +189,22 @@ def test_ctrl_c_saves_finished_tasks_and_exits_cleanly(tmp_path):
     assert len(pd.read_parquet(tmp_path / "run" / results.ACCURACY_FILE)) == 6
 
 
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+method.foo=1", "unknown config key method.foo"),
+        ("method.train.batch_size=0", "method.train.batch_size=0 is invalid"),
+        ("method._target_=nope.Nope", "method._target_=nope.Nope cannot be imported"),
+    ],
+)
+def test_invalid_run_config_is_one_line_exit_2_and_no_files(tmp_path, override, message):
+    result = clrun(tmp_path, override)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clrun: error: ") and message in lines[0]
+    assert not any((tmp_path / "outputs").rglob("*.*")) and not any((tmp_path / "outputs").rglob("lock"))
+
+
 def test_bad_config_fails_before_any_work(tmp_path):
     result = clrun(tmp_path, "method.train.epochs=many")
     assert result.returncode != 0
@@ -204,9 +229,9 @@ def test_multirun_gives_one_folder_per_job(tmp_path):
     assert {name.split("-seed")[0] for name in folders} == {"finetune-synthetic-convnet", "scratch-synthetic-convnet"}
 
 
-@pytest.mark.skipif(not (MNIST / "MNIST" / "raw").exists(), reason="needs ../shared/data/MNIST")
+@needs_shared("MNIST", "raw")
 def test_real_split_mnist_finetune_forgets_scratch_does_not(tmp_path):
-    common = ["hardware=cpu", "stream=split_mnist", "backbone=mlp", f"data.root={MNIST}", "method.train.epochs=1"]
+    common = ["hardware=cpu", "stream=split_mnist", "backbone=mlp", f"data.root={SHARED_DATA}", "method.train.epochs=1"]
     finetune, _ = run(tmp_path, *common, "method=finetune", name="finetune")
     scratch, _ = run(tmp_path, *common, "method=scratch", name="scratch")
     assert scratch["acc"] > 0.95  # chance is 0.5

@@ -6,8 +6,7 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms.functional import InterpolationMode, rotate
 
-from clrun.config import Dataset
-from clrun.config import Split as SplitKind
+from clrun.config import Dataset, SplitRule
 from clrun.data.readers import read_cifar10, read_cifar100, read_cifar100_names, read_mnist
 from clrun.data.stream import Split, Stream, Task
 from clrun.data.synthetic import make_synthetic
@@ -55,7 +54,7 @@ def build_stream(cfg, root: str, download: bool, seed: int, device: torch.device
     Class order, permutations, subsets and synthetic images come from `cfg.split_seed`,
     or from `seed` when it is null. Task k's local label i is global class `classes[i]`.
     """
-    kind = SplitKind(cfg.split)
+    kind = SplitRule(cfg.split)
     if cfg.n_tasks < 1 or cfg.classes_per_task < 1:
         raise ClrunError(f"stream {cfg.name}: n_tasks and classes_per_task must be at least 1")
     stream_seed = seed if cfg.split_seed is None else cfg.split_seed
@@ -72,10 +71,10 @@ def build_stream(cfg, root: str, download: bool, seed: int, device: torch.device
     return Stream(cfg.name, tasks, tuple(x_train.shape[1:]), mean, std, bool(cfg.augment))
 
 
-def _load(cfg, kind: SplitKind, root: str, download: bool, seed: int):
+def _load(cfg, kind: SplitRule, root: str, download: bool, seed: int):
     """Training and test (images, labels), the class count and the (mean, std) of the stream's dataset."""
     if cfg.dataset is Dataset.synthetic:
-        domain = kind in (SplitKind.permutation, SplitKind.rotation)
+        domain = kind in (SplitRule.permutation, SplitRule.rotation)
         n_classes = cfg.classes_per_task * (1 if domain else cfg.n_tasks)
         sizes = zip((cfg.train_per_task, cfg.test_per_task), SYNTHETIC_PER_TASK, strict=True)
         per_task = [default if n is None else n for n, default in sizes]
@@ -90,17 +89,17 @@ def _load(cfg, kind: SplitKind, root: str, download: bool, seed: int):
 
 
 def _task_specs(
-    cfg, kind: SplitKind, n_classes: int, shape: torch.Size, root: str, download: bool, g: torch.Generator
+    cfg, kind: SplitRule, n_classes: int, shape: torch.Size, root: str, download: bool, g: torch.Generator
 ) -> list[tuple[str, list[int], Transform | None]]:
     """Each task's name, global classes and input transform (None: the images as they are)."""
     every = list(range(n_classes))
-    if kind is SplitKind.permutation:
+    if kind is SplitRule.permutation:
         perms = [torch.randperm(shape[2] * shape[3], generator=g) for _ in range(cfg.n_tasks - 1)]
         return [("perm0", every, None)] + [(f"perm{k + 1}", every, _permute(p)) for k, p in enumerate(perms)]
-    if kind is SplitKind.rotation:
+    if kind is SplitRule.rotation:
         degrees = [k * cfg.max_rotation / cfg.n_tasks for k in range(cfg.n_tasks)]
         return [(f"rot{k}_{d:g}deg", every, _rotate(d) if d else None) for k, d in enumerate(degrees)]
-    if kind is SplitKind.superclass:
+    if kind is SplitRule.superclass:
         return [(name, classes, None) for name, classes in _superclass_tasks(cfg, root, download)]
     c = cfg.classes_per_task
     if cfg.n_tasks * c > n_classes:
@@ -108,7 +107,7 @@ def _task_specs(
             f"stream {cfg.name}: {cfg.n_tasks} tasks x {c} classes need {cfg.n_tasks * c} classes, "
             f"{cfg.dataset.value} has {n_classes}"
         )
-    order = every if kind is SplitKind.contiguous else torch.randperm(n_classes, generator=g).tolist()
+    order = every if kind is SplitRule.contiguous else torch.randperm(n_classes, generator=g).tolist()
     cuts = [order[k * c : (k + 1) * c] for k in range(cfg.n_tasks)]
     return [("-".join(map(str, classes)), classes, None) for classes in cuts]
 

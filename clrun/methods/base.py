@@ -44,10 +44,8 @@ class Method:
     """Base class: holds the config, the stream and the hardware; builds models.
 
     Subclasses implement `learn`, `predict`, `state_dict`, `load_state_dict`
-    and `footprint`. `scenarios` lists the evaluation scenarios a method supports.
+    and `footprint`.
     """
-
-    scenarios: tuple[str, ...] = ("task",)
 
     def __init__(self, cfg, backbone_cfg, stream: Stream, hw: Hardware):
         self.cfg = cfg

@@ -1,0 +1,103 @@
+"""The shared training pieces: hardware resolution, optimizers and schedules, method-level behaviour."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import compose_config
+from omegaconf import OmegaConf
+
+from clrun.config import HardwareConfig
+from clrun.data import build_stream
+from clrun.errors import ClrunError
+from clrun.hardware import resolve_hardware
+from clrun.methods.finetune import Finetune
+from clrun.methods.joint import joint_loss
+from clrun.train import make_optimizer, make_schedule
+
+TINY = ["hardware=cpu", "backbone=mlp", "stream.train_per_task=64", "stream.test_per_task=32", "stream.n_tasks=2"]
+
+
+def hardware(**fields):
+    return OmegaConf.structured(HardwareConfig(name="test", **fields))
+
+
+def test_cpu_hardware_is_plain_fp32():
+    hw = resolve_hardware(compose_config("hardware=cpu").hardware)
+    assert hw.device.type == "cpu" and hw.autocast_dtype is None and not hw.channels_last
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_auto_falls_back_to_cpu_and_cuda_request_fails_clearly():
+    assert resolve_hardware(compose_config("hardware=auto").hardware).device.type == "cpu"
+    with pytest.raises(ClrunError, match="hardware.device=cuda but no CUDA device"):
+        resolve_hardware(compose_config("hardware=gpu").hardware)
+
+
+def test_bf16_precision_autocasts():
+    hw = resolve_hardware(compose_config("hardware=cpu", "hardware.precision=bf16").hardware)
+    with hw.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def train_config(*overrides):
+    return compose_config(*overrides).method.train
+
+
+def lrs(optimizer, schedule, epochs):
+    seen = []
+    for _ in range(epochs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return seen
+
+
+def test_multistep_and_cosine_schedules():
+    hw = resolve_hardware(compose_config("hardware=cpu").hardware)
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    cfg = train_config(
+        "method.train.optimizer=sgd",
+        "method.train.lr=1.0",
+        "method.train.schedule=multistep",
+        "method.train.milestones=[2,3]",
+        "method.train.gamma=0.1",
+        "method.train.epochs=4",
+    )
+    optimizer = make_optimizer(params, cfg, hw)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
+    assert lrs(optimizer, make_schedule(optimizer, cfg), 4) == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    cfg = train_config("method.train.lr=1.0", "method.train.schedule=cosine", "method.train.epochs=2")
+    optimizer = make_optimizer(params, cfg, hw)
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert lrs(optimizer, make_schedule(optimizer, cfg), 2) == pytest.approx([1.0, 0.5])
+
+
+def make_method(method_class, *overrides):
+    cfg = compose_config(*TINY, *overrides)
+    hw = resolve_hardware(cfg.hardware)
+    stream = build_stream(cfg.stream, cfg.data.root, False, cfg.seed, hw.device)
+    return method_class(cfg.method, cfg.backbone, stream, hw), stream
+
+
+def test_finetune_leaves_earlier_heads_untouched():
+    # weight decay and momentum would move head 0 if it were in the optimizer (methods.md §0.4)
+    method, stream = make_method(Finetune, "method.train.optimizer=sgd", "method.train.weight_decay=0.1")
+    method.learn(stream.tasks[0], None)
+    head0 = [p.detach().clone() for p in method.model.heads.heads[0].parameters()]
+    backbone = [p.detach().clone() for p in method.model.backbone.parameters()]
+    method.learn(stream.tasks[1], None)
+    for before, after in zip(head0, method.model.heads.heads[0].parameters(), strict=True):
+        assert torch.equal(before, after)
+    assert any(not torch.equal(b, a) for b, a in zip(backbone, method.model.backbone.parameters(), strict=True))
+
+
+def test_joint_loss_routes_each_sample_to_its_own_head():
+    method, stream = make_method(Finetune)
+    model = method.model
+    model.add_head(2)
+    model.add_head(3)
+    x = torch.randn(6, *stream.input_shape)
+    y = torch.tensor([0, 1, 2, 0, 1, 1])
+    t = torch.tensor([1, 0, 1, 1, 0, 0])
+    expected = sum(F.cross_entropy(model(x[i : i + 1], int(t[i])), y[i : i + 1]) for i in range(6)) / 6
+    assert joint_loss(model, 2)(x, y, t).item() == pytest.approx(expected.item(), rel=1e-5)

@@ -42,6 +42,7 @@ class TrainConfig:
     schedule: Schedule = Schedule.constant
     milestones: list[int] = field(default_factory=list)  # epochs where multistep multiplies lr by gamma
     gamma: float = 0.1
+    gammas: list[float] = field(default_factory=list)  # multistep: a factor per milestone instead of gamma
 
 
 @dataclass
@@ -149,6 +150,7 @@ RANGES = [
     ("method.train.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("method.train.weight_decay", lambda v: v >= 0, "non-negative"),
     ("method.train.gamma", lambda v: v > 0, "positive"),
+    ("method.train.gammas", lambda v: all(g >= 0 for g in v), "a list of non-negative factors"),
     ("method.eval_batch_size", lambda v: v >= 1, "at least 1"),
     ("backbone.width", lambda v: v > 0, "positive"),
     ("stream.n_tasks", lambda v: v >= 1, "at least 1"),

@@ -4,9 +4,10 @@ A method supplies what makes it that method (which parameters train, the loss);
 this module owns the optimizer, schedule, batching, autocast and progress.
 """
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -60,6 +61,11 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, hw: Hardware) -> t
 def make_schedule(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LRScheduler:
     """The per-epoch learning-rate schedule a `TrainConfig` names."""
     name = cfg.schedule.value
+    if name == "multistep" and cfg.gammas:  # a factor per milestone, e.g. x0.2 at epoch 50, x0 at 70
+        milestones, gammas = list(cfg.milestones), list(cfg.gammas)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: math.prod(g for m, g in zip(milestones, gammas, strict=True) if epoch >= m)
+        )
     if name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     if name == "cosine":
@@ -77,14 +83,24 @@ def fit(
     hw: Hardware,
     progress: Progress | None,
     label: str,
+    extra_groups: Sequence[tuple[Iterable[torch.nn.Parameter], object]] = (),
+    after_backward: Callable[[], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> FitStats:
     """Train `params` of `module` for `cfg.epochs` on `tensors` (uint8 images first).
 
     Each batch's images are augmented and normalised on the device; `loss_fn`
     receives the float images followed by the batch's other tensors.
+    `extra_groups` are (params, TrainConfig) pairs with an optimizer and schedule
+    of their own (e.g. masks under Adam beside weights under SGD); epochs and
+    batch size come from `cfg`. `after_backward()` runs before the optimizer
+    steps (e.g. to mask gradients), `after_step(step)` after them.
     """
-    optimizer = make_optimizer(params, cfg, hw)
-    schedule = make_schedule(optimizer, cfg)
+    optimizers = [make_optimizer(group, group_cfg, hw) for group, group_cfg in [(params, cfg), *extra_groups]]
+    schedules = [
+        make_schedule(optimizer, group_cfg)
+        for optimizer, (_, group_cfg) in zip(optimizers, [(params, cfg), *extra_groups], strict=True)
+    ]
     n = len(tensors[0])
     steps_per_epoch = -(-n // cfg.batch_size)
     bar = None
@@ -93,20 +109,28 @@ def fit(
             label, total=cfg.epochs * steps_per_epoch, epoch=f"0/{cfg.epochs}", loss=float("nan"), ips=0.0
         )
     module.train()
-    start, images, mean_loss = time.perf_counter(), 0, float("nan")
+    start, images, mean_loss, step = time.perf_counter(), 0, float("nan"), 0
     for epoch in range(cfg.epochs):
         loss_sum = torch.zeros((), device=hw.device)
         for batch in iterate(tensors, cfg.batch_size, shuffle=True):
             x = hw.to_input(prepare(batch[0], stream.mean, stream.std, stream.augment))
             with hw.autocast():
                 loss = loss_fn(x, *batch[1:])
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            if after_backward is not None:
+                after_backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            step += 1
+            if after_step is not None:
+                after_step(step)
             loss_sum += loss.detach().float() * len(x)
             if bar is not None:
                 progress.advance(bar)
-        schedule.step()
+        for schedule in schedules:
+            schedule.step()
         images += n
         mean_loss = loss_sum.item() / n
         if bar is not None:

@@ -93,6 +93,10 @@ class Method:
     def footprint(self) -> Footprint:
         raise NotImplementedError
 
+    def summary(self) -> dict:
+        """Method-specific columns for summary.parquet (e.g. redundancy); none by default."""
+        return {}
+
 
 class SharedModelMethod(Method):
     """A method whose whole state is one `TaskModel` with a head per learned task."""

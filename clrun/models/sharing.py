@@ -1,0 +1,246 @@
+"""Weights shared across tasks: owner maps, picking masks, per-task tensors, growth.
+
+The network under PackNet, Piggyback, PAE and CPG. Every weight of a clrun
+`Conv2d`/`Linear` in the backbone has an owner (uint8: 0 = free, k = task tag
+k, where task index i has tag i + 1). Task k predicts with the weights owned by
+tasks <= k, restricted to those its picking mask picked among earlier tasks'
+weights, at its own width, with its own batch norm, biases, PReLU and head.
+The weights of earlier tasks never move: the forward pass detaches them, so
+their gradients are exactly zero (no momentum or Adam moment can build up), and
+weight decay is added by hand to the current task's weights only.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from clrun.models.heads import MultiHead
+from clrun.models.layers import Conv2d, Linear
+
+THRESHOLD = 5e-3  # picking-mask binariser threshold (CPG's DEFAULT_THRESHOLD; Piggyback's default)
+MASK_INIT = 1e-2  # picking-mask initial value: above the threshold, so every old weight starts picked
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # batch-norm statistics: stored, not parameters
+
+
+def shared_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """The backbone layers whose weights are shared between tasks, by name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, (Conv2d, Linear))}
+
+
+def binarize(mask: torch.Tensor) -> torch.Tensor:
+    """1 where `mask` > THRESHOLD else 0, with a straight-through gradient (d out / d mask = 1)."""
+    hard = (mask > THRESHOLD).to(mask.dtype)
+    return hard + mask - mask.detach()
+
+
+def _masked_weight(layer: nn.Module) -> torch.Tensor:
+    """The current task's weight: its own weights trained, earlier tasks' weights frozen and (optionally) picked."""
+    old = layer.weight.detach() * layer.old_mask
+    if layer.pick is not None:
+        old = old * binarize(layer.pick)
+    return layer.weight * layer.own_mask + old
+
+
+def _slice(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The top-left block of `tensor` with `shape` (an earlier, narrower task's view)."""
+    return tensor[tuple(slice(0, n) for n in shape)]
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+class SharedNet(nn.Module):
+    """A backbone whose weights tasks own, pick and grow, plus one head per task.
+
+    `build(channel_multiplier)` makes a fresh backbone; growth to a parameter
+    multiplier m rebuilds it with channels times sqrt(m) (CPG's convention) and
+    copies the old tensors into the top-left block.
+    """
+
+    def __init__(self, build: Callable[[float], nn.Module]):
+        super().__init__()
+        self.build = build
+        self.multiplier = 1.0
+        self.backbone = self._with_owners(build(1.0))
+        self.heads = MultiHead()
+        self.records: list[dict] = []  # per learned task: multiplier, private tensors, picks
+        self.base_params = sum(p.numel() for p in self.backbone.parameters())
+        self._view: tuple[int, nn.Module] | None = None  # (task index, backbone view) cached for predict
+
+    @staticmethod
+    def _with_owners(backbone: nn.Module) -> nn.Module:
+        for layer in shared_layers(backbone).values():
+            layer.register_buffer("owner", torch.zeros_like(layer.weight, dtype=torch.uint8))
+            layer.pick = None
+        return backbone
+
+    def _shared_keys(self) -> set[str]:
+        return {f"{name}.{suffix}" for name in shared_layers(self.backbone) for suffix in ("weight", "owner")}
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        """Copies of every backbone tensor that is not a shared weight: batch norm, biases, PReLU."""
+        shared = self._shared_keys()
+        return {k: v.detach().clone() for k, v in self.backbone.state_dict().items() if k not in shared}
+
+    def private_parameters(self) -> list[nn.Parameter]:
+        """The backbone parameters each task trains for itself (batch norm affine, biases, PReLU)."""
+        shared = {id(layer.weight) for layer in shared_layers(self.backbone).values()}
+        return [p for p in self.backbone.parameters() if id(p) not in shared]
+
+    def shared_weights(self) -> list[nn.Parameter]:
+        return [layer.weight for layer in shared_layers(self.backbone).values()]
+
+    # ---- learning a task -------------------------------------------------------------
+    def begin_task(self, tag: int, picking: bool) -> None:
+        """Give the free weights to task `tag` and route the forward pass through its masks."""
+        for layer in shared_layers(self.backbone).values():
+            layer.owner[layer.owner == 0] = tag
+            layer.pick = nn.Parameter(torch.full_like(layer.weight, MASK_INIT)) if picking else None
+            layer.weight_fn = _masked_weight
+        self.refresh_masks(tag)
+        self._view = None
+
+    def refresh_masks(self, tag: int) -> None:
+        """Recompute the precomputed own/old mask tensors after the owner map changed."""
+        for layer in shared_layers(self.backbone).values():
+            layer.own_mask = (layer.owner == tag).to(layer.weight.dtype)
+            layer.old_mask = ((layer.owner >= 1) & (layer.owner < tag)).to(layer.weight.dtype)
+
+    def picks(self) -> list[nn.Parameter]:
+        return [layer.pick for layer in shared_layers(self.backbone).values() if layer.pick is not None]
+
+    def reset_picks(self) -> None:
+        """Re-initialise the current task's picking masks to MASK_INIT (CPG's retrain pass)."""
+        with torch.no_grad():
+            for pick in self.picks():
+                pick.fill_(MASK_INIT)
+
+    def decay_own_weights(self, weight_decay: float) -> None:
+        """Add L2 weight decay to the gradients of the current task's own weights only (CPG)."""
+        if weight_decay:
+            for layer in shared_layers(self.backbone).values():
+                if layer.weight.grad is not None:
+                    layer.weight.grad.add_(layer.weight.detach() * layer.own_mask, alpha=weight_decay)
+
+    def prune(self, tag: int, sparsity: float) -> None:
+        """Release, per layer, the smallest-magnitude weights of task `tag` so that a fraction `sparsity`
+        of its pool (its own weights and the free ones) is free (PackNet / CPG's `_pruning_mask`)."""
+        for layer in shared_layers(self.backbone).values():
+            pool = (layer.owner == tag) | (layer.owner == 0)
+            k = round(sparsity * int(pool.sum()))
+            if k == 0:
+                continue
+            magnitude = torch.where(layer.owner == tag, layer.weight.detach().abs(), torch.zeros_like(layer.weight))
+            cutoff = magnitude[pool].kthvalue(k).values
+            layer.owner[(layer.owner == tag) & (magnitude <= cutoff)] = 0
+        self.refresh_masks(tag)
+
+    def end_task(self, tag: int) -> dict:
+        """Freeze task `tag`: store its multiplier, private tensors and binary picks; zero released weights."""
+        record = {"multiplier": self.multiplier, "private": self.private_state(), "pick": {}}
+        with torch.no_grad():
+            for name, layer in shared_layers(self.backbone).items():
+                layer.weight[layer.owner == 0] = 0.0  # released weights restart from 0 (CPG, PackNet)
+                if layer.pick is not None:
+                    record["pick"][name] = (layer.pick.detach() > THRESHOLD) & (layer.old_mask > 0)
+                layer.pick = None
+                layer.weight_fn = None
+        self.records.append(record)
+        self._view = None
+        return record
+
+    # ---- growth ----------------------------------------------------------------------
+    def grow(self, multiplier: float) -> None:
+        """Widen to parameter multiplier `multiplier`: new weights keep their fresh initialisation and are
+        free; every old tensor is copied into the top-left block, so earlier tasks' views are unchanged."""
+        wider = self._with_owners(self.build(math.sqrt(multiplier)).to(self.device))
+        state = wider.state_dict()
+        with torch.no_grad():
+            for key, old in self.backbone.state_dict().items():
+                _slice(state[key], old.shape).copy_(old)
+        self.backbone = wider
+        self.multiplier = multiplier
+        self._view = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    # ---- prediction ------------------------------------------------------------------
+    def task_view(self, index: int) -> nn.Module:
+        """A plain backbone computing task `index`'s features: its width, its masked weights, its tensors."""
+        if self._view is not None and self._view[0] == index:
+            return self._view[1]
+        record, tag = self.records[index], index + 1
+        with torch.device("meta"):  # structure only: no initialisation, no draw from the RNG
+            view = self.build(math.sqrt(record["multiplier"]))
+        view = view.to_empty(device=self.device)
+        layers = shared_layers(self.backbone)
+        state = {}
+        for key, target in view.state_dict().items():
+            if key in record["private"]:
+                state[key] = record["private"][key]
+                continue
+            name = key.rsplit(".", 1)[0]
+            layer = layers[name]
+            owner = _slice(layer.owner, target.shape)
+            keep = (owner >= 1) & (owner < tag)
+            if name in record["pick"]:
+                keep &= record["pick"][name]
+            keep |= owner == tag
+            state[key] = _slice(layer.weight.detach(), target.shape) * keep
+        view.load_state_dict(state)
+        view.eval()
+        self._view = (index, view)
+        return view
+
+    def predict(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Logits of a learned task, through its own view of the shared weights."""
+        return self.heads(self.task_view(index)(x), index)
+
+    def forward_current(self, x: torch.Tensor, head: int) -> torch.Tensor:
+        """Logits of the task being learned (live masks, current width)."""
+        return self.heads(self.backbone(x), head)
+
+    # ---- accounting and persistence --------------------------------------------------
+    def owner_counts(self) -> torch.Tensor:
+        """How many weights each tag owns (index 0: free), over all shared layers."""
+        counts = torch.zeros(256, dtype=torch.long, device=self.device)
+        for layer in shared_layers(self.backbone).values():
+            counts += torch.bincount(layer.owner.flatten().long(), minlength=256)
+        return counts
+
+    def storage(self) -> tuple[int, int]:
+        """(parameters, bytes) that must be stored: shared weights (fp32) and their owner map (uint8),
+        each task's private tensors, picking masks as bits, and heads."""
+        n_weights = sum(w.numel() for w in self.shared_weights())
+        params = n_weights + sum(p.numel() for p in self.heads.parameters())
+        size = n_weights * 5 + sum(p.numel() * p.element_size() for p in self.heads.parameters())
+        for record in self.records:
+            params += sum(t.numel() for k, t in record["private"].items() if not k.endswith(BUFFERS))
+            size += sum(t.numel() * t.element_size() for t in record["private"].values())
+            size += sum(math.ceil(p.numel() / 8) for p in record["pick"].values())
+        return params, size
+
+    def extra_state(self) -> dict:
+        return {
+            "multiplier": self.multiplier,
+            "records": self.records,
+            "head_shapes": [tuple(h.weight.shape) for h in self.heads.heads],
+        }
+
+    def load(self, state: dict, extra: dict) -> None:
+        """Rebuild at the saved width and heads, then load tensors and per-task records."""
+        if extra["multiplier"] != self.multiplier:
+            self.grow(extra["multiplier"])
+        for n_classes, in_features in extra["head_shapes"]:
+            self.heads.add(in_features, n_classes)
+        self.heads.to(self.device)
+        self.load_state_dict(state)
+        self.records = [_to_device(record, self.device) for record in extra["records"]]
+        self._view = None

@@ -60,6 +60,109 @@ class JointConfig(MethodConfig):
     reinit: bool = True  # start each task's joint training from a fresh model
 
 
+class PruneSchedule(Enum):
+    fixed = "fixed"  # release the same fraction `prune` of each task's weights
+    equal_share = "equal_share"  # task k of N keeps 1/(N-k+1) of its pool: equal capacity for every task
+
+
+def _train(**fields) -> TrainConfig:
+    return TrainConfig(**fields)
+
+
+# CPG's CIFAR-100 recipe (ivclab/CPG experiment1): SGD-Nesterov, lr 1e-2 x0.1 at epochs 50 and 80, wd 4e-5, batch 32
+_CPG_TRAIN = dict(
+    epochs=100,
+    batch_size=32,
+    optimizer=Optimizer.sgd,
+    lr=1e-2,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=4e-5,
+    schedule=Schedule.multistep,
+    milestones=[50, 80],
+    gamma=0.1,
+)
+
+
+@dataclass
+class PackNetConfig(MethodConfig):
+    """PackNet as in CPG's CIFAR-100 port (experiment1/PackNet_cifar100.sh)."""
+
+    train: TrainConfig = field(default_factory=lambda: _train(**_CPG_TRAIN))
+    retrain: TrainConfig = field(
+        default_factory=lambda: _train(**{**_CPG_TRAIN, "epochs": 30, "lr": 1e-3, "milestones": [25]})
+    )
+    prune: float = 0.6  # fraction of the task's weights released by the one-shot magnitude prune
+    prune_schedule: PruneSchedule = PruneSchedule.fixed
+    prune_last: bool = True  # prune the last task too (CPG's port does; PackNet's own scripts do not)
+
+
+@dataclass
+class PiggybackConfig(MethodConfig):
+    """Piggyback: task 1 trains the backbone, later tasks learn binary masks over it (arunmallya/piggyback)."""
+
+    train: TrainConfig = field(default_factory=lambda: _train(**_CPG_TRAIN))  # task 1's backbone training
+    mask_train: TrainConfig = field(
+        default_factory=lambda: _train(
+            epochs=30,
+            batch_size=32,
+            optimizer=Optimizer.adam,
+            lr=1e-4,
+            schedule=Schedule.multistep,
+            milestones=[15],
+            gamma=0.1,
+        )
+    )  # masks and head of tasks >= 2 (Adam 1e-4, x0.1 every 15 epochs)
+    mask_init: float = 1e-2
+    threshold: float = 5e-3
+    train_bn: bool = False  # train per-task batch norm on tasks >= 2 (Piggyback's default: frozen)
+
+
+@dataclass
+class CPGConfig(MethodConfig):
+    """CPG (ivclab/CPG experiment1/CPG_cifar100_scratch_mul_1.5.sh); PAE is this with picking off and max 2.0."""
+
+    train: TrainConfig = field(default_factory=lambda: _train(**_CPG_TRAIN))
+    mask_train: TrainConfig = field(
+        default_factory=lambda: _train(
+            epochs=100,
+            batch_size=32,
+            optimizer=Optimizer.adam,
+            lr=5e-4,
+            schedule=Schedule.multistep,
+            milestones=[50, 70],
+            gammas=[0.2, 0.0],
+        )
+    )  # picking masks during `train` (epochs follow `train`)
+    prune_train: TrainConfig = field(
+        default_factory=lambda: _train(
+            **{**_CPG_TRAIN, "epochs": 20, "lr": 1e-3, "schedule": Schedule.constant, "milestones": []}
+        )
+    )
+    sparsities: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    pruning_interval: int = 4  # epochs of the cubic sparsity ramp in each gradual-pruning step
+    pruning_frequency: int = 10  # iterations between mask updates during the ramp
+    retrain: TrainConfig = field(
+        default_factory=lambda: _train(
+            **{**_CPG_TRAIN, "epochs": 30, "lr": 1e-3, "schedule": Schedule.constant, "milestones": []}
+        )
+    )
+    retrain_mask: TrainConfig = field(
+        default_factory=lambda: _train(epochs=30, batch_size=32, optimizer=Optimizer.adam, lr=1e-4)
+    )
+    retrain_patience: int = 5  # stop the retrain pass after this many epochs without a gain
+    retrain_pass: bool = True  # the picking-mask retrain pass after pruning (tasks >= 2)
+    picking: bool = True  # learn picking masks over earlier tasks' weights (false: PAE, use them all)
+    mask_init: float = 1e-2
+    threshold: float = 5e-3
+    max_multiplier: float = 1.5  # largest parameter multiplier growth may reach (channels scale by its sqrt)
+    grow_step: float = 0.5  # multiplier added per growth
+    min_train_acc: float = 0.95  # a training or pruning result counts only above this training accuracy
+    goals: Optional[str] = (
+        None  # accuracy goals: a number, a JSON file {task: acc}, or a run folder; null: unpruned acc
+    )
+
+
 class SplitRule(Enum):
     """How a dataset's classes or inputs are cut into tasks."""
 
@@ -189,6 +292,9 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(name="method_schema", node=MethodConfig)
     cs.store(name="joint_method_schema", node=JointConfig)
+    cs.store(name="packnet_method_schema", node=PackNetConfig)
+    cs.store(name="piggyback_method_schema", node=PiggybackConfig)
+    cs.store(name="cpg_method_schema", node=CPGConfig)
     cs.store(name="backbone_schema", node=BackboneConfig)
     cs.store(name="mlp_backbone_schema", node=MlpConfig)
     cs.store(name="stream_schema", node=StreamConfig)

@@ -57,8 +57,16 @@ class WeightSharingMethod(Method):
             return F.cross_entropy(self.net.forward_current(x, head), y)
 
         stats = fit(
-            self.net, params, loss, (task.train.x, task.train.y), no_decay, self.stream, self.hw, progress,
-            f"task {task.index} {task.name}: {label}", extra_groups=extra,
+            self.net,
+            params,
+            loss,
+            (task.train.x, task.train.y),
+            no_decay,
+            self.stream,
+            self.hw,
+            progress,
+            f"task {task.index} {task.name}: {label}",
+            extra_groups=extra,
             after_backward=lambda: self.net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
         )
         return stats.row()
@@ -66,8 +74,9 @@ class WeightSharingMethod(Method):
     def current_accuracy(self, task: Task, split: Split) -> float:
         """Accuracy of the task being learned (live masks), e.g. to compare with its goal."""
         self.net.eval()
-        return accuracy(lambda x: self.net.forward_current(x, task.index), split, self.stream, self.hw,
-                        self.cfg.eval_batch_size)
+        return accuracy(
+            lambda x: self.net.forward_current(x, task.index), split, self.stream, self.hw, self.cfg.eval_batch_size
+        )
 
     def snapshot(self) -> SharedNet:
         """A copy of the whole network, to restart a task from (CPG's growth restarts from the last task)."""
@@ -77,8 +86,11 @@ class WeightSharingMethod(Method):
         """Owned share of task `tag`, free share and width multiplier, for tasks.parquet."""
         counts = self.net.owner_counts().double()
         total = counts.sum()
-        return {"owned_share": float(counts[tag] / total), "free_share": float(counts[0] / total),
-                "width_multiplier": self.net.multiplier}
+        return {
+            "owned_share": float(counts[tag] / total),
+            "free_share": float(counts[0] / total),
+            "width_multiplier": self.net.multiplier,
+        }
 
     # ---- the Method interface ----------------------------------------------------------
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:

@@ -19,8 +19,6 @@ from torch import nn
 from clrun.models.heads import MultiHead
 from clrun.models.layers import Conv2d, Linear
 
-THRESHOLD = 5e-3  # picking-mask binariser threshold (CPG's DEFAULT_THRESHOLD; Piggyback's default)
-MASK_INIT = 1e-2  # picking-mask initial value: above the threshold, so every old weight starts picked
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # batch-norm statistics: stored, not parameters
 
 
@@ -29,9 +27,9 @@ def shared_layers(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if isinstance(m, (Conv2d, Linear))}
 
 
-def binarize(mask: torch.Tensor) -> torch.Tensor:
-    """1 where `mask` > THRESHOLD else 0, with a straight-through gradient (d out / d mask = 1)."""
-    hard = (mask > THRESHOLD).to(mask.dtype)
+def binarize(mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """1 where `mask` > `threshold` else 0, with a straight-through gradient (d out / d mask = 1)."""
+    hard = (mask > threshold).to(mask.dtype)
     return hard + mask - mask.detach()
 
 
@@ -39,7 +37,7 @@ def _masked_weight(layer: nn.Module) -> torch.Tensor:
     """The current task's weight: its own weights trained, earlier tasks' weights frozen and (optionally) picked."""
     old = layer.weight.detach() * layer.old_mask
     if layer.pick is not None:
-        old = old * binarize(layer.pick)
+        old = old * binarize(layer.pick, layer.threshold)
     return layer.weight * layer.own_mask + old
 
 
@@ -96,11 +94,17 @@ class SharedNet(nn.Module):
         return [layer.weight for layer in shared_layers(self.backbone).values()]
 
     # ---- learning a task -------------------------------------------------------------
-    def begin_task(self, tag: int, picking: bool) -> None:
-        """Give the free weights to task `tag` and route the forward pass through its masks."""
+    def begin_task(self, tag: int, picking: bool, mask_init: float = 1e-2, threshold: float = 5e-3) -> None:
+        """Give the free weights to task `tag` and route the forward pass through its masks.
+
+        With `picking`, the task learns a real-valued mask over earlier tasks' weights, initialised to
+        `mask_init` (above `threshold`, so every old weight starts picked) and binarised at `threshold`.
+        """
+        self.mask_init = mask_init
         for layer in shared_layers(self.backbone).values():
             layer.owner[layer.owner == 0] = tag
-            layer.pick = nn.Parameter(torch.full_like(layer.weight, MASK_INIT)) if picking else None
+            layer.pick = nn.Parameter(torch.full_like(layer.weight, mask_init)) if picking else None
+            layer.threshold = threshold
             layer.weight_fn = _masked_weight
         self.refresh_masks(tag)
         self._view = None
@@ -115,10 +119,10 @@ class SharedNet(nn.Module):
         return [layer.pick for layer in shared_layers(self.backbone).values() if layer.pick is not None]
 
     def reset_picks(self) -> None:
-        """Re-initialise the current task's picking masks to MASK_INIT (CPG's retrain pass)."""
+        """Re-initialise the current task's picking masks to their initial value (CPG's retrain pass)."""
         with torch.no_grad():
             for pick in self.picks():
-                pick.fill_(MASK_INIT)
+                pick.fill_(self.mask_init)
 
     def decay_own_weights(self, weight_decay: float) -> None:
         """Add L2 weight decay to the gradients of the current task's own weights only (CPG)."""
@@ -147,7 +151,7 @@ class SharedNet(nn.Module):
             for name, layer in shared_layers(self.backbone).items():
                 layer.weight[layer.owner == 0] = 0.0  # released weights restart from 0 (CPG, PackNet)
                 if layer.pick is not None:
-                    record["pick"][name] = (layer.pick.detach() > THRESHOLD) & (layer.old_mask > 0)
+                    record["pick"][name] = (layer.pick.detach() > layer.threshold) & (layer.old_mask > 0)
                 layer.pick = None
                 layer.weight_fn = None
         self.records.append(record)

@@ -78,16 +78,17 @@ class SharedNet(nn.Module):
         return backbone
 
     def _shared_keys(self) -> set[str]:
-        return {f"{name}.{suffix}" for name in shared_layers(self.backbone) for suffix in ("weight", "owner")}
+        suffixes = ("weight", "owner", "pick")
+        return {f"{name}.{suffix}" for name in shared_layers(self.backbone) for suffix in suffixes}
 
     def private_state(self) -> dict[str, torch.Tensor]:
-        """Copies of every backbone tensor that is not a shared weight: batch norm, biases, PReLU."""
+        """Copies of every backbone tensor that is not a shared weight, owner or pick: batch norm, biases, PReLU."""
         shared = self._shared_keys()
         return {k: v.detach().clone() for k, v in self.backbone.state_dict().items() if k not in shared}
 
     def private_parameters(self) -> list[nn.Parameter]:
         """The backbone parameters each task trains for itself (batch norm affine, biases, PReLU)."""
-        shared = {id(layer.weight) for layer in shared_layers(self.backbone).values()}
+        shared = {id(p) for layer in shared_layers(self.backbone).values() for p in (layer.weight, layer.pick)}
         return [p for p in self.backbone.parameters() if id(p) not in shared]
 
     def shared_weights(self) -> list[nn.Parameter]:

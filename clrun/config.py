@@ -29,11 +29,9 @@ class Schedule(Enum):
 
 
 @dataclass
-class TrainConfig:
-    """One training phase: optimizer, learning-rate schedule, epochs, batch size."""
+class OptimizerConfig:
+    """An optimizer and its per-epoch learning-rate schedule (for a second parameter group, e.g. masks)."""
 
-    epochs: int = 2
-    batch_size: int = 128
     optimizer: Optimizer = Optimizer.adam
     lr: float = 0.001
     momentum: float = 0.9  # sgd only
@@ -43,6 +41,14 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)  # epochs where multistep multiplies lr by gamma
     gamma: float = 0.1
     gammas: list[float] = field(default_factory=list)  # multistep: a factor per milestone instead of gamma
+
+
+@dataclass
+class TrainConfig(OptimizerConfig):
+    """One training phase: optimizer, learning-rate schedule, epochs, batch size."""
+
+    epochs: int = 2
+    batch_size: int = 128
 
 
 @dataclass
@@ -123,10 +129,8 @@ class CPGConfig(MethodConfig):
     """CPG (ivclab/CPG experiment1/CPG_cifar100_scratch_mul_1.5.sh); PAE is this with picking off and max 2.0."""
 
     train: TrainConfig = field(default_factory=lambda: _train(**_CPG_TRAIN))
-    mask_train: TrainConfig = field(
-        default_factory=lambda: _train(
-            epochs=100,
-            batch_size=32,
+    mask_train: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(
             optimizer=Optimizer.adam,
             lr=5e-4,
             schedule=Schedule.multistep,
@@ -147,9 +151,9 @@ class CPGConfig(MethodConfig):
             **{**_CPG_TRAIN, "epochs": 30, "lr": 1e-3, "schedule": Schedule.constant, "milestones": []}
         )
     )
-    retrain_mask: TrainConfig = field(
-        default_factory=lambda: _train(epochs=30, batch_size=32, optimizer=Optimizer.adam, lr=1e-4)
-    )
+    retrain_mask: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(optimizer=Optimizer.adam, lr=1e-4)
+    )  # picking masks in the retrain pass (epochs follow `retrain`)
     retrain_patience: int = 5  # stop the retrain pass after this many epochs without a gain
     retrain_pass: bool = True  # the picking-mask retrain pass after pruning (tasks >= 2)
     picking: bool = True  # learn picking masks over earlier tasks' weights (false: PAE, use them all)

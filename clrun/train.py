@@ -45,7 +45,7 @@ def make_progress() -> Progress:
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, hw: Hardware) -> torch.optim.Optimizer:
-    """The optimizer a `TrainConfig` names (fused kernels on CUDA)."""
+    """The optimizer an `OptimizerConfig` names (fused kernels on CUDA)."""
     params = list(params)
     fused = {"fused": True} if hw.device.type == "cuda" else {}
     name = cfg.optimizer.value
@@ -58,8 +58,8 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, hw: Hardware) -> t
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_scheduler.LRScheduler:
-    """The per-epoch learning-rate schedule a `TrainConfig` names."""
+def make_schedule(optimizer: torch.optim.Optimizer, cfg, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule an `OptimizerConfig` names, over `epochs` epochs."""
     name = cfg.schedule.value
     if name == "multistep" and cfg.gammas:  # a factor per milestone, e.g. x0.2 at epoch 50, x0 at 70
         milestones, gammas = list(cfg.milestones), list(cfg.gammas)
@@ -69,7 +69,7 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg) -> torch.optim.lr_sched
     if name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
@@ -86,20 +86,22 @@ def fit(
     extra_groups: Sequence[tuple[Iterable[torch.nn.Parameter], object]] = (),
     after_backward: Callable[[], None] | None = None,
     after_step: Callable[[int], None] | None = None,
+    after_epoch: Callable[[int], bool] | None = None,
 ) -> FitStats:
     """Train `params` of `module` for `cfg.epochs` on `tensors` (uint8 images first).
 
     Each batch's images are augmented and normalised on the device; `loss_fn`
     receives the float images followed by the batch's other tensors.
-    `extra_groups` are (params, TrainConfig) pairs with an optimizer and schedule
+    `extra_groups` are (params, OptimizerConfig) pairs with an optimizer and schedule
     of their own (e.g. masks under Adam beside weights under SGD); epochs and
     batch size come from `cfg`. `after_backward()` runs before the optimizer
-    steps (e.g. to mask gradients), `after_step(step)` after them.
+    steps (e.g. to mask gradients), `after_step(step)` after them, and
+    `after_epoch(epochs_done)` after each epoch: returning True stops training.
     """
-    optimizers = [make_optimizer(group, group_cfg, hw) for group, group_cfg in [(params, cfg), *extra_groups]]
+    groups = [(params, cfg), *extra_groups]
+    optimizers = [make_optimizer(group, group_cfg, hw) for group, group_cfg in groups]
     schedules = [
-        make_schedule(optimizer, group_cfg)
-        for optimizer, (_, group_cfg) in zip(optimizers, [(params, cfg), *extra_groups], strict=True)
+        make_schedule(opt, group_cfg, cfg.epochs) for opt, (_, group_cfg) in zip(optimizers, groups, strict=True)
     ]
     n = len(tensors[0])
     steps_per_epoch = -(-n // cfg.batch_size)
@@ -109,7 +111,7 @@ def fit(
             label, total=cfg.epochs * steps_per_epoch, epoch=f"0/{cfg.epochs}", loss=float("nan"), ips=0.0
         )
     module.train()
-    start, images, mean_loss, step = time.perf_counter(), 0, float("nan"), 0
+    start, images, mean_loss, step, epochs_done = time.perf_counter(), 0, float("nan"), 0, 0
     for epoch in range(cfg.epochs):
         loss_sum = torch.zeros((), device=hw.device)
         for batch in iterate(tensors, cfg.batch_size, shuffle=True):
@@ -136,7 +138,10 @@ def fit(
         if bar is not None:
             ips = images / (time.perf_counter() - start)
             progress.update(bar, epoch=f"{epoch + 1}/{cfg.epochs}", loss=mean_loss, ips=ips)
-    return FitStats(epochs=cfg.epochs, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
+        epochs_done = epoch + 1
+        if after_epoch is not None and after_epoch(epochs_done):
+            break
+    return FitStats(epochs=epochs_done, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
 
 
 @torch.inference_mode()

@@ -65,11 +65,15 @@ def test_multistep_and_cosine_schedules():
     )
     optimizer = make_optimizer(params, cfg, hw)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
-    assert lrs(optimizer, make_schedule(optimizer, cfg), 4) == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    assert lrs(optimizer, make_schedule(optimizer, cfg, 4), 4) == pytest.approx([1.0, 1.0, 0.1, 0.01])
     cfg = train_config("method.train.lr=1.0", "method.train.schedule=cosine", "method.train.epochs=2")
     optimizer = make_optimizer(params, cfg, hw)
     assert isinstance(optimizer, torch.optim.Adam)
-    assert lrs(optimizer, make_schedule(optimizer, cfg), 2) == pytest.approx([1.0, 0.5])
+    assert lrs(optimizer, make_schedule(optimizer, cfg, 2), 2) == pytest.approx([1.0, 0.5])
+    cfg = compose_config("method=cpg").method.mask_train  # x0.2 at epoch 50, x0 at 70: a factor per milestone
+    optimizer = make_optimizer(params, cfg, hw)
+    seen = lrs(optimizer, make_schedule(optimizer, cfg, 80), 80)
+    assert (seen[49], seen[50], seen[69], seen[70]) == pytest.approx((5e-4, 1e-4, 1e-4, 0.0))
 
 
 def make_method(method_class, *overrides):

@@ -11,12 +11,29 @@ import copy
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
 
 from clrun.data.stream import Split, Task
 from clrun.methods.base import Footprint, Method
 from clrun.models import build_backbone
 from clrun.models.sharing import SharedNet
 from clrun.train import accuracy, fit
+
+
+class FrozenBatchNorm(nn.Module):
+    """Wraps a network for `fit`, whose `module.train()` would switch batch norm to batch statistics:
+    here every batch-norm layer stays in eval mode (running statistics used, never updated)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def train(self, mode: bool = True) -> "FrozenBatchNorm":
+        super().train(mode)
+        for module in self.net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
 
 
 class WeightSharingMethod(Method):
@@ -43,33 +60,59 @@ class WeightSharingMethod(Method):
         self.net.heads.heads[head].to(self.net.device)
         return head
 
-    def train_phase(self, task: Task, cfg, progress, label: str, mask_cfg=None, train_weights: bool = True) -> dict:
-        """Train the current task: its own shared weights (if `train_weights`), its private tensors and head,
-        and its picking masks under `mask_cfg` when given. Weight decay goes to its own weights only."""
-        head = task.index
-        params = list(self.net.private_parameters()) + list(self.net.heads.heads[head].parameters())
+    def train_phase(
+        self,
+        task: Task,
+        cfg,
+        progress,
+        label: str,
+        mask_cfg=None,
+        train_weights: bool = True,
+        train_private: bool = True,
+        freeze_bn: bool = False,
+        after_step=None,
+        after_epoch=None,
+    ) -> dict:
+        """Train the current task under `cfg`: its head, its own shared weights (`train_weights`), its batch norm
+        and biases (`train_private`), and its picking masks under `mask_cfg` when given. Weight decay goes to its
+        own weights only (CPG). `freeze_bn` keeps batch norm in eval mode (Piggyback's `train_nobn`). Returns
+        `FitStats.row()` plus `train_acc`, the running accuracy of the last epoch in train mode (as CPG measures)."""
+        net, head = self.net, task.index
+        params = list(net.heads.heads[head].parameters())
+        if train_private:
+            params += net.private_parameters()
         if train_weights:
-            params += self.net.shared_weights()
-        extra = [(self.net.picks(), mask_cfg)] if mask_cfg is not None and self.net.picks() else []
-        no_decay = OmegaConf.merge(cfg, {"weight_decay": 0.0})
+            params += net.shared_weights()
+        picks = net.picks()
+        extra = [(picks, mask_cfg)] if mask_cfg is not None and picks else []
+        steps_per_epoch = -(-len(task.train) // cfg.batch_size)
+        tally = {"steps": 0, "correct": None, "seen": 0}
 
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(self.net.forward_current(x, head), y)
+            if tally["steps"] % steps_per_epoch == 0:  # a new epoch: count its accuracy afresh
+                tally["correct"], tally["seen"] = torch.zeros((), dtype=torch.long, device=y.device), 0
+            tally["steps"] += 1
+            logits = net.forward_current(x, head)
+            tally["correct"] = tally["correct"] + (logits.argmax(1) == y).sum()
+            tally["seen"] += len(y)
+            return F.cross_entropy(logits, y)
 
         stats = fit(
-            self.net,
+            FrozenBatchNorm(net) if freeze_bn else net,
             params,
             loss,
             (task.train.x, task.train.y),
-            no_decay,
+            OmegaConf.merge(cfg, {"weight_decay": 0.0}),
             self.stream,
             self.hw,
             progress,
             f"task {task.index} {task.name}: {label}",
             extra_groups=extra,
-            after_backward=lambda: self.net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
+            after_backward=lambda: net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
+            after_step=after_step,
+            after_epoch=after_epoch,
         )
-        return stats.row()
+        return {**stats.row(), "train_acc": tally["correct"].item() / tally["seen"]}
 
     def current_accuracy(self, task: Task, split: Split) -> float:
         """Accuracy of the task being learned (live masks), e.g. to compare with its goal."""
@@ -101,6 +144,7 @@ class WeightSharingMethod(Method):
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load(state["net"], state["extra"])
+        self.net = self.hw.prepare_model(self.net)  # memory format for tensors rebuilt at a grown width
 
     def footprint(self) -> Footprint:
         params, size = self.net.storage()

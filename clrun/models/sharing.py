@@ -172,6 +172,13 @@ class SharedNet(nn.Module):
         self.multiplier = multiplier
         self._view = None
 
+    def rebuild(self, multiplier: float) -> None:
+        """Replace the backbone by a freshly initialised one at parameter multiplier `multiplier`, all free
+        (CPG retrains its first task from scratch when it grows)."""
+        self.backbone = self._with_owners(self.build(math.sqrt(multiplier)).to(self.device))
+        self.multiplier = multiplier
+        self._view = None
+
     @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device

@@ -1,0 +1,57 @@
+"""Piggyback (Mallya, Davis & Lazebnik, ECCV 2018): binary masks over a frozen backbone.
+
+Task 1 trains the whole backbone (or fine-tunes a pretrained one), which is
+then frozen. Every later task learns only a real-valued mask per weight,
+binarised at `threshold` with a straight-through gradient, and its head
+(methods.md §2). Batch norm stays at task 1's values for later tasks unless
+`train_bn` (Piggyback's `train_nobn`: BN in eval mode, its parameters not
+optimised), so a task's logits never change after it is learned.
+"""
+
+import math
+
+from clrun.data.stream import Task
+from clrun.methods.sharing import WeightSharingMethod
+from clrun.models.sharing import shared_layers
+
+
+class Piggyback(WeightSharingMethod):
+    """Task 1 trains the backbone; tasks >= 2 learn a binary mask over it and a head."""
+
+    def learn(self, task: Task, progress) -> dict:
+        tag = task.index + 1
+        if task.index == 0:
+            self.net.begin_task(tag, picking=False)
+            self.add_head(task)
+            row = self.train_phase(task, self.cfg.train, progress, "backbone")
+            self.net.end_task(tag)
+            return {**row, "picked_share": math.nan, **self.shares(tag)}
+        # every mask is over task 1's network: batch norm and biases start from task 1's too (with `train_bn`
+        # they would otherwise continue from the previous task's; without it they never left task 1's)
+        self.net.backbone.load_state_dict(self.net.records[0]["private"], strict=False)
+        self.net.begin_task(tag, picking=True, mask_init=self.cfg.mask_init, threshold=self.cfg.threshold)
+        self.add_head(task)
+        row = self._mask_phase(task, progress)
+        record = self.net.end_task(tag)
+        return {**row, "picked_share": self._picked_share(record, tag), **self.shares(tag)}
+
+    def _mask_phase(self, task: Task, progress) -> dict:
+        """Train the masks and the head (Adam, `mask_train`); per-task batch norm and biases only with `train_bn`."""
+        cfg = self.cfg.mask_train
+        return self.train_phase(
+            task,
+            cfg,
+            progress,
+            "masks",
+            mask_cfg=cfg,
+            train_weights=False,
+            train_private=self.cfg.train_bn,
+            freeze_bn=not self.cfg.train_bn,
+        )
+
+    def _picked_share(self, record: dict, tag: int) -> float:
+        """The fraction of earlier tasks' weights that task `tag`'s stored binary mask keeps."""
+        layers = shared_layers(self.net.backbone)
+        picked = sum(int(pick.sum()) for pick in record["pick"].values())
+        earlier = sum(int(((layer.owner >= 1) & (layer.owner < tag)).sum()) for layer in layers.values())
+        return picked / earlier if earlier else math.nan

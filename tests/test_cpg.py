@@ -1,0 +1,356 @@
+"""CPG and PAE: pruning schedule, picking masks, growth, goals, no forgetting, resume."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import compose_config
+from rich.console import Console
+
+from clrun import results
+from clrun.data import build_stream, prepare
+from clrun.errors import ClrunError
+from clrun.hardware import resolve_hardware
+from clrun.methods.cpg import CPG, _Phase, cubic_sparsity, forced_sparsity
+from clrun.methods.goals import load_goals
+from clrun.models.sharing import shared_layers
+from clrun.run import Run
+
+# a tiny recipe: MLP 3072 -> 100 -> 100, 160 images per task, 1 epoch per phase, two sparsity steps
+TINY = [
+    "hardware=cpu",
+    "hardware.threads=1",  # tiny tensors: one thread is many times faster than two on a busy machine
+    "backbone=mlp",
+    "backbone.width=0.25",
+    "stream.train_per_task=160",
+    "stream.test_per_task=80",
+    "method.train.epochs=1",
+    "method.train.batch_size=32",
+    "method.prune_train.epochs=1",
+    "method.prune_train.batch_size=32",
+    "method.retrain.epochs=2",
+    "method.retrain.batch_size=32",
+    "method.sparsities=[0.3,0.6]",
+    "method.pruning_interval=1",
+    "method.pruning_frequency=2",
+    "method.min_train_acc=0.0",
+]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """`hardware.threads=1` sets torch's global thread count; give the other test modules theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_method(*overrides: str) -> CPG:
+    cfg = compose_config(*TINY, *overrides)
+    hw = resolve_hardware(cfg.hardware)
+    torch.manual_seed(cfg.seed)
+    stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
+    return CPG(cfg.method, cfg.backbone, stream, hw)
+
+
+def inputs(method: CPG, task: int) -> torch.Tensor:
+    stream = method.stream
+    return prepare(stream.tasks[task].test.x[:32], stream.mean, stream.std, augment=False)
+
+
+@torch.no_grad()
+def learn_all(method: CPG) -> tuple[list[dict], list[torch.Tensor], list[torch.Tensor]]:
+    """Learn every task; return the rows, each task's logits right after it was learned, and at the end."""
+    rows, first = [], []
+    for task in method.stream.tasks:
+        with torch.enable_grad():
+            rows.append(method.learn(task, None))
+        first.append(method.predict(inputs(method, task.index), task.index).clone())
+    last = [method.predict(inputs(method, j), j) for j in range(len(method.stream))]
+    return rows, first, last
+
+
+def write_goals(tmp_path: Path, goals: dict) -> Path:
+    path = tmp_path / "goals.json"
+    path.write_text(json.dumps(goals))
+    return path
+
+
+# ---- compacting ---------------------------------------------------------------------------------------------------
+def test_cubic_schedule():
+    assert cubic_sparsity(0.2, 0.6, 0.0) == pytest.approx(0.2)
+    assert cubic_sparsity(0.2, 0.6, 0.5) == pytest.approx(0.6 - 0.4 * 0.125)
+    assert cubic_sparsity(0.2, 0.6, 1.0) == pytest.approx(0.6)
+    assert cubic_sparsity(0.2, 0.6, 1.7) == pytest.approx(0.6) and cubic_sparsity(0.2, 0.6, -1) == pytest.approx(0.2)
+    ramp = [cubic_sparsity(0.0, 0.9, p / 100) for p in range(101)]
+    assert all(a < b for a, b in zip(ramp, ramp[1:], strict=False))  # strictly increasing
+    assert ramp[10] - ramp[0] > ramp[100] - ramp[90]  # prunes fast first, slowly near the target
+    # CPG's least sparsity for a task below its goal at the maximum width
+    assert [forced_sparsity(r) for r in (0, 1, 2, 3)] == [0.0, 0.5, 0.7, 0.8]
+
+
+def test_each_pruning_step_reaches_its_target_in_every_layer():
+    method = make_method("method=cpg", "stream.n_tasks=2", "method.goals=0.0", "method.sparsities=[0.3,0.6,0.75]")
+    step = method._prune_step
+    reached = []
+
+    def checked(task, progress, initial, target, phase):
+        tag = task.index + 1
+        owners = [layer.owner.clone() for layer in shared_layers(method.net.backbone).values()]
+        out = step(task, progress, initial, target, phase)
+        for before, layer in zip(owners, shared_layers(method.net.backbone).values(), strict=True):
+            pool = int(((layer.owner == tag) | (layer.owner == 0)).sum())
+            assert int((layer.owner == 0).sum()) == round(target * pool)  # exactly the target share of the pool
+            earlier = (before >= 1) & (before < tag)
+            assert torch.equal(layer.owner[earlier], before[earlier])  # earlier tasks' weights are never pruned
+        reached.append(target)
+        return out
+
+    method._prune_step = checked
+    rows, _, _ = learn_all(method)
+    assert reached == [0.3, 0.6, 0.75, 0.3, 0.6, 0.75]  # goal 0: every step qualifies
+    assert [row["sparsity"] for row in rows] == [0.75, 0.75]
+    # task 1's pool was task 0's released 75%: it keeps a quarter of it; task 0 keeps a quarter of everything
+    share = method.net.owner_counts().double() / method.net.owner_counts().sum()
+    assert share[1].item() == pytest.approx(0.25, abs=0.01) and share[2].item() == pytest.approx(0.75 * 0.25, abs=0.01)
+    for layer in shared_layers(method.net.backbone).values():
+        assert (layer.weight[layer.owner == 0] == 0).all()  # released weights restart from 0
+
+
+def test_a_step_that_misses_the_goal_is_rolled_back():
+    method = make_method("method=pae", "stream.n_tasks=1", "method.sparsities=[0.3,0.9]", "method.goals=0.0")
+    step = method._prune_step
+    kept = {}
+
+    def second_step_misses(task, progress, initial, target, phase):
+        train_acc, acc = step(task, progress, initial, target, phase)
+        if target == 0.3:
+            kept.update(method._state())
+            return train_acc, acc
+        return train_acc, -1.0  # below any goal
+
+    method._prune_step = second_step_misses
+    row = method.learn(method.stream.tasks[0], None)
+    assert row["prune_steps"] == 2 and row["sparsity"] == 0.3
+    for layer in shared_layers(method.net.backbone).values():
+        assert int((layer.owner == 0).sum()) == round(0.3 * layer.owner.numel())
+    state = method.net.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in kept.items() if not k.endswith("weight"))
+    for name, layer in shared_layers(method.net.backbone).items():  # the 0.3 step's weights (released ones zeroed)
+        assert torch.equal(layer.weight, kept[f"backbone.{name}.weight"] * (layer.owner > 0))
+
+
+# ---- no forgetting --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["cpg", "pae"])
+def test_earlier_tasks_logits_are_bit_identical(name):
+    method = make_method(f"method={name}", "stream.n_tasks=3", "method.goals=0.0")
+    rows, first, last = learn_all(method)
+    for j in range(3):
+        assert torch.equal(first[j], last[j]), f"task {j}'s logits changed"
+    # the stream really shared and pruned: each task pruned to 0.6 of its pool and later tasks owned weights
+    assert [row["sparsity"] for row in rows] == [0.6, 0.6, 0.6]
+    counts = method.net.owner_counts()
+    assert all(counts[tag] > 0 for tag in (1, 2, 3))
+    picks = [record["pick"] for record in method.net.records]
+    if name == "cpg":
+        assert picks[0] == {} and picks[1] and picks[2]  # task 1 picked among earlier weights
+        assert all(row["retrain_phase_epochs"] >= 1 for row in rows[1:]) and rows[0]["retrain_phase_epochs"] == 0
+        assert 0 <= rows[1]["picked_share"] <= 1
+    else:
+        assert all(p == {} for p in picks)  # PAE stores no picking masks
+        assert all(row["retrain_phase_epochs"] == 0 for row in rows)
+        assert [row["picked_share"] for row in rows[1:]] == [1.0, 1.0]
+
+
+def test_picks_start_at_mask_init_all_on_and_threshold_binarises():
+    method = make_method("method=cpg", "stream.n_tasks=2", "method.goals=0.0")
+    method.learn(method.stream.tasks[0], None)
+    net = method.net
+    net.begin_task(2, picking=True, mask_init=0.01, threshold=0.005)
+    layers = shared_layers(net.backbone).values()
+    assert net.picks() and all((pick == 0.01).all() for pick in net.picks())
+    for layer in layers:  # mask_init > threshold: every earlier weight is picked
+        assert torch.equal(layer.effective_weight(), layer.weight * (layer.owner >= 1))
+    for pick in net.picks():
+        pick.data.fill_(0.005)  # at the threshold: not picked (picked means strictly above)
+    for layer in layers:
+        assert torch.equal(layer.effective_weight(), layer.weight * (layer.owner == 2))
+
+    pae = make_method("method=pae", "stream.n_tasks=2", "method.goals=0.0")
+    pae.learn(pae.stream.tasks[0], None)
+    pae.net.begin_task(2, picking=pae.cfg.picking)
+    assert pae.net.picks() == []
+
+
+def test_retrain_pass_is_kept_only_when_an_epoch_beats_the_reset_masks():
+    method = make_method(
+        "method=cpg", "stream.n_tasks=2", "method.goals=0.0", "method.retrain.epochs=4", "method.retrain_patience=2"
+    )
+    method.learn(method.stream.tasks[0], None)
+    task = method.stream.tasks[1]
+    method._train(task, None, _Phase())
+    with torch.no_grad():
+        for pick in method.net.picks():
+            pick.uniform_(0.0, 0.02)  # picks learned in the training phase, different from mask_init
+    before = method._state()
+
+    def scripted(values):
+        it = iter(values)
+        method.current_accuracy = lambda task, split: next(it)
+
+    scripted([0.5, 0.4, 0.45])  # reset baseline 0.5, then no epoch beats it: patience 2 stops after 2 epochs
+    phase = _Phase()
+    assert method._retrain(task, None, 0.7, phase) == (False, 0.7)
+    assert phase.epochs == 2
+    after = method._state()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # everything restored, picks included
+
+    scripted([0.5, 0.6, 0.55, 0.58])  # epoch 1 beats the baseline; patience 2 ends after epoch 3
+    phase = _Phase()
+    assert method._retrain(task, None, 0.7, phase) == (True, 0.6)
+    assert phase.epochs == 3
+    assert not all(torch.equal(before[k], method._state()[k]) for k in before)
+
+
+# ---- growth ---------------------------------------------------------------------------------------------------------
+def test_unreachable_goal_grows_to_max_and_leaves_earlier_tasks_alone(tmp_path):
+    goals = write_goals(tmp_path, {"1": "0.0", "2": "1.0", "3": 0.0})
+    method = make_method("method=pae", "stream.n_tasks=3", f"method.goals={goals}")  # PAE: up to 2.0 by 0.5
+    rows, first, last = learn_all(method)
+    assert [row["growths"] for row in rows] == [0, 2, 0]
+    assert [row["width_multiplier"] for row in rows] == [1.0, 2.0, 2.0]
+    assert [record["multiplier"] for record in method.net.records] == [1.0, 2.0, 2.0]
+    hidden = [layer.out_features for layer in shared_layers(method.net.backbone).values()]
+    assert hidden == [round(100 * 2**0.5)] * 2  # channels scale by sqrt(multiplier)
+    assert method.net.task_view(0).out_features == 100
+    for j in range(3):
+        assert torch.equal(first[j], last[j]), f"task {j}'s logits changed"
+    # task 2 stayed below its goal at the maximum width: pruned anyway, to at least 1 - round(1/(1+1), 1) = 0.5
+    assert rows[1]["least_sparsity"] == 0.5 and rows[1]["sparsity"] == 0.6 and rows[1]["prune_steps"] == 2
+    assert rows[1]["goal"] == 1.0 and rows[1]["acc_before_prune"] < 1.0
+    assert rows[1]["train_phase_epochs"] == 3  # trained at 1.0, 1.5 and 2.0
+    # stored: one backbone at 2x parameters (the input layer is not widened: 3072 inputs) plus heads and biases
+    assert 1.4 < method.footprint().params / method.footprint().base_params < 2.0
+
+
+def test_first_task_regrows_from_scratch():
+    method = make_method("method=cpg", "stream.n_tasks=1", "method.goals=1.0", "method.min_train_acc=0.9999")
+    grow, seen = method._grow, []
+
+    def checked(start, multiplier, first):
+        grow(start, multiplier, first)
+        old = next(iter(shared_layers(start.backbone).values())).weight
+        new = next(iter(shared_layers(method.net.backbone).values())).weight
+        seen.append((multiplier, first, new.shape[0], torch.equal(new[: old.shape[0]], old)))
+
+    method._grow = checked
+    row = method.learn(method.stream.tasks[0], None)
+    assert seen == [(1.5, True, round(100 * 1.5**0.5), False)]  # a fresh network, not the old one copied in
+    assert row["growths"] == 1 and row["width_multiplier"] == 1.5
+    assert row["least_sparsity"] == 0.0 and row["sparsity"] == 0.0  # the last task keeps all its weights
+
+
+# ---- goals ----------------------------------------------------------------------------------------------------------
+def test_goals_from_number_json_and_run_folder(tmp_path):
+    names = ["aquatic_mammals", "fish", "flowers"]
+    assert load_goals(None, names) is None
+    assert load_goals("0.8", names) == [0.8, 0.8, 0.8]
+    cpg_format = write_goals(tmp_path, {"aquatic_mammals": "0.6580", "2": 0.7, "flowers": "0.5"})
+    assert load_goals(str(cpg_format), names) == [0.658, 0.7, 0.5]
+
+    run_dir = tmp_path / "scratch-run"
+    run_dir.mkdir()
+    rows = [
+        {"train_task": i, "eval_task": j, "eval_task_name": names[j], "accuracy": 0.5 + 0.1 * i + 0.01 * j}
+        for i in range(3)
+        for j in range(i + 1)
+    ]
+    pd.DataFrame(rows).to_parquet(run_dir / results.ACCURACY_FILE)
+    assert load_goals(str(run_dir), names) == pytest.approx([0.5, 0.61, 0.72])  # R[j, j]
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "neither a number"),
+        ("{not json", "not a readable JSON"),
+        ('["0.5"]', "expected a JSON object"),
+        ('{"0": "0.5", "1": "0.5", "2": "0.5"}', "1-based"),
+        ('{"1": "0.5", "2": "0.5"}', 'no goal for task 3 ("c")'),
+        ('{"1": "0.5", "2": "65.8", "3": "0.5"}', "not a percentage"),
+        ('{"1": "0.5", "2": "high", "3": "0.5"}', "not a number"),
+    ],
+)
+def test_bad_goals_are_one_line_errors_naming_the_key(tmp_path, content, message):
+    path = tmp_path / "goals.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ClrunError, match="method.goals") as error:
+        load_goals(str(path), ["a", "b", "c"])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_goals_from_a_run_on_another_stream_or_too_short_are_refused(tmp_path):
+    pd.DataFrame([{"train_task": 0, "eval_task": 0, "eval_task_name": "x", "accuracy": 0.9}]).to_parquet(
+        tmp_path / results.ACCURACY_FILE
+    )
+    with pytest.raises(ClrunError, match="task 0 is x in that run but a here"):
+        load_goals(str(tmp_path), ["a"])
+    with pytest.raises(ClrunError, match="no accuracy for task 1"):
+        load_goals(str(tmp_path), ["x", "y"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClrunError, match="must hold accuracy.parquet"):
+        load_goals(str(tmp_path / "empty"), ["x"])
+    with pytest.raises(ClrunError, match="method.sparsities"):
+        make_method("method=cpg", "method.sparsities=[0.6,0.3]")
+    with pytest.raises(ClrunError, match="method.goals=2"):
+        make_method("method=cpg", "method.goals=2")
+
+
+# ---- end to end -----------------------------------------------------------------------------------------------------
+def run(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
+    run_dir = tmp_path / name
+    summary = Run(compose_config(*TINY, *overrides), run_dir, Console(quiet=True)).execute()
+    return summary, run_dir
+
+
+def matrix(run_dir: Path) -> np.ndarray:
+    table = pd.read_parquet(run_dir / results.ACCURACY_FILE)
+    return results.accuracy_matrix(table, table["train_task"].max() + 1)
+
+
+def test_resume_with_grown_widths_gives_the_same_matrix_and_bwt_is_zero(tmp_path, monkeypatch):
+    goals = write_goals(tmp_path, {"1": "0.0", "2": "1.0", "3": "0.0"})
+    overrides = ["method=cpg", "stream.n_tasks=3", f"method.goals={goals}", "method.train.epochs=2"]
+    summary, uninterrupted = run(tmp_path, *overrides, name="full")
+    assert summary["bwt"] == 0.0 and summary["forgetting"] == 0.0
+    tasks = pd.read_parquet(uninterrupted / results.TASKS_FILE)
+    assert list(tasks["width_multiplier"]) == [1.0, 1.5, 1.5]
+    assert {"sparsity", "owned_share", "free_share", "picked_share", "goal", "growths"} <= set(tasks.columns)
+
+    save = Run._checkpoint
+
+    def save_then_stop(self, method, accuracy_rows, task_rows):
+        save(self, method, accuracy_rows, task_rows)
+        if len(task_rows) == 2:  # after the grown task
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *overrides, name="resumed")
+    monkeypatch.undo()
+    run(tmp_path, *overrides, name="resumed")
+    np.testing.assert_array_equal(matrix(tmp_path / "resumed"), matrix(uninterrupted))
+    resumed_tasks = pd.read_parquet(tmp_path / "resumed" / results.TASKS_FILE)
+    assert list(resumed_tasks["sparsity"]) == list(tasks["sparsity"])
+
+
+def test_pae_end_to_end_never_forgets(tmp_path):
+    summary, run_dir = run(tmp_path, "method=pae", "stream.n_tasks=3", "method.goals=0.0")
+    R = matrix(run_dir)
+    for j in range(3):
+        assert (R[j:, j] == R[j, j]).all()
+    assert summary["bwt"] == 0.0 and summary["forgetting"] == 0.0

@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCALE ?= full
+# reproduce-table1 reads CIFAR-100 from DATA_ROOT (the folder holding cifar-100-python/); empty: $CLRUN_DATA, else ~/.cache/clrun/data
+DATA_ROOT ?=
 
-.PHONY: run test lint bench clean-outputs
+.PHONY: run test lint bench reproduce-table1 clean-outputs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +24,12 @@ test: $(STAMP)  ## the whole test suite
 lint: $(STAMP)
 	$(BIN)/ruff check clrun tests benchmarks
 
-bench: $(STAMP)  ## throughput benchmarks; JSON into benchmarks/results/
+bench: $(STAMP)  ## throughput and masking-overhead benchmarks; JSON into benchmarks/results/
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/masking.py
+
+reproduce-table1: $(STAMP)  ## CPG's Table 1 (scratch, packnet, pae, cpg on cifar100_20 / vgg16_bn) vs the paper; SCALE=smoke: minutes on a CPU
+	$(BIN)/python benchmarks/reproduce_table1.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 clean-outputs:
 	rm -rf outputs/runs

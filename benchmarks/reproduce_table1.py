@@ -193,16 +193,15 @@ def measured_row(run_dir: Path) -> dict:
     """One finished run as a Table 1 row: final accuracy per task (%), Avg., Exp., Red.
 
     Per task: the accuracy after the last task (row T-1 of the accuracy matrix). Exp.: the shared network's
-    final `width_multiplier` (parameter multiplier; summary.parquet, else tasks.parquet), else clrun's
-    `expansion` (stored parameters / one backbone and head: T for scratch). Red.: `redundancy` (share of free
-    weights; summary.parquet, else the last task's `free_share`), 0 for scratch (no weight is left unused)."""
+    final `width_multiplier` (parameter multiplier) for the weight-sharing methods, else clrun's `expansion`
+    (stored parameters / one backbone and head: T for scratch). Red.: `redundancy` (share of free weights),
+    0 for scratch (no weight is left unused)."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.parquet"
     if not summary_path.is_file():
         raise ReproduceError(f"no finished run in {run_dir} (summary.parquet missing)")
     summary = pd.read_parquet(summary_path)
     accuracy = pd.read_parquet(run_dir / "accuracy.parquet")
-    tasks = pd.read_parquet(run_dir / "tasks.parquet") if (run_dir / "tasks.parquet").is_file() else None
     n_tasks = int(summary["n_tasks"].iloc[0])
     final = accuracy[accuracy["train_task"] == n_tasks - 1].sort_values("eval_task")
     row = {f"task{j + 1}": 100 * acc for j, acc in zip(final["eval_task"], final["accuracy"], strict=True)}
@@ -210,12 +209,8 @@ def measured_row(run_dir: Path) -> dict:
 
     exp, source = _last(summary, "width_multiplier"), "width_multiplier"
     if math.isnan(exp):
-        exp = _last(tasks, "width_multiplier")
-    if math.isnan(exp):
         exp, source = _last(summary, "expansion"), "expansion"
     red = _last(summary, "redundancy")
-    if math.isnan(red):
-        red = _last(tasks, "free_share")
     if math.isnan(red) and summary["method"].iloc[0] == "scratch":
         red = 0.0
     row.update(exp=exp, red=red, exp_source=source, n_tasks=n_tasks, run_id=str(summary["run_id"].iloc[0]))

@@ -134,10 +134,8 @@ class Run:
 
         accuracy_table = pd.DataFrame(accuracy_rows)
         R = results.accuracy_matrix(accuracy_table, len(stream))
-        metrics = {
-            "n_tasks": len(stream),
-            **results.summarize(R, method.footprint(), sum(r["wall_s"] for r in task_rows)),
-        }
+        wall_s = sum(row["wall_s"] for row in task_rows)
+        metrics = {"n_tasks": len(stream), **results.summarize(R, method.footprint(), wall_s), **method.summary()}
         summary = {**self.labels, "clrun_version": version("clrun"), **metrics}
         results.write_parquet(pd.DataFrame([summary]), self.run_dir / results.SUMMARY_FILE)
         results.save_plots(R, names, self.run_dir, self.run_id)

@@ -128,7 +128,7 @@ def test_comparison_of_fake_runs_gives_the_differences(tmp_path):
         ),
         # only in tasks.parquet (the last task's row)
         "pae": _fake_run(
-            tmp_path / "pae", "pae", list(ref["pae"] - 0.01), {}, {"width_multiplier": 2.0, "free_share": 0.1}
+            tmp_path / "pae", "pae", list(ref["pae"] - 0.01), {"width_multiplier": 2.0, "redundancy": 0.1}
         ),
         # neither: expansion, and scratch's redundancy is 0
         "scratch": _fake_run(tmp_path / "scratch", "scratch", list(ref["scratch"]), {"expansion": 3.0}),

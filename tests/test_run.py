@@ -120,6 +120,15 @@ def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, monkeypatch, metho
     np.testing.assert_array_equal(matrix(tmp_path / "resumed"), matrix(uninterrupted))
 
 
+def test_weight_sharing_summary_has_redundancy_and_width(tmp_path):
+    recipe = [f"method.{phase}.{key}" for phase in ("train", "retrain") for key in ("epochs=1", "batch_size=32")]
+    summary, run_dir = run(tmp_path, *TINY, "method=packnet", "stream.n_tasks=2", *recipe)
+    table = pd.read_parquet(run_dir / results.SUMMARY_FILE).iloc[0]
+    assert table["width_multiplier"] == 1.0
+    assert table["redundancy"] == pytest.approx(0.6 * 0.6, abs=0.01)  # task 2 releases 0.6 of the 0.6 task 1 freed
+    assert table["bwt"] == 0.0
+
+
 def test_cpu_run_is_reproducible(tmp_path):
     _, first = run(tmp_path, *TINY, "stream.n_tasks=2", name="a")
     _, second = run(tmp_path, *TINY, "stream.n_tasks=2", name="b")

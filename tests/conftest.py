@@ -3,10 +3,15 @@
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from rich.console import Console
 
 import clrun.cli  # noqa: F401  (registers the schemas and the run-name resolver)
+from clrun import results
+from clrun.run import Run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
@@ -24,3 +29,32 @@ def needs_shared(*parts: str) -> pytest.MarkDecorator:
     if not present and os.environ.get("CI") == "true":
         raise RuntimeError(f"CI needs the real data at {SHARED_DATA.joinpath(*parts)}")
     return pytest.mark.skipif(not present, reason=f"needs {SHARED_DATA.joinpath(*parts)}")
+
+
+def run(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
+    """Execute a run in-process in `tmp_path / name`; return its summary row and folder."""
+    run_dir = tmp_path / name
+    return Run(compose_config(*overrides), run_dir, Console(quiet=True)).execute(), run_dir
+
+
+def matrix(run_dir: Path) -> np.ndarray:
+    """The accuracy matrix a run folder holds."""
+    table = pd.read_parquet(run_dir / results.ACCURACY_FILE)
+    return results.accuracy_matrix(table, table["train_task"].max() + 1)
+
+
+def run_interrupted_then_resumed(tmp_path: Path, *overrides: str, after_tasks: int = 2) -> Path:
+    """Stop a run right after the checkpoint of `after_tasks` tasks (as Ctrl-C would), run it again to the end,
+    and return its folder."""
+    save = Run._checkpoint
+
+    def save_then_stop(self, method, accuracy_rows, task_rows):
+        save(self, method, accuracy_rows, task_rows)
+        if len(task_rows) == after_tasks:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Run, "_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, *overrides, name="resumed")
+    return run(tmp_path, *overrides, name="resumed")[1]

@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
-from rich.console import Console
+from conftest import compose_config, matrix, run, run_interrupted_then_resumed
 
 from clrun import results
 from clrun.data import build_stream, prepare
@@ -17,7 +16,6 @@ from clrun.hardware import resolve_hardware
 from clrun.methods.cpg import CPG, _Phase, cubic_sparsity, forced_sparsity
 from clrun.methods.goals import load_goals
 from clrun.models.sharing import shared_layers
-from clrun.run import Run
 
 # a tiny recipe: MLP 3072 -> 100 -> 100, 160 images per task, 1 epoch per phase, two sparsity steps
 TINY = [
@@ -311,45 +309,25 @@ def test_goals_from_a_run_on_another_stream_or_too_short_are_refused(tmp_path):
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------------
-def run(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
-    run_dir = tmp_path / name
-    summary = Run(compose_config(*TINY, *overrides), run_dir, Console(quiet=True)).execute()
-    return summary, run_dir
-
-
-def matrix(run_dir: Path) -> np.ndarray:
-    table = pd.read_parquet(run_dir / results.ACCURACY_FILE)
-    return results.accuracy_matrix(table, table["train_task"].max() + 1)
 
 
 def test_resume_with_grown_widths_gives_the_same_matrix_and_bwt_is_zero(tmp_path, monkeypatch):
     goals = write_goals(tmp_path, {"1": "0.0", "2": "1.0", "3": "0.0"})
     overrides = ["method=cpg", "stream.n_tasks=3", f"method.goals={goals}", "method.train.epochs=2"]
-    summary, uninterrupted = run(tmp_path, *overrides, name="full")
+    summary, uninterrupted = run(tmp_path, *TINY, *overrides, name="full")
     assert summary["bwt"] == 0.0 and summary["forgetting"] == 0.0
     tasks = pd.read_parquet(uninterrupted / results.TASKS_FILE)
     assert list(tasks["width_multiplier"]) == [1.0, 1.5, 1.5]
     assert {"sparsity", "owned_share", "free_share", "picked_share", "goal", "growths"} <= set(tasks.columns)
 
-    save = Run._checkpoint
-
-    def save_then_stop(self, method, accuracy_rows, task_rows):
-        save(self, method, accuracy_rows, task_rows)
-        if len(task_rows) == 2:  # after the grown task
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Run, "_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, *overrides, name="resumed")
-    monkeypatch.undo()
-    run(tmp_path, *overrides, name="resumed")
+    run_interrupted_then_resumed(tmp_path, *TINY, *overrides)
     np.testing.assert_array_equal(matrix(tmp_path / "resumed"), matrix(uninterrupted))
     resumed_tasks = pd.read_parquet(tmp_path / "resumed" / results.TASKS_FILE)
     assert list(resumed_tasks["sparsity"]) == list(tasks["sparsity"])
 
 
 def test_pae_end_to_end_never_forgets(tmp_path):
-    summary, run_dir = run(tmp_path, "method=pae", "stream.n_tasks=3", "method.goals=0.0")
+    summary, run_dir = run(tmp_path, *TINY, "method=pae", "stream.n_tasks=3", "method.goals=0.0")
     R = matrix(run_dir)
     for j in range(3):
         assert (R[j:, j] == R[j, j]).all()

@@ -1,16 +1,14 @@
 """PackNet and Piggyback: frozen earlier tasks, pruning schedule, mask threshold, storage, resume."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, matrix, run, run_interrupted_then_resumed
 from hydra.utils import get_class
 from omegaconf import OmegaConf
-from rich.console import Console
 
 from clrun import results
 from clrun.data import build_stream, prepare
@@ -18,7 +16,7 @@ from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
 from clrun.methods.packnet import prune_fraction
 from clrun.models.sharing import shared_layers
-from clrun.run import CHECKPOINT, Run
+from clrun.run import CHECKPOINT
 
 TINY = [
     "hardware=cpu",
@@ -65,16 +63,6 @@ def build(*overrides: str):
     torch.manual_seed(cfg.seed)
     stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
     return get_class(cfg.method._target_)(cfg.method, cfg.backbone, stream, hw), stream
-
-
-def run(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
-    run_dir = tmp_path / name
-    return Run(compose_config(*overrides), run_dir, Console(quiet=True)).execute(), run_dir
-
-
-def matrix(run_dir: Path) -> np.ndarray:
-    table = pd.read_parquet(run_dir / results.ACCURACY_FILE)
-    return results.accuracy_matrix(table, table["train_task"].max() + 1)
 
 
 def probe(stream) -> list[torch.Tensor]:
@@ -124,18 +112,7 @@ def test_run_learns_with_zero_bwt(tmp_path, name):
 def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, monkeypatch, name):
     overrides = [*TINY, *RECIPES[name], "stream.augment=true"]
     _, uninterrupted = run(tmp_path, *overrides, name="full")
-    save = Run._checkpoint
-
-    def save_then_stop(self, method, accuracy_rows, task_rows):
-        save(self, method, accuracy_rows, task_rows)
-        if len(task_rows) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Run, "_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, *overrides, name="resumed")
-    monkeypatch.undo()
-    run(tmp_path, *overrides, name="resumed")
+    run_interrupted_then_resumed(tmp_path, *overrides)
     np.testing.assert_array_equal(matrix(tmp_path / "resumed"), matrix(uninterrupted))
     figures = ["sparsity" if name == "packnet" else "picked_share", "owned_share", "free_share", "params", "model_mb"]
     resumed, full = (pd.read_parquet(d / results.TASKS_FILE)[figures] for d in (tmp_path / "resumed", uninterrupted))

@@ -10,12 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SHARED_DATA, compose_config, needs_shared
-from rich.console import Console
+from conftest import SHARED_DATA, matrix, needs_shared, run, run_interrupted_then_resumed
 
 from clrun import results
 from clrun.errors import ClrunError
-from clrun.run import CHECKPOINT, Run
+from clrun.run import CHECKPOINT
 
 CLRUN = [sys.executable, "-c", "from clrun.cli import main; main()"]
 TINY = [
@@ -26,17 +25,6 @@ TINY = [
     "method.train.epochs=1",
     "method.train.batch_size=32",
 ]
-
-
-def run(tmp_path: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
-    run_dir = tmp_path / name
-    summary = Run(compose_config(*overrides), run_dir, Console(quiet=True)).execute()
-    return summary, run_dir
-
-
-def matrix(run_dir: Path) -> np.ndarray:
-    table = pd.read_parquet(run_dir / results.ACCURACY_FILE)
-    return results.accuracy_matrix(table, table["train_task"].max() + 1)
 
 
 def clrun(cwd: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -105,18 +93,7 @@ def test_interrupted_run_resumes_to_the_same_matrix(tmp_path, monkeypatch, metho
         overrides.append("method.reinit=false")  # state carries over between tasks
     _, uninterrupted = run(tmp_path, *overrides, name="full")
 
-    save = Run._checkpoint
-
-    def save_then_stop(self, method, accuracy_rows, task_rows):
-        save(self, method, accuracy_rows, task_rows)
-        if len(task_rows) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Run, "_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, *overrides, name="resumed")
-    monkeypatch.undo()
-    run(tmp_path, *overrides, name="resumed")
+    run_interrupted_then_resumed(tmp_path, *overrides)
     np.testing.assert_array_equal(matrix(tmp_path / "resumed"), matrix(uninterrupted))
 
 

@@ -13,7 +13,7 @@ from clrun import results
 from clrun.data import build_stream, prepare
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
-from clrun.methods.cpg import CPG, _Phase, cubic_sparsity, forced_sparsity
+from clrun.methods.cpg import CPG, cubic_sparsity, forced_sparsity
 from clrun.methods.goals import load_goals
 from clrun.models.sharing import shared_layers
 
@@ -189,7 +189,7 @@ def test_retrain_pass_is_kept_only_when_an_epoch_beats_the_reset_masks():
     )
     method.learn(method.stream.tasks[0], None)
     task = method.stream.tasks[1]
-    method._train(task, None, _Phase())
+    method._train(task, None, [])
     with torch.no_grad():
         for pick in method.net.picks():
             pick.uniform_(0.0, 0.02)  # picks learned in the training phase, different from mask_init
@@ -200,16 +200,16 @@ def test_retrain_pass_is_kept_only_when_an_epoch_beats_the_reset_masks():
         method.current_accuracy = lambda task, split: next(it)
 
     scripted([0.5, 0.4, 0.45])  # reset baseline 0.5, then no epoch beats it: patience 2 stops after 2 epochs
-    phase = _Phase()
+    phase = []
     assert method._retrain(task, None, 0.7, phase) == (False, 0.7)
-    assert phase.epochs == 2
+    assert sum(row["epochs"] for row in phase) == 2
     after = method._state()
     assert all(torch.equal(before[k], after[k]) for k in before)  # everything restored, picks included
 
     scripted([0.5, 0.6, 0.55, 0.58])  # epoch 1 beats the baseline; patience 2 ends after epoch 3
-    phase = _Phase()
+    phase = []
     assert method._retrain(task, None, 0.7, phase) == (True, 0.6)
-    assert phase.epochs == 3
+    assert sum(row["epochs"] for row in phase) == 3
     assert not all(torch.equal(before[k], method._state()[k]) for k in before)
 
 

@@ -58,7 +58,6 @@ Deviations from the official code (each is also noted where it happens):
 """
 
 import copy
-from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
@@ -66,7 +65,7 @@ from omegaconf import OmegaConf
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
 from clrun.methods.goals import load_goals
-from clrun.methods.sharing import WeightSharingMethod
+from clrun.methods.sharing import WeightSharingMethod, phase_totals
 from clrun.models.sharing import SharedNet
 
 
@@ -82,16 +81,6 @@ def forced_sparsity(remaining_tasks: int) -> float:
     Rounded to 6 decimals so that the target 0.3 counts as reaching 1 - 0.7 (CPG's float compare does not).
     """
     return round(1.0 - round(1.0 / (remaining_tasks + 1), 1), 6)
-
-
-@dataclass
-class _Phase:
-    """Epochs, seconds and images one kind of phase used for a task, over all of its runs."""
-
-    epochs: int = 0
-    seconds: float = 0.0
-    images: int = 0
-    loss: float = float("nan")  # mean loss of the last epoch of the last run
 
 
 def _check_config(cfg) -> None:
@@ -147,7 +136,7 @@ class CPG(WeightSharingMethod):
     # ---- the recipe ------------------------------------------------------------------
     def learn(self, task: Task, progress) -> dict:
         cfg, tag = self.cfg, task.index + 1
-        phases = {"train": _Phase(), "prune": _Phase(), "retrain": _Phase()}
+        phases: dict[str, list[dict]] = {"train": [], "prune": [], "retrain": []}  # train_phase rows per phase
 
         # 1-2. train; widen and train again while the goal is missed and the width allows
         start = self.snapshot() if self.goals is not None and not self._at_max() else None
@@ -182,15 +171,11 @@ class CPG(WeightSharingMethod):
         else:
             picked_share = picked / earlier if cfg.picking else 1.0  # PAE uses every earlier weight
 
-        seconds = sum(p.seconds for p in phases.values())
-        images = sum(p.images for p in phases.values())
         return {
-            "epochs": sum(p.epochs for p in phases.values()),
-            "train_s": seconds,
-            "images_per_s": images / seconds if seconds > 0 else float("nan"),
-            "train_loss": phases["train"].loss,
-            **{f"{name}_phase_epochs": p.epochs for name, p in phases.items()},  # over all growth attempts
-            **{f"{name}_phase_s": p.seconds for name, p in phases.items()},
+            **phase_totals([row for rows in phases.values() for row in rows]),
+            "train_loss": phases["train"][-1]["train_loss"],
+            **{f"{name}_phase_epochs": phase_totals(rows)["epochs"] for name, rows in phases.items()},  # all attempts
+            **{f"{name}_phase_s": phase_totals(rows)["train_s"] for name, rows in phases.items()},
             **shares,
             "picked_share": picked_share,
             "growths": growths,
@@ -207,7 +192,7 @@ class CPG(WeightSharingMethod):
         return self.net.multiplier >= self.cfg.max_multiplier - 1e-9
 
     # ---- phases ----------------------------------------------------------------------
-    def _train(self, task: Task, progress, phase: _Phase) -> tuple[float, float]:
+    def _train(self, task: Task, progress, phase: list[dict]) -> tuple[float, float]:
         """Step 1: give the free weights to the task, train; return (final-epoch train acc, test acc)."""
         cfg, tag = self.cfg, task.index + 1
         picking = cfg.picking and task.index > 0
@@ -233,7 +218,7 @@ class CPG(WeightSharingMethod):
         self.net = self.hw.prepare_model(net)  # device and memory format for the new tensors
 
     def _compact(
-        self, task: Task, progress, acc: float, goal: float, below_goal: bool, phase: _Phase
+        self, task: Task, progress, acc: float, goal: float, below_goal: bool, phase: list[dict]
     ) -> tuple[float, float, float, int]:
         """Step 3: gradual pruning; return (kept sparsity, least sparsity or NaN, its accuracy, steps run)."""
         cfg, tag = self.cfg, task.index + 1
@@ -261,7 +246,9 @@ class CPG(WeightSharingMethod):
             self._restore(kept_state, tag)
         return kept, least, kept_acc, steps
 
-    def _prune_step(self, task: Task, progress, initial: float, target: float, phase: _Phase) -> tuple[float, float]:
+    def _prune_step(
+        self, task: Task, progress, initial: float, target: float, phase: list[dict]
+    ) -> tuple[float, float]:
         """One sparsity step from `initial` to `target`; return (final-epoch train acc, test acc)."""
         cfg, tag = self.cfg, task.index + 1
         steps_per_epoch = -(-len(task.train) // cfg.prune_train.batch_size)
@@ -279,7 +266,7 @@ class CPG(WeightSharingMethod):
         train_acc = self._fit(task, cfg.prune_train, progress, label, phase, after_step=after_step)
         return train_acc, self.current_accuracy(task, task.test)
 
-    def _retrain(self, task: Task, progress, acc: float, phase: _Phase) -> tuple[bool, float]:
+    def _retrain(self, task: Task, progress, acc: float, phase: list[dict]) -> tuple[bool, float]:
         """Step 4: CPG's picking-mask retrain pass; return (whether it was kept, the kept accuracy)."""
         cfg, tag = self.cfg, task.index + 1
         before = self._state()
@@ -302,13 +289,10 @@ class CPG(WeightSharingMethod):
         return (False, acc) if best is None else (True, best_acc)
 
     # ---- helpers ---------------------------------------------------------------------
-    def _fit(self, task: Task, train_cfg, progress, label: str, phase: _Phase, **options) -> float:
-        """`train_phase`, adding its epochs, images and seconds to `phase`; returns the last epoch's train accuracy."""
+    def _fit(self, task: Task, train_cfg, progress, label: str, phase: list[dict], **options) -> float:
+        """`train_phase`, keeping its row in `phase`; returns the last epoch's train accuracy."""
         row = self.train_phase(task, train_cfg, progress, label, **options)
-        phase.epochs += row["epochs"]
-        phase.images += row["epochs"] * len(task.train)
-        phase.seconds += row["train_s"]
-        phase.loss = row["train_loss"]
+        phase.append(row)
         return row["train_acc"]
 
     def _state(self) -> dict[str, torch.Tensor]:

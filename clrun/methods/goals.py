@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from clrun.errors import ClrunError
+from clrun.results import ACCURACY_FILE
 
 KEY = "method.goals"
 
@@ -78,9 +79,9 @@ def _from_json(path: Path, names: list[str]) -> list[float]:
 
 def _from_run(folder: Path, names: list[str]) -> list[float]:
     where = f"{KEY}={folder}"
-    path = folder / "accuracy.parquet"
+    path = folder / ACCURACY_FILE
     if not path.is_file():
-        raise ClrunError(f"{where}: a run folder must hold accuracy.parquet (a clrun run's results)")
+        raise ClrunError(f"{where}: a run folder must hold {ACCURACY_FILE} (a clrun run's results)")
     try:
         table = pd.read_parquet(path, columns=["train_task", "eval_task", "eval_task_name", "accuracy"])
     except Exception as error:  # pyarrow raises several types for a damaged or foreign file

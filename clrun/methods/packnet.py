@@ -12,7 +12,7 @@ import math
 from clrun.config import PruneSchedule
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
-from clrun.methods.sharing import WeightSharingMethod
+from clrun.methods.sharing import WeightSharingMethod, phase_totals
 
 
 def prune_fraction(cfg, index: int, n_tasks: int) -> float:
@@ -27,23 +27,6 @@ def prune_fraction(cfg, index: int, n_tasks: int) -> float:
     if cfg.prune_schedule == PruneSchedule.equal_share:
         return 1.0 - 1.0 / (n_tasks - index)
     return float(cfg.prune)
-
-
-def merge_phases(*rows: dict) -> dict:
-    """One tasks.parquet row from the `FitStats.row()` of several phases of one task.
-
-    Epochs and seconds add up, throughput is over all phases, `train_loss` is the first phase's
-    last-epoch loss and `retrain_loss` the second's (NaN when there was none).
-    """
-    seconds = sum(row["train_s"] for row in rows)
-    images = sum(row["images_per_s"] * row["train_s"] for row in rows if row["train_s"] > 0)
-    return {
-        "epochs": sum(row["epochs"] for row in rows),
-        "train_s": seconds,
-        "images_per_s": images / seconds if seconds > 0 else float("nan"),
-        "train_loss": rows[0]["train_loss"],
-        "retrain_loss": rows[1]["train_loss"] if len(rows) > 1 else float("nan"),
-    }
 
 
 class PackNet(WeightSharingMethod):
@@ -67,7 +50,9 @@ class PackNet(WeightSharingMethod):
         self.net.end_task(tag)
         released = claimed - int(self.net.owner_counts()[tag])
         return {
-            **merge_phases(*rows),
+            **phase_totals(rows),
+            "train_loss": rows[0]["train_loss"],
+            "retrain_loss": rows[1]["train_loss"] if len(rows) > 1 else math.nan,
             "prune": fraction,  # the fraction asked for
             "sparsity": released / claimed if claimed else math.nan,  # the fraction of claimed weights released
             **self.shares(tag),

@@ -20,6 +20,17 @@ from clrun.models.sharing import SharedNet
 from clrun.train import accuracy, fit
 
 
+def phase_totals(rows: list[dict]) -> dict:
+    """Epochs, seconds and images/s over several training phases of one task (their `train_phase` rows)."""
+    seconds = sum(row["train_s"] for row in rows)
+    images = sum(row["images_per_s"] * row["train_s"] for row in rows if row["train_s"] > 0)
+    return {
+        "epochs": sum(row["epochs"] for row in rows),
+        "train_s": seconds,
+        "images_per_s": images / seconds if seconds > 0 else float("nan"),
+    }
+
+
 class FrozenBatchNorm(nn.Module):
     """Wraps a network for `fit`, whose `module.train()` would switch batch norm to batch statistics:
     here every batch-norm layer stays in eval mode (running statistics used, never updated)."""

@@ -18,28 +18,23 @@ Prints the ratio masked/dense (target: at most 1.2x) and writes benchmarks/resul
 """
 
 import argparse
-import datetime
-import json
 import os
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
-from throughput import host_kind
+from throughput import auto_hardware, host_kind, write_record
 
-from clrun.config import BackboneConfig, Device, HardwareConfig, Precision
-from clrun.hardware import resolve_hardware
+from clrun.config import BackboneConfig
 from clrun.models import TaskModel, build_backbone
 from clrun.models.sharing import SharedNet
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (3, 32, 32)
 N_CLASSES = 5
 WEIGHT_DECAY = 4e-5  # CPG's CIFAR recipe
@@ -149,8 +144,7 @@ def main() -> None:
     args = parser.parse_args()
     seconds, min_steps = (2.0, 2) if args.quick else (10.0, 3)  # per backbone and batch size, the three kinds together
 
-    hw_cfg = OmegaConf.structured(HardwareConfig(name="auto", device=Device.auto, precision=Precision.auto))
-    hw = resolve_hardware(hw_cfg)
+    hw = auto_hardware()
     console = Console(width=None if sys.stdout.isatty() else 120)  # logs get the table unsqueezed
     console.print(f"host: {host_kind()}  device: {hw.device}  autocast: {hw.autocast_dtype}  torch {torch.__version__}")
 
@@ -180,19 +174,13 @@ def main() -> None:
         )
     console.print(table)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"masking-{host_kind()}-{datetime.date.today().isoformat()}.json"
-    record = {
-        "host": host_kind(),
-        "device": str(hw.device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+    fields = {
         "load_average": os.getloadavg(),  # other processes' load (1, 5, 15 min) when the timings ended
         "quick": args.quick,
         "target_ratio": TARGET,
         "rows": rows,
     }
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_record("masking-", hw, fields)
     console.print(f"wrote {out}")
 
 

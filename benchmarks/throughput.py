@@ -50,6 +50,28 @@ def host_kind() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def auto_hardware():
+    """The `hardware=auto` settings (the GPU path where CUDA is available, else the CPU path)."""
+    return resolve_hardware(
+        OmegaConf.structured(HardwareConfig(name="auto", device=Device.auto, precision=Precision.auto))
+    )
+
+
+def write_record(prefix: str, hw, fields: dict) -> Path:
+    """Write benchmarks/results/<prefix><host>-<date>.json: the machine's description and `fields`."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{prefix}{host_kind()}-{datetime.date.today().isoformat()}.json"
+    record = {
+        "host": host_kind(),
+        "device": str(hw.device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **fields,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
 def timed(step, seconds: float, hw) -> tuple[int, float]:
     """Run `step()` (returns images done) for about `seconds` after one warm-up call; return images, seconds."""
     step()
@@ -161,9 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     seconds = 1.0 if args.quick else 4.0
 
-    hw = resolve_hardware(
-        OmegaConf.structured(HardwareConfig(name="auto", device=Device.auto, precision=Precision.auto))
-    )
+    hw = auto_hardware()
     console = Console()
     console.print(f"host: {host_kind()}  device: {hw.device}  autocast: {hw.autocast_dtype}  torch {torch.__version__}")
 
@@ -194,18 +214,7 @@ def main() -> None:
     table.add_row("ratio", f"{data['speedup']:.1f}x")
     console.print(table)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{host_kind()}-{datetime.date.today().isoformat()}.json"
-    record = {
-        "host": host_kind(),
-        "device": str(hw.device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "quick": args.quick,
-        "backbones": backbones,
-        "data_path": data,
-    }
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_record("", hw, {"quick": args.quick, "backbones": backbones, "data_path": data})
     console.print(f"wrote {out}")
 
 

@@ -49,6 +49,7 @@ class TrainConfig(OptimizerConfig):
 
     epochs: int = 2
     batch_size: int = 128
+    iterations: Optional[int] = None  # train exactly this many steps instead (epochs then follow from it)
 
 
 @dataclass
@@ -64,6 +65,119 @@ class MethodConfig:
 @dataclass
 class JointConfig(MethodConfig):
     reinit: bool = True  # start each task's joint training from a fresh model
+
+
+class TaskId(Enum):
+    """How a method with per-task parts finds the task of an input when the scenario gives no task id."""
+
+    none = "none"  # it does not: the method runs in the task scenario only
+    confidence = "confidence"  # the task whose head gives the highest softmax probability
+    entropy = "entropy"  # the task whose head gives the lowest softmax entropy
+
+
+@dataclass
+class PerTaskMethodConfig(MethodConfig):
+    """A method with per-task parts (a head, mask or model per task): task-incremental unless `task_id` is set."""
+
+    task_id: TaskId = TaskId.none
+
+
+class ReplayPolicy(Enum):
+    reservoir = "reservoir"  # every training image seen so far has the same chance to be in memory
+    class_balanced = "class_balanced"  # the budget is split equally over the classes seen so far
+
+
+@dataclass
+class ReplayConfig:
+    """A replay memory of at most `budget` training images (0: no replay), mixed into every batch."""
+
+    budget: int = 0
+    policy: ReplayPolicy = ReplayPolicy.class_balanced
+    batch_size: Optional[int] = None  # replayed images per batch (null: the training batch size)
+
+
+@dataclass
+class ERConfig(MethodConfig):
+    """Experience replay: fine-tuning with a replay memory (van de Ven's ER: loss 1/t current + (1-1/t) replay)."""
+
+    replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(budget=1000))
+
+
+@dataclass
+class EWCConfig(MethodConfig):
+    """EWC (Kirkpatrick et al. 2017): one Fisher penalty per earlier task; `online`: one running Fisher."""
+
+    ewc_lambda: float = 1e4  # penalty weight lambda in (lambda / 2) sum_i F_i (theta_i - theta*_i)^2
+    online: bool = False  # online EWC (Schwarz et al. 2018): F <- gamma F + F_t, anchored at the last task
+    gamma: float = 1.0  # online only: decay of the running Fisher
+    fisher_samples: Optional[int] = None  # training images the Fisher is estimated on (null: all of the task's)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+@dataclass
+class SIConfig(MethodConfig):
+    """Synaptic intelligence (Zenke et al. 2017): importance from each weight's path integral of the loss."""
+
+    si_c: float = 1.0  # penalty weight c
+    epsilon: float = 0.1  # damping xi in omega = W / (delta^2 + xi)
+
+
+@dataclass
+class MASConfig(MethodConfig):
+    """Memory aware synapses (Aljundi et al. 2018): importance = mean |gradient of the squared output norm|."""
+
+    mas_lambda: float = 1.0
+    importance_samples: Optional[int] = None  # training images the importance is estimated on (null: all)
+
+
+@dataclass
+class LwFConfig(MethodConfig):
+    """Learning without forgetting (Li & Hoiem 2016): distil a frozen copy's outputs on the new data."""
+
+    temperature: float = 2.0
+    lwf_lambda: float = 1.0  # weight of the distillation loss
+    warmup_epochs: int = 0  # first train only the new head for this many epochs (the paper's warm-up)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+class HNTarget(Enum):
+    heads = "heads"  # the hypernetwork generates each task's head; the backbone is shared and trained
+    all = "all"  # the hypernetwork generates every weight of backbone and head
+
+
+@dataclass
+class HNConfig(PerTaskMethodConfig):
+    """Task-conditioned hypernetwork (von Oswald et al. 2020) with the output regulariser on earlier embeddings."""
+
+    target: HNTarget = HNTarget.all
+    embedding_dim: int = 32
+    hidden: list[int] = field(default_factory=lambda: [100, 100])  # hypernetwork hidden units
+    beta: float = 0.01  # output regulariser weight
+    chunk_size: int = 0  # generate the target weights in chunks of this size with chunk embeddings (0: at once)
+    chunk_embedding_dim: int = 32
+
+
+class KDForm(Enum):
+    paper = "paper"  # mean over earlier tasks of KL(teacher || student)
+    code = "code"  # pah2025/PAH: sum over earlier tasks of KL(student || teacher) x T^2
+
+
+@dataclass
+class PAHConfig(PerTaskMethodConfig):
+    """Prototype-augmented hypernetworks (De La Fuente et al. 2025): heads generated from class prototypes."""
+
+    prototype_size: int = 10  # prototypes are prototype_size x prototype_size maps
+    prototype_channels: int = 1
+    semantic_init: bool = True  # initialise each prototype from a real training image of its class
+    hyper_hidden: int = 16
+    hyper_layers: int = 1
+    lambda_sm: float = 0.5  # distillation of earlier tasks' generated heads on current images
+    lambda_sp: float = 1.0  # distillation on earlier tasks' prototypes (the prototype step)
+    temperature: float = 2.0
+    kd: KDForm = KDForm.paper
+    prototype_lr: float = 1e-3
+    hyper_lr: float = 1e-3
+    backbone_lr: float = 1e-4
 
 
 class PruneSchedule(Enum):
@@ -91,7 +205,7 @@ _CPG_TRAIN = dict(
 
 
 @dataclass
-class PackNetConfig(MethodConfig):
+class PackNetConfig(PerTaskMethodConfig):
     """PackNet as in CPG's CIFAR-100 port (experiment1/PackNet_cifar100.sh)."""
 
     train: TrainConfig = field(default_factory=lambda: _train(**_CPG_TRAIN))
@@ -104,7 +218,7 @@ class PackNetConfig(MethodConfig):
 
 
 @dataclass
-class PiggybackConfig(MethodConfig):
+class PiggybackConfig(PerTaskMethodConfig):
     """Piggyback: task 1 trains the backbone, later tasks learn binary masks over it (arunmallya/piggyback)."""
 
     train: TrainConfig = field(default_factory=lambda: _train(**_CPG_TRAIN))  # task 1's backbone training
@@ -125,7 +239,7 @@ class PiggybackConfig(MethodConfig):
 
 
 @dataclass
-class CPGConfig(MethodConfig):
+class CPGConfig(PerTaskMethodConfig):
     """CPG (ivclab/CPG experiment1/CPG_cifar100_scratch_mul_1.5.sh); PAE is this with picking off and max 2.0."""
 
     train: TrainConfig = field(default_factory=lambda: _train(**_CPG_TRAIN))
@@ -177,6 +291,12 @@ class SplitRule(Enum):
     rotation = "rotation"  # every task all classes, a fixed rotation each
 
 
+# The three scenarios of van de Ven & Tolias (2019); `class` is a keyword, hence the functional form.
+Scenario = Enum("Scenario", [("task", "task"), ("class", "class"), ("domain", "domain")])
+Scenario.__doc__ = """task: task id given at test, a head per task; class: one head over every class seen so far,
+no task id; domain: one shared head over the tasks' common labels, no task id."""
+
+
 class Dataset(Enum):
     synthetic = "synthetic"
     mnist = "mnist"
@@ -189,6 +309,7 @@ class StreamConfig:
     name: str = MISSING
     dataset: Dataset = MISSING
     split: SplitRule = SplitRule.contiguous
+    scenario: Scenario = Scenario.task
     n_tasks: int = 5
     classes_per_task: int = 2
     split_seed: Optional[int] = None  # seed of class order / permutations / subsets (null: the run's seed)
@@ -253,12 +374,26 @@ class Config:
 RANGES = [
     ("method.train.epochs", lambda v: v >= 1, "at least 1"),
     ("method.train.batch_size", lambda v: v >= 1, "at least 1"),
+    ("method.train.iterations", lambda v: v is None or v >= 1, "null or at least 1"),
     ("method.train.lr", lambda v: v > 0, "positive"),
     ("method.train.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("method.train.weight_decay", lambda v: v >= 0, "non-negative"),
     ("method.train.gamma", lambda v: v > 0, "positive"),
     ("method.train.gammas", lambda v: all(g >= 0 for g in v), "a list of non-negative factors"),
     ("method.eval_batch_size", lambda v: v >= 1, "at least 1"),
+    # method-specific keys (absent from other methods' configs: None passes)
+    ("method.replay.budget", lambda v: v is None or v >= 0, "non-negative (0: no replay)"),
+    ("method.replay.batch_size", lambda v: v is None or v >= 1, "null or at least 1"),
+    ("method.ewc_lambda", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.gamma", lambda v: v is None or 0 < v <= 1, "in (0, 1]"),
+    ("method.fisher_samples", lambda v: v is None or v >= 1, "null or at least 1"),
+    ("method.si_c", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.epsilon", lambda v: v is None or v > 0, "positive"),
+    ("method.mas_lambda", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.temperature", lambda v: v is None or v > 0, "positive"),
+    ("method.lwf_lambda", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.beta", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.prototype_size", lambda v: v is None or v >= 1, "at least 1"),
     ("backbone.width", lambda v: v > 0, "positive"),
     ("stream.n_tasks", lambda v: v >= 1, "at least 1"),
     ("stream.classes_per_task", lambda v: v >= 1, "at least 1"),
@@ -296,6 +431,14 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(name="method_schema", node=MethodConfig)
     cs.store(name="joint_method_schema", node=JointConfig)
+    cs.store(name="per_task_method_schema", node=PerTaskMethodConfig)
+    cs.store(name="er_method_schema", node=ERConfig)
+    cs.store(name="ewc_method_schema", node=EWCConfig)
+    cs.store(name="si_method_schema", node=SIConfig)
+    cs.store(name="mas_method_schema", node=MASConfig)
+    cs.store(name="lwf_method_schema", node=LwFConfig)
+    cs.store(name="hn_method_schema", node=HNConfig)
+    cs.store(name="pah_method_schema", node=PAHConfig)
     cs.store(name="packnet_method_schema", node=PackNetConfig)
     cs.store(name="piggyback_method_schema", node=PiggybackConfig)
     cs.store(name="cpg_method_schema", node=CPGConfig)

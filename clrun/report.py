@@ -14,11 +14,11 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from clrun.results import ACCURACY_FILE, SUMMARY_FILE, write_parquet
+from clrun.results import ACCURACY_FILE, PERCENT, SUMMARY_FILE, matrix_rows, write_parquet
 
-GROUP = ["method", "stream", "backbone", "config_id"]
-COLUMNS = ["acc", "bwt", "forgetting", "transfer_vs_scratch", "expansion", "model_mb", "wall_s"]
-PERCENT = {"acc", "bwt", "forgetting", "transfer_vs_scratch"}
+GROUP = ["method", "stream", "scenario", "backbone", "config_id"]
+COLUMNS = ["acc", "bwt", "forgetting", "task_aware_acc", "task_id_acc", "transfer_vs_scratch"]
+COLUMNS += ["expansion", "model_mb", "wall_s"]
 
 
 def load_runs(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -34,6 +34,7 @@ def load_runs(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 def transfer_vs_scratch(summaries: pd.DataFrame, accuracy: pd.DataFrame) -> pd.Series:
     """Per run: mean_j (R[j, j] - scratch_j), scratch_j the `scratch` R[j, j] with the same stream, backbone
     and seed (the mean over such scratch runs if there are several); NaN where there is none."""
+    accuracy = pd.concat([matrix_rows(rows) for _, rows in accuracy.groupby("run_id")], ignore_index=True)
     diagonal = accuracy[accuracy["train_task"] == accuracy["eval_task"]]
     keys = ["stream", "backbone", "seed", "eval_task"]
     scratch = diagonal[diagonal["method"] == "scratch"].groupby(keys)[["accuracy"]].mean()
@@ -49,7 +50,7 @@ def transfer_vs_scratch(summaries: pd.DataFrame, accuracy: pd.DataFrame) -> pd.S
 def aggregate(summaries: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds of each metric, per config (method, stream, backbone, config_id)."""
     grouped = summaries.groupby(GROUP)
-    table = grouped[COLUMNS].agg(["mean", "std"])
+    table = grouped[[c for c in COLUMNS if c in summaries]].agg(["mean", "std"])
     table[("seeds", "n")] = grouped.size()
     return table.reset_index()
 
@@ -58,6 +59,8 @@ LABELS = {
     "acc": "ACC %",
     "bwt": "BWT %",
     "forgetting": "forgetting %",
+    "task_aware_acc": "task-aware ACC %",
+    "task_id_acc": "task id right %",
     "transfer_vs_scratch": "vs scratch %",
     "expansion": "expansion",
     "model_mb": "model MB",
@@ -67,13 +70,13 @@ LABELS = {
 
 def print_table(console: Console, table: pd.DataFrame) -> None:
     """Print one table per stream and backbone: a column per method, a row per metric (mean±std over seeds)."""
-    for (stream, backbone), rows in table.groupby([("stream", ""), ("backbone", "")]):
-        view = Table(title=f"{stream} / {backbone}: mean±std over seeds")
+    for (stream, scenario, backbone), rows in table.groupby([("stream", ""), ("scenario", ""), ("backbone", "")]):
+        view = Table(title=f"{stream} ({scenario} scenario) / {backbone}: mean±std over seeds")
         view.add_column("metric")
         for _, row in rows.iterrows():
             name = f"{row[('method', '')]} {row[('config_id', '')][:4]}"
             view.add_column(f"{name} ({row[('seeds', 'n')]} seeds)", justify="right")
-        for column in COLUMNS:
+        for column in [c for c in COLUMNS if (c, "mean") in rows]:
             scale = 100 if column in PERCENT else 1
             cells = []
             for _, row in rows.iterrows():

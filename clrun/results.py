@@ -50,18 +50,47 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
-def accuracy_matrix(accuracy: pd.DataFrame, n_tasks: int) -> np.ndarray:
-    """The T x T matrix R[train_task, eval_task] from the long-form table; NaN where not measured."""
+# summary columns that are fractions, shown as percentages
+PERCENT = {"acc", "bwt", "fwt", "forgetting", "lower_triangle_acc", "task_id_acc", "task_aware_acc", "task_aware_bwt"}
+PERCENT |= {"task_aware_forgetting", "transfer_vs_scratch"}
+TASK_AWARE = "task_aware"  # eval_mode of rows measured with the task id given
+TASK_AGNOSTIC = "task_agnostic"  # eval_mode of rows measured without it (class and domain scenarios)
+BEFORE_TRAINING = -1  # train_task of the rows measured before the first task (domain scenario: FWT's b_j)
+
+
+def matrix_rows(accuracy: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
+    """The rows of one accuracy matrix: measured after a task, in `mode` (default: the run's headline
+    matrix, task-agnostic where it was measured, else task-aware)."""
+    if "eval_mode" not in accuracy:  # a table written by hand, one matrix
+        return accuracy[accuracy["train_task"] >= 0]
+    if mode is None:
+        mode = TASK_AGNOSTIC if (accuracy["eval_mode"] == TASK_AGNOSTIC).any() else TASK_AWARE
+    return accuracy[(accuracy["train_task"] >= 0) & (accuracy["eval_mode"] == mode)]
+
+
+def accuracy_matrix(accuracy: pd.DataFrame, n_tasks: int, mode: str | None = None) -> np.ndarray:
+    """The T x T matrix R[train_task, eval_task] of `matrix_rows(accuracy, mode)`; NaN where not measured."""
+    rows = matrix_rows(accuracy, mode)
     R = np.full((n_tasks, n_tasks), np.nan)
-    R[accuracy["train_task"].to_numpy(), accuracy["eval_task"].to_numpy()] = accuracy["accuracy"].to_numpy()
+    R[rows["train_task"].to_numpy(), rows["eval_task"].to_numpy()] = rows["accuracy"].to_numpy()
     return R
 
 
-def summarize(R: np.ndarray, footprint: Footprint, wall_s: float) -> dict:
-    """The summary metrics of a finished run (definitions in `clrun.metrics`)."""
-    # Multi-head task-incremental runs never measure R[j-1, j] (no head before task j is learned),
-    # so FWT is NaN whatever the initial accuracies b_j; they are left unmeasured (NaN) here.
-    initial = np.full(len(R), np.nan)
+def initial_accuracy(accuracy: pd.DataFrame, n_tasks: int) -> np.ndarray:
+    """b_j, each task's accuracy before the first task was learned; NaN where not measured.
+
+    Only the domain scenario measures it (a shared head exists before any task);
+    multi-head runs never measure R[j-1, j] either, so their FWT is NaN whatever b_j.
+    """
+    b = np.full(n_tasks, np.nan)
+    rows = accuracy[accuracy["train_task"] == BEFORE_TRAINING]
+    b[rows["eval_task"].to_numpy()] = rows["accuracy"].to_numpy()
+    return b
+
+
+def summarize(R: np.ndarray, footprint: Footprint, wall_s: float, initial: np.ndarray | None = None) -> dict:
+    """The summary metrics of a finished run (definitions in `clrun.metrics`); `initial` holds FWT's b_j."""
+    initial = np.full(len(R), np.nan) if initial is None else initial
     return {
         "acc": metrics.acc(R),
         "bwt": metrics.bwt(R),
@@ -73,6 +102,24 @@ def summarize(R: np.ndarray, footprint: Footprint, wall_s: float) -> dict:
         "model_mb": metrics.model_mb(footprint.bytes),
         "wall_s": wall_s,
     }
+
+
+def second_matrix_metrics(accuracy: pd.DataFrame, n_tasks: int) -> dict:
+    """Class scenario: the task-aware matrix's acc, BWT and forgetting beside the headline task-agnostic
+    ones; and, where the task was inferred, `task_id_acc`: the final model's mean share of right tasks."""
+    extra = {}
+    if "eval_mode" in accuracy and (accuracy["eval_mode"] == TASK_AGNOSTIC).any():
+        final = matrix_rows(accuracy)
+        final = final[final["train_task"] == final["train_task"].max()]
+        if final["task_id_accuracy"].notna().any():
+            extra["task_id_acc"] = float(final["task_id_accuracy"].mean())
+        if (accuracy["eval_mode"] == TASK_AWARE).any():
+            R = accuracy_matrix(accuracy, n_tasks, TASK_AWARE)
+            extra |= {
+                f"task_aware_{name}": f(R)
+                for name, f in [("acc", metrics.acc), ("bwt", metrics.bwt), ("forgetting", metrics.forgetting)]
+            }
+    return extra
 
 
 def save_plots(R: np.ndarray, names: list[str], run_dir: Path, title: str) -> None:
@@ -133,7 +180,7 @@ def print_report(console: Console, R: np.ndarray, names: list[str], summary: dic
 def _format(key: str, value) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "n/a"
-    if key in ("acc", "bwt", "fwt", "forgetting", "lower_triangle_acc"):
+    if key in PERCENT:
         return f"{value * 100:.2f}"
     if isinstance(value, float):
         return f"{value:.2f}"

@@ -19,7 +19,7 @@ from clrun.config import check_config
 from clrun.data import build_stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
-from clrun.train import accuracy, make_progress
+from clrun.train import accuracy, agnostic_accuracy, make_progress
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
@@ -57,6 +57,7 @@ class Run:
             "method": cfg.method.name,
             "stream": cfg.stream.name,
             "backbone": cfg.backbone.name,
+            "scenario": cfg.stream.scenario.value,
             "seed": cfg.seed,
             "config_id": config_id(cfg),
         }
@@ -77,19 +78,15 @@ class Run:
 
     def _execute(self) -> dict:
         cfg = self.cfg
+        method_class = self._method_class()
         hw = resolve_hardware(cfg.hardware)
         torch.manual_seed(cfg.seed)
         stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
-        try:
-            method_class = get_class(cfg.method._target_)
-        except Exception as error:
-            raise ClrunError(
-                f"method._target_={cfg.method._target_} cannot be imported; "
-                "it must name a method class such as clrun.methods.finetune.Finetune"
-            ) from error
         method = method_class(cfg.method, cfg.backbone, stream, hw)
         accuracy_rows, task_rows = self._resume(method)
         names = [task.name for task in stream.tasks]
+        if not task_rows and stream.scenario == "domain" and method.predicts_before_learning:
+            accuracy_rows += self._evaluate(method, stream, hw, results.BEFORE_TRAINING)
 
         remaining = stream.tasks[len(task_rows) :]
         if task_rows:
@@ -103,20 +100,7 @@ class Run:
             for task in remaining:
                 start = time.perf_counter()
                 stats = method.learn(task, progress)
-                for j in range(task.index + 1):
-                    acc = accuracy(
-                        partial(method.predict, task=j), stream.tasks[j].test, stream, hw, cfg.method.eval_batch_size
-                    )
-                    accuracy_rows.append(
-                        {
-                            **self.labels,
-                            "train_task": task.index,
-                            "eval_task": j,
-                            "eval_task_name": names[j],
-                            "accuracy": acc,
-                            "n_samples": len(stream.tasks[j].test),
-                        }
-                    )
+                accuracy_rows += self._evaluate(method, stream, hw, task.index)
                 footprint = method.footprint()
                 task_rows.append(
                     {
@@ -134,13 +118,69 @@ class Run:
 
         accuracy_table = pd.DataFrame(accuracy_rows)
         R = results.accuracy_matrix(accuracy_table, len(stream))
+        initial = results.initial_accuracy(accuracy_table, len(stream))
         wall_s = sum(row["wall_s"] for row in task_rows)
-        metrics = {"n_tasks": len(stream), **results.summarize(R, method.footprint(), wall_s), **method.summary()}
+        metrics = {
+            "n_tasks": len(stream),
+            **results.summarize(R, method.footprint(), wall_s, initial),
+            **results.second_matrix_metrics(accuracy_table, len(stream)),
+            **method.summary(),
+        }
         summary = {**self.labels, "clrun_version": version("clrun"), **metrics}
         results.write_parquet(pd.DataFrame([summary]), self.run_dir / results.SUMMARY_FILE)
         results.save_plots(R, names, self.run_dir, self.run_id)
         results.print_report(self.console, R, names, metrics, self.run_dir)
         return summary
+
+    def _method_class(self) -> type:
+        """The configured method's class, once the stream's scenario is known to be one it supports."""
+        cfg = self.cfg
+        try:
+            method_class = get_class(cfg.method._target_)
+        except Exception as error:
+            raise ClrunError(
+                f"method._target_={cfg.method._target_} cannot be imported; "
+                "it must name a method class such as clrun.methods.finetune.Finetune"
+            ) from error
+        supported = method_class.supported_scenarios(cfg.method)
+        scenario = cfg.stream.scenario.value
+        if scenario not in supported:
+            hint = "" if "task_id" not in cfg.method else "; method.task_id=confidence|entropy adds class and domain"
+            raise ClrunError(
+                f"method {cfg.method.name} does not support stream.scenario={scenario}; "
+                f"it supports {', '.join(supported)}{hint}"
+            )
+        return method_class
+
+    def _evaluate(self, method, stream, hw, train_task: int) -> list[dict]:
+        """Accuracy rows after learning tasks 0..train_task (-1: before the first task).
+
+        task scenario: each task seen, task id given. class: each task seen without the task id
+        and again with it (`eval_mode`). domain: every task of the stream (future ones too, for FWT),
+        without the task id.
+        """
+        batch_size = self.cfg.method.eval_batch_size
+        seen = train_task + 1
+        evaluated = stream.tasks if stream.scenario == "domain" else stream.tasks[:seen]
+        rows = []
+        for task in evaluated:
+            row = {
+                **self.labels,
+                "train_task": train_task,
+                "eval_task": task.index,
+                "eval_task_name": task.name,
+                "n_samples": len(task.test),
+            }
+            if stream.scenario != "task":
+                predict = partial(method.predict_agnostic, seen=seen)
+                acc, task_id_acc = agnostic_accuracy(predict, task.test, stream, hw, batch_size, task.index)
+                rows.append(
+                    {**row, "eval_mode": results.TASK_AGNOSTIC, "accuracy": acc, "task_id_accuracy": task_id_acc}
+                )
+            if stream.scenario != "domain":
+                acc = accuracy(partial(method.predict, task=task.index), task.test, stream, hw, batch_size)
+                rows.append({**row, "eval_mode": results.TASK_AWARE, "accuracy": acc, "task_id_accuracy": float("nan")})
+        return rows
 
     def _resume(self, method) -> tuple[list[dict], list[dict]]:
         """Load the checkpoint into `method` and the RNG; return the result rows so far."""

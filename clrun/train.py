@@ -88,7 +88,8 @@ def fit(
     after_step: Callable[[int], None] | None = None,
     after_epoch: Callable[[int], bool] | None = None,
 ) -> FitStats:
-    """Train `params` of `module` for `cfg.epochs` on `tensors` (uint8 images first).
+    """Train `params` of `module` for `cfg.epochs` on `tensors` (uint8 images first), or for exactly
+    `cfg.iterations` steps when that is set (the last epoch then stops part way).
 
     Each batch's images are augmented and normalised on the device; `loss_fn`
     receives the float images followed by the batch's other tensors.
@@ -105,16 +106,20 @@ def fit(
     ]
     n = len(tensors[0])
     steps_per_epoch = -(-n // cfg.batch_size)
+    iterations = cfg.get("iterations")
+    epochs = -(-iterations // steps_per_epoch) if iterations else cfg.epochs
+    total_steps = iterations or epochs * steps_per_epoch
     bar = None
     if progress is not None:
-        bar = progress.add_task(
-            label, total=cfg.epochs * steps_per_epoch, epoch=f"0/{cfg.epochs}", loss=float("nan"), ips=0.0
-        )
+        bar = progress.add_task(label, total=total_steps, epoch=f"0/{epochs}", loss=float("nan"), ips=0.0)
     module.train()
     start, images, mean_loss, step, epochs_done = time.perf_counter(), 0, float("nan"), 0, 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         loss_sum = torch.zeros((), device=hw.device)
+        seen = 0
         for batch in iterate(tensors, cfg.batch_size, shuffle=True):
+            if step == total_steps:
+                break
             x = hw.to_input(prepare(batch[0], stream.mean, stream.std, stream.augment))
             with hw.autocast():
                 loss = loss_fn(x, *batch[1:])
@@ -129,19 +134,26 @@ def fit(
             if after_step is not None:
                 after_step(step)
             loss_sum += loss.detach().float() * len(x)
+            seen += len(x)
             if bar is not None:
                 progress.advance(bar)
         for schedule in schedules:
             schedule.step()
-        images += n
-        mean_loss = loss_sum.item() / n
+        images += seen
+        mean_loss = loss_sum.item() / seen
         if bar is not None:
             ips = images / (time.perf_counter() - start)
-            progress.update(bar, epoch=f"{epoch + 1}/{cfg.epochs}", loss=mean_loss, ips=ips)
+            progress.update(bar, epoch=f"{epoch + 1}/{epochs}", loss=mean_loss, ips=ips)
         epochs_done = epoch + 1
         if after_epoch is not None and after_epoch(epochs_done):
             break
     return FitStats(epochs=epochs_done, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
+
+
+def _test_batches(split: Split, stream: Stream, hw: Hardware, batch_size: int):
+    """(prepared images, labels) of a split in order, without augmentation."""
+    for x, y in iterate((split.x, split.y), batch_size, shuffle=False):
+        yield hw.to_input(prepare(x, stream.mean, stream.std, augment=False)), y
 
 
 @torch.inference_mode()
@@ -150,8 +162,33 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy of `predict` (float images -> logits) on a split."""
     correct = torch.zeros((), dtype=torch.long, device=split.y.device)
-    for x, y in iterate((split.x, split.y), batch_size, shuffle=False):
+    for x, y in _test_batches(split, stream, hw, batch_size):
         with hw.autocast():
-            logits = predict(hw.to_input(prepare(x, stream.mean, stream.std, augment=False)))
+            logits = predict(x)
         correct += (logits.argmax(1) == y).sum()
     return correct.item() / len(split)
+
+
+@torch.inference_mode()
+def agnostic_accuracy(
+    predict: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    split: Split,
+    stream: Stream,
+    hw: Hardware,
+    batch_size: int,
+    task: int,
+) -> tuple[float, float]:
+    """Top-1 accuracy on task `task`'s split of a prediction made without its task id (labels as
+    `stream.targets` gives them), and the share of images whose inferred task was `task` (NaN when
+    `predict` infers none)."""
+    correct = torch.zeros((), dtype=torch.long, device=split.y.device)
+    right_task = torch.zeros((), dtype=torch.long, device=split.y.device)
+    inferring = False
+    for x, y in _test_batches(split, stream, hw, batch_size):
+        with hw.autocast():
+            logits, inferred = predict(x)
+        correct += (logits.argmax(1) == stream.targets(y, task)).sum()
+        if inferred is not None:
+            inferring = True
+            right_task += (inferred == task).sum()
+    return correct.item() / len(split), right_task.item() / len(split) if inferring else float("nan")

@@ -10,8 +10,8 @@ from clrun.config import HardwareConfig
 from clrun.data import build_stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
+from clrun.methods.base import mixed_task_loss
 from clrun.methods.finetune import Finetune
-from clrun.methods.joint import joint_loss
 from clrun.train import make_optimizer, make_schedule
 
 TINY = ["hardware=cpu", "backbone=mlp", "stream.train_per_task=64", "stream.test_per_task=32", "stream.n_tasks=2"]
@@ -95,7 +95,7 @@ def test_finetune_leaves_earlier_heads_untouched():
     assert any(not torch.equal(b, a) for b, a in zip(backbone, method.model.backbone.parameters(), strict=True))
 
 
-def test_joint_loss_routes_each_sample_to_its_own_head():
+def test_mixed_task_loss_routes_each_sample_to_its_own_head():
     method, stream = make_method(Finetune)
     model = method.model
     model.add_head(2)
@@ -104,4 +104,4 @@ def test_joint_loss_routes_each_sample_to_its_own_head():
     y = torch.tensor([0, 1, 2, 0, 1, 1])
     t = torch.tensor([1, 0, 1, 1, 0, 0])
     expected = sum(F.cross_entropy(model(x[i : i + 1], int(t[i])), y[i : i + 1]) for i in range(6)) / 6
-    assert joint_loss(model, 2)(x, y, t).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert mixed_task_loss(model, stream, 2)(x, y, t).item() == pytest.approx(expected.item(), rel=1e-5)

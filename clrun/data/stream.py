@@ -37,7 +37,8 @@ class Task:
 
 @dataclass
 class Stream:
-    """An ordered list of tasks sharing one input shape and one normalisation."""
+    """An ordered list of tasks sharing one input shape and one normalisation, and the scenario they are
+    learned in: `task`, `class` or `domain` (see `clrun.config.Scenario`)."""
 
     name: str
     tasks: list[Task]
@@ -45,6 +46,20 @@ class Stream:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool
+    scenario: str = "task"
 
     def __len__(self) -> int:
         return len(self.tasks)
+
+    def class_offset(self, task: int) -> int:
+        """Where task `task`'s classes start in the class scenario's one growing head."""
+        return sum(t.n_classes for t in self.tasks[:task])
+
+    def targets(self, y: torch.Tensor, task: torch.Tensor | int) -> torch.Tensor:
+        """The labels the scenario's output expects: local labels, shifted by the task's offset in `class`."""
+        if self.scenario != "class":
+            return y
+        if isinstance(task, int):
+            return y + self.class_offset(task)
+        offsets = torch.tensor([self.class_offset(k) for k in range(len(self.tasks))], device=y.device)
+        return y + offsets[task]

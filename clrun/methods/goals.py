@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from clrun.errors import ClrunError
-from clrun.results import ACCURACY_FILE
+from clrun.results import ACCURACY_FILE, matrix_rows
 
 KEY = "method.goals"
 
@@ -83,9 +83,10 @@ def _from_run(folder: Path, names: list[str]) -> list[float]:
     if not path.is_file():
         raise ClrunError(f"{where}: a run folder must hold {ACCURACY_FILE} (a clrun run's results)")
     try:
-        table = pd.read_parquet(path, columns=["train_task", "eval_task", "eval_task_name", "accuracy"])
+        table = pd.read_parquet(path)
     except Exception as error:  # pyarrow raises several types for a damaged or foreign file
         raise ClrunError(f"{where}: cannot read {path.name} ({' '.join(str(error).split())})") from None
+    table = matrix_rows(table)
     diagonal = table[table["train_task"] == table["eval_task"]].drop_duplicates("eval_task", keep="last")
     diagonal = diagonal.set_index("eval_task")
     goals = []

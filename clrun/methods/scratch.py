@@ -1,5 +1,8 @@
 """Individual models: an independent backbone and head trained from scratch per task.
 
+Task scenario; the class and domain scenarios with `task_id` (the model whose
+head is most confident answers).
+
 The "individual models" baseline of CPG's Table 2 and the source of its
 accuracy goals: no forgetting and no transfer, at T times the parameters.
 """
@@ -14,9 +17,9 @@ class Scratch(Method):
         self.models = []
 
     def learn(self, task: Task, progress) -> dict:
-        model = self.new_model([task])
+        model = self.new_model([task], scenario="task")
         self.models.append(model)
-        return self.train_task(model, model.parameters(), 0, task, progress)
+        return self.train_task(model, model.parameters(), task, progress, index=0)
 
     def predict(self, x, task):
         model = self.models[task]
@@ -29,7 +32,7 @@ class Scratch(Method):
     def load_state_dict(self, state: dict) -> None:
         self.models = []
         for task, model_state in zip(self.stream.tasks, state["models"], strict=False):
-            model = self.new_model([task])
+            model = self.new_model([task], scenario="task")
             model.load_state_dict(model_state)
             self.models.append(model)
 

@@ -24,23 +24,50 @@ class MultiHead(nn.Module):
 
 
 class TaskModel(nn.Module):
-    """A backbone (exposing `out_features`) followed by per-task heads."""
+    """A backbone (exposing `out_features`) followed by output heads laid out for a scenario.
 
-    def __init__(self, backbone: nn.Module) -> None:
+    `task`: one head per task. `class`: one head per task too, concatenated into
+    the one head over every class seen so far (a linear layer that grows).
+    `domain`: one head shared by every task.
+    """
+
+    def __init__(self, backbone: nn.Module, scenario: str = "task") -> None:
         super().__init__()
         self.backbone = backbone
         self.heads = MultiHead()
+        self.scenario = scenario
 
     def add_head(self, n_classes: int) -> int:
-        """Add a head for a new task, on the backbone's device; return its task index."""
+        """Add the output units of a new task, on the backbone's device; return the task's head index
+        (domain: the shared head, created on the first call only)."""
+        if self.scenario == "domain" and len(self.heads.heads):
+            return 0
         task = self.heads.add(self.backbone.out_features, n_classes)
         self.heads.heads[task].to(next(self.backbone.parameters()).device)
         return task
+
+    def trainable(self, task: int) -> list[nn.Parameter]:
+        """What learning task `task` trains: the backbone and the task's own head in the task scenario
+        (earlier heads stay untouched by weight decay and momentum, methods.md §0.4), everything otherwise."""
+        if self.scenario == "task":
+            return list(self.backbone.parameters()) + list(self.heads.heads[task].parameters())
+        return list(self.parameters())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features, (N, out_features)."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        """Logits of task `task` for inputs `x`."""
-        return self.heads(self.backbone(x), task)
+    def logits(self, features: torch.Tensor, task: int | None) -> torch.Tensor:
+        """Logits from backbone features: of task `task`'s classes when it is given (domain: the shared
+        head), else the scenario's task-agnostic output (class: every head concatenated; domain: shared)."""
+        if self.scenario == "domain":
+            return self.heads(features, 0)
+        if task is not None:
+            return self.heads(features, task)
+        if self.scenario == "task":
+            raise ValueError("the task scenario has no task-agnostic output: give a task")
+        return torch.cat([head(features) for head in self.heads.heads], dim=1)
+
+    def forward(self, x: torch.Tensor, task: int | None) -> torch.Tensor:
+        """`logits` of inputs `x`."""
+        return self.logits(self.backbone(x), task)

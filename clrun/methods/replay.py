@@ -1,0 +1,110 @@
+"""A replay memory (the "memory module" of a continual learner) and the loss that mixes it into training.
+
+The memory holds at most `budget` training images of earlier tasks (uint8, on
+the run's device) with their labels and task indices. It is filled after each
+task: `reservoir` keeps every image seen so far with the same probability;
+`class_balanced` splits the budget equally over every (task, class) seen, the
+larger classes giving up images when a task adds classes. Batches mix the
+current task and the memory as van de Ven et al. do: loss = (1/t) current +
+(1 - 1/t) replay, t the number of tasks so far.
+"""
+
+from dataclasses import replace
+
+import torch
+
+from clrun.data import prepare
+from clrun.data.stream import Stream, Task
+from clrun.hardware import Hardware
+from clrun.methods.base import Footprint, mixed_task_loss
+from clrun.models import TaskModel
+
+
+class Memory:
+    """At most `budget` stored images with labels `y` (local to their task) and task indices `t`."""
+
+    def __init__(self, budget: int, policy: str):
+        self.budget = budget
+        self.policy = policy
+        self.x = self.y = self.t = None
+        self.seen = 0  # training images offered so far (the reservoir's count)
+
+    def __len__(self) -> int:
+        return 0 if self.y is None else len(self.y)
+
+    def add(self, task: Task) -> None:
+        """Offer the task's training images to the memory (draws from torch's global RNG)."""
+        x, y = task.train.x, task.train.y
+        t = torch.full_like(y, task.index)
+        if self.policy == "reservoir":
+            self._reservoir(x, y, t)
+        else:
+            self._balance(x, y, t)
+
+    def _reservoir(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        order = torch.randperm(len(y)).to(y.device)
+        x, y, t = x[order], y[order], t[order]
+        free = max(0, min(self.budget - len(self), len(y)))
+        if free:
+            self._store(x[:free], y[:free], t[:free])
+        counts = self.seen + free + torch.arange(1, len(y) - free + 1)  # images seen when each later one arrives
+        slots = (torch.rand(len(counts)) * counts).long()  # uniform in [0, count): kept if below the budget
+        for i, slot in zip(
+            torch.nonzero(slots < self.budget).squeeze(1).tolist(), slots[slots < self.budget].tolist(), strict=True
+        ):
+            self.x[slot], self.y[slot], self.t[slot] = x[free + i], y[free + i], t[free + i]
+        self.seen += len(y)
+
+    def _balance(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        order = torch.randperm(len(y)).to(y.device)
+        x, y, t = x[order], y[order], t[order]
+        if len(self):
+            x, y, t = torch.cat([self.x, x]), torch.cat([self.y, y]), torch.cat([self.t, t])
+        classes = sorted(set(zip(t.tolist(), y.tolist(), strict=True)))
+        quota = [self.budget // len(classes) + (k < self.budget % len(classes)) for k in range(len(classes))]
+        keep = []
+        for (task, label), n in zip(classes, quota, strict=True):
+            keep.append(torch.nonzero((t == task) & (y == label)).squeeze(1)[:n])  # stored images first
+        keep = torch.cat(keep)
+        self.x = self.y = self.t = None
+        self._store(x[keep], y[keep], t[keep])
+        self.seen += len(order)
+
+    def _store(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
+        if self.y is None:
+            self.x, self.y, self.t = x.clone(), y.clone(), t.clone()
+        else:
+            self.x, self.y, self.t = torch.cat([self.x, x]), torch.cat([self.y, y]), torch.cat([self.t, t])
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`n` stored (images, labels, tasks), drawn uniformly with replacement."""
+        index = torch.randint(len(self), (n,)).to(self.y.device)
+        return self.x[index], self.y[index], self.t[index]
+
+    def add_to(self, footprint: Footprint) -> Footprint:
+        """A method's footprint plus the stored images, labels and tasks (bytes, not parameters)."""
+        stored = sum(v.numel() * v.element_size() for v in (self.x, self.y, self.t) if v is not None)
+        return replace(footprint, bytes=footprint.bytes + stored)
+
+    def state_dict(self) -> dict:
+        return {"x": self.x, "y": self.y, "t": self.t, "seen": self.seen}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.seen = state["seen"]
+        self.x, self.y, self.t = (None if v is None else v.to(device) for v in (state["x"], state["y"], state["t"]))
+
+
+def with_replay(loss_fn, memory: Memory, model: TaskModel, stream: Stream, hw: Hardware, task: int, batch_size: int):
+    """`loss_fn` (a `fit` loss on task `task`'s batches) mixed with a replayed batch of `batch_size`:
+    (1/t) current + (1 - 1/t) replay, t = task + 1; `loss_fn` itself while the memory is empty."""
+    if not len(memory):
+        return loss_fn
+    replay_loss = mixed_task_loss(model, stream, task)
+    current_weight = 1 / (task + 1)
+
+    def loss(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        images, y, t = memory.sample(batch_size)
+        replayed = hw.to_input(prepare(images, stream.mean, stream.std, stream.augment))
+        return current_weight * loss_fn(x, *rest) + (1 - current_weight) * replay_loss(replayed, y, t)
+
+    return loss

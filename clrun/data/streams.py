@@ -68,13 +68,7 @@ def build_stream(cfg, root: str, download: bool, seed: int, device: torch.device
         if not len(train) or not len(test):
             raise ClrunError(f"stream {cfg.name}: task {name} has no {'training' if not len(train) else 'test'} images")
         tasks.append(Task(index, name, classes, train, test))
-    scenario = cfg.scenario.value
-    if scenario == "domain" and len({task.n_classes for task in tasks}) > 1:
-        raise ClrunError(
-            f"stream {cfg.name}: scenario domain needs the same number of classes in every task; "
-            "use stream.scenario=task or class"
-        )
-    return Stream(cfg.name, tasks, tuple(x_train.shape[1:]), mean, std, bool(cfg.augment), scenario)
+    return Stream(cfg.name, tasks, tuple(x_train.shape[1:]), mean, std, bool(cfg.augment), cfg.scenario.value)
 
 
 def _load(cfg, kind: SplitRule, root: str, download: bool, seed: int):

@@ -7,7 +7,7 @@ SCALE ?= full
 # reproduce-table1 reads CIFAR-100 from DATA_ROOT (the folder holding cifar-100-python/); empty: $CLRUN_DATA, else ~/.cache/clrun/data
 DATA_ROOT ?=
 
-.PHONY: run test lint bench reproduce-table1 clean-outputs
+.PHONY: run test lint bench reproduce-table1 scenarios-mnist clean-outputs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ lint: $(STAMP)
 bench: $(STAMP)  ## throughput and masking-overhead benchmarks; JSON into benchmarks/results/
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/masking.py
+
+scenarios-mnist: $(STAMP)  ## every method in the task/domain/class scenarios of split and permuted MNIST vs van de Ven's numbers
+	$(BIN)/python benchmarks/scenarios_mnist.py $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 reproduce-table1: $(STAMP)  ## CPG's Table 1 (scratch, packnet, pae, cpg on cifar100_20 / vgg16_bn) vs the paper; SCALE=smoke: minutes on a CPU
 	$(BIN)/python benchmarks/reproduce_table1.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)

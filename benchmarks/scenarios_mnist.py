@@ -1,0 +1,108 @@
+"""Every method in the task, domain and class scenarios on van de Ven's split and permuted MNIST protocols.
+
+Runs the `conf/experiment/vdv_<protocol>_<scenario>` presets (per-method values from conf/tuning/) as one
+Hydra multirun per protocol, then prints each method's final average accuracy beside the published one
+(benchmarks/paper/vdv_mnist.csv: van de Ven & Tolias, "Generative replay with feedback connections",
+arXiv 1809.10635, Tables 3-4, the same protocol and code base) and writes
+benchmarks/results/scenarios-mnist-<label>-<date>.csv. Finished runs are not retrained.
+
+    python benchmarks/scenarios_mnist.py [--protocols split_mnist permuted_mnist] [--methods ...]
+        [--iterations N] [--n-tasks N] [--data-root DIR] [--seed N] [KEY=VALUE ...]
+
+`--iterations` and `--n-tasks` shorten the protocol (for a CPU); the label of the results file says so.
+"""
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import pandas as pd
+from reproduce_table1 import ReproduceError, default_data_root, run_clrun
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = Path(__file__).resolve().parent / "paper" / "vdv_mnist.csv"
+RESULTS = Path(__file__).resolve().parent / "results"
+SCENARIOS = ("task", "domain", "class")
+# per-task methods run in the domain and class scenarios with task_id=entropy (conf/tuning/)
+METHODS = ("finetune", "joint", "ewc", "online_ewc", "si", "mas", "lwf", "er", "scratch", "hn", "pah")
+COLUMNS = ["acc", "bwt", "forgetting", "task_aware_acc", "task_id_acc", "expansion", "wall_s"]
+
+
+def run_protocol(protocol: str, methods: list[str], runs_dir: Path, overrides: list[str], console: Console) -> float:
+    """One multirun: every method in every scenario of `protocol`; return its wall time."""
+    experiments = ",".join(f"vdv_{protocol}_{scenario}" for scenario in SCENARIOS)
+    folders = [f"hydra.sweep.dir={runs_dir}", "hydra.run.dir=" + str(runs_dir / "${clrun_run_name:}")]
+    return run_clrun(["-m", f"experiment={experiments}", f"method={','.join(methods)}", *overrides, *folders], console)
+
+
+def collect(runs_dir: Path) -> pd.DataFrame:
+    """The summary rows of the finished runs below `runs_dir`, with the published accuracy beside each."""
+    summaries = [pd.read_parquet(path) for path in sorted(runs_dir.rglob("summary.parquet"))]
+    if not summaries:
+        raise ReproduceError(f"no finished runs below {runs_dir}")
+    table = pd.concat(summaries, ignore_index=True).rename(columns={"stream": "protocol"})
+    paper = pd.read_csv(PAPER).rename(columns={"acc": "published_acc", "sem": "published_sem"})
+    table = table.merge(paper, on=["protocol", "scenario", "method"], how="left")
+    keep = ["protocol", "scenario", "method", "seed", "n_tasks", *COLUMNS, "published_acc", "published_sem"]
+    return table[[c for c in keep if c in table]]
+
+
+def show(table: pd.DataFrame, console: Console) -> None:
+    """A table per protocol: a row per method, per scenario the measured ACC (published ACC)."""
+    for protocol, rows in table.groupby("protocol"):
+        view = Table(title=f"{protocol}: final average accuracy %, measured (published)")
+        view.add_column("method")
+        for scenario in SCENARIOS:
+            view.add_column(scenario, justify="right")
+        for method in [m for m in METHODS if m in set(rows["method"])]:
+            cells = []
+            for scenario in SCENARIOS:
+                match = rows[(rows["method"] == method) & (rows["scenario"] == scenario)]
+                if match.empty:
+                    cells.append("")
+                    continue
+                row = match.iloc[0]
+                published = "" if pd.isna(row["published_acc"]) else f" ({row['published_acc']:.2f})"
+                cells.append(f"{row['acc'] * 100:.2f}{published}")
+            view.add_row(method, *cells)
+        console.print(view)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocols", nargs="+", default=["split_mnist", "permuted_mnist"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--iterations", type=int, help="iterations per task (default: the protocol's)")
+    parser.add_argument("--n-tasks", type=int, help="tasks of the stream (default: the protocol's)")
+    parser.add_argument("--data-root", default=default_data_root(), help="folder holding MNIST/raw")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = parser.parse_args()
+    console = Console()
+    label = "protocol"
+    overrides = [f"data.root={Path(args.data_root).expanduser().resolve()}", f"seed={args.seed}", *args.overrides]
+    if args.iterations:
+        overrides.append(f"method.train.iterations={args.iterations}")
+        label = f"{args.iterations}it"
+    if args.n_tasks:
+        overrides.append(f"stream.n_tasks={args.n_tasks}")
+        label += f"-{args.n_tasks}tasks"
+    runs_dir = ROOT / "outputs" / "bench" / f"scenarios-mnist-{label}"
+    try:
+        for protocol in args.protocols:
+            seconds = run_protocol(protocol, args.methods, runs_dir, overrides, console)
+            console.print(f"{protocol}: {seconds:.0f} s")
+        table = collect(runs_dir)
+    except ReproduceError as error:
+        sys.exit(f"scenarios_mnist: error: {error}")
+    show(table, console)
+    out = RESULTS / f"scenarios-mnist-{label}-{datetime.date.today()}.csv"
+    table.to_csv(out, index=False, float_format="%.4f")
+    console.print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

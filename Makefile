@@ -35,4 +35,4 @@ reproduce-table1: $(STAMP)  ## CPG's Table 1 (scratch, packnet, pae, cpg on cifa
 	$(BIN)/python benchmarks/reproduce_table1.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 clean-outputs:
-	rm -rf outputs/runs
+	rm -rf outputs/runs outputs/bench

@@ -48,7 +48,9 @@ class Memory:
         if free:
             self._store(x[:free], y[:free], t[:free])
         counts = self.seen + free + torch.arange(1, len(y) - free + 1)  # images seen when each later one arrives
-        slots = (torch.rand(len(counts)) * counts).long()  # uniform in [0, count): kept if below the budget
+        slots = (
+            torch.rand(len(counts), dtype=torch.float64) * counts
+        ).long()  # uniform in [0, count): kept if < budget
         for i, slot in zip(
             torch.nonzero(slots < self.budget).squeeze(1).tolist(), slots[slots < self.budget].tolist(), strict=True
         ):

@@ -1,0 +1,137 @@
+"""Learning without Forgetting (Li & Hoiem, ECCV 2016 / TPAMI 2017), in every scenario.
+
+Before each new task the model is copied into a frozen teacher (eval mode, no
+gradients). On every training batch the teacher runs on the same (augmented)
+images as the student, and the student is trained on
+
+    CE(current task) + lambda * KD,   KD(s, t) = -sum_c softmax(t / T)_c log softmax(s / T)_c
+
+(cross-entropy against the teacher's soft targets, averaged over the batch, no
+T^2 factor: Li & Hoiem's L_old and van de Ven's `loss_fn_kd`, methods.md §8).
+
+- task: one KD term per earlier head, each with its own softmax, summed (Li & Hoiem's
+  sum over old tasks; van de Ven 2022's `L_cur + (t-1) mean_j KD_j` is the same sum).
+  Every parameter trains, earlier heads included: they are what LwF distils into
+  (the paper optimises theta_s, theta_o and theta_n jointly).
+- class: CE over every class seen so far for the current data; KD (`kd_over_seen`, the
+  default: van de Ven's code, behind the published numbers) of the teacher's probabilities,
+  padded with zeros for the new classes, against the student's softmax over every class
+  seen so far (it also pushes the new classes down on the current data). With
+  `kd_over_seen=false`: both softmaxes over the old classes only (Li & Hoiem's old outputs).
+- domain: KD of the shared head, weight lambda (van de Ven 2022 weighs it by t-1).
+
+`warmup_epochs`: first train only the new head with the backbone and earlier heads
+frozen (the paper's warm-up; off by default as in FACIL). In the domain scenario
+that is the shared head.
+
+`replay` (budget > 0): a replay memory as in `er`; the current batch's whole LwF
+loss is mixed with the replayed batch's cross-entropy, (1/t) current + (1 - 1/t) replay.
+The teacher is re-created from the stored model before each task, so the footprint
+is the model plus the memory.
+"""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from clrun.data.stream import Task
+from clrun.methods.base import Footprint, SharedModelMethod
+from clrun.methods.replay import Memory, with_replay
+from clrun.models import TaskModel
+from clrun.train import FitStats, fit
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cross-entropy of the student's temperature-softmax against the teacher's, summed over classes,
+    averaged over the batch (no T^2 factor)."""
+    targets = F.softmax(teacher.float() / temperature, dim=1)
+    return -(targets * F.log_softmax(student.float() / temperature, dim=1)).sum(1).mean()
+
+
+class LwF(SharedModelMethod):
+    def __init__(self, cfg, backbone_cfg, stream, hw):
+        super().__init__(cfg, backbone_cfg, stream, hw)
+        self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
+
+    def make_teacher(self) -> TaskModel:
+        """A frozen copy of the current model, in eval mode."""
+        teacher = copy.deepcopy(self.model).eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    def lwf_loss(self, task: int, teacher: TaskModel | None):
+        """A `fit` loss on task `task`'s batches: cross-entropy under the scenario plus lambda times the
+        distillation of `teacher`'s outputs on the same images (none when `teacher` is None)."""
+        model, scenario, temperature = self.model, self.model.scenario, self.cfg.temperature
+        offset = self.stream.class_offset(task)
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            features = model.features(x)
+            if scenario == "task":
+                ce = F.cross_entropy(model.logits(features, task), y)
+            else:
+                logits = model.logits(features, None)
+                ce = F.cross_entropy(logits, self.stream.targets(y, task))
+            if teacher is None:
+                return ce
+            with torch.no_grad():
+                old = teacher.features(x)
+            if scenario == "task":
+                kd = sum(
+                    distillation(model.logits(features, j), teacher.logits(old, j), temperature) for j in range(task)
+                )
+            elif scenario == "class" and self.cfg.kd_over_seen:  # probability 0 for the new classes
+                padded = F.pad(teacher.logits(old, None), (0, logits.shape[1] - offset), value=-torch.inf)
+                kd = distillation(logits, padded, temperature)
+            elif scenario == "class":
+                kd = distillation(logits[:, :offset], teacher.logits(old, None), temperature)
+            else:
+                kd = distillation(logits, teacher.logits(old, None), temperature)
+            return ce + self.cfg.lwf_lambda * kd
+
+        return loss
+
+    def learn(self, task: Task, progress) -> dict:
+        teacher = self.make_teacher() if task.index else None
+        head = self.model.add_head(task.n_classes)
+        loss = with_replay(
+            self.lwf_loss(task.index, teacher),
+            self.memory,
+            self.model,
+            self.stream,
+            self.hw,
+            task.index,
+            self.cfg.replay.batch_size or self.cfg.train.batch_size,
+        )
+        stats = []
+        if teacher is not None and self.cfg.warmup_epochs:
+            # the new head alone, the backbone and earlier heads frozen (eval mode: batch-norm statistics too)
+            new_head = self.model.heads.heads[head]
+            self.model.eval()
+            warmup = OmegaConf.merge(self.cfg.train, {"epochs": self.cfg.warmup_epochs, "iterations": None})
+            stats.append(self._fit(new_head, new_head.parameters(), loss, task, warmup, progress, "warm-up"))
+        stats.append(self._fit(self.model, self.model.parameters(), loss, task, self.cfg.train, progress, ""))
+        if self.cfg.replay.budget:
+            self.memory.add(task)
+        return FitStats(
+            epochs=sum(s.epochs for s in stats),
+            images=sum(s.images for s in stats),
+            seconds=sum(s.seconds for s in stats),
+            loss=stats[-1].loss,
+        ).row()
+
+    def _fit(self, module, params, loss, task: Task, train, progress, phase: str) -> FitStats:
+        label = f"task {task.index} {task.name}" + (f" {phase}" if phase else "")
+        return fit(module, params, loss, (task.train.x, task.train.y), train, self.stream, self.hw, progress, label)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.memory.load_state_dict(state["memory"], self.hw.device)
+
+    def footprint(self) -> Footprint:
+        return self.memory.add_to(super().footprint())

@@ -107,7 +107,7 @@ class ERConfig(MethodConfig):
 class EWCConfig(MethodConfig):
     """EWC (Kirkpatrick et al. 2017): one Fisher penalty per earlier task; `online`: one running Fisher."""
 
-    ewc_lambda: float = 1e4  # penalty weight lambda in (lambda / 2) sum_i F_i (theta_i - theta*_i)^2
+    ewc_lambda: float = 1e7  # penalty weight lambda in (lambda / 2) sum_i F_i (theta_i - theta*_i)^2
     online: bool = False  # online EWC (Schwarz et al. 2018): F <- gamma F + F_t, anchored at the last task
     gamma: float = 1.0  # online only: decay of the running Fisher
     fisher_samples: Optional[int] = None  # training images the Fisher is estimated on (null: all of the task's)
@@ -120,6 +120,7 @@ class SIConfig(MethodConfig):
 
     si_c: float = 1.0  # penalty weight c
     epsilon: float = 0.1  # damping xi in omega = W / (delta^2 + xi)
+    task_gradient: bool = False  # path integral with the task loss's gradient (Zenke et al.'s code), not the total's
 
 
 @dataclass
@@ -134,10 +135,14 @@ class MASConfig(MethodConfig):
 class LwFConfig(MethodConfig):
     """Learning without forgetting (Li & Hoiem 2016): distil a frozen copy's outputs on the new data."""
 
-    temperature: float = 2.0
-    lwf_lambda: float = 1.0  # weight of the distillation loss
-    warmup_epochs: int = 0  # first train only the new head for this many epochs (the paper's warm-up)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    temperature: float = 2.0  # KD temperature T (Li & Hoiem, FACIL, van de Ven: 2)
+    lwf_lambda: float = 1.0  # weight of the distillation loss (Li & Hoiem's lambda_o, FACIL: 1)
+    warmup_epochs: int = 0  # first train only the new head for this many epochs (the paper's warm-up; 0: off)
+    # class scenario: the student's softmax spans every class seen so far, the teacher's probabilities zero-padded for
+    # the new classes (van de Ven's code, behind the published numbers); false: both softmaxes span the old classes
+    # only (Li & Hoiem's old outputs)
+    kd_over_seen: bool = True
+    replay: ReplayConfig = field(default_factory=ReplayConfig)  # budget 0: no replay
 
 
 class HNTarget(Enum):
@@ -147,14 +152,17 @@ class HNTarget(Enum):
 
 @dataclass
 class HNConfig(PerTaskMethodConfig):
-    """Task-conditioned hypernetwork (von Oswald et al. 2020) with the output regulariser on earlier embeddings."""
+    """Task-conditioned hypernetwork (von Oswald et al. 2020) with the output regulariser on earlier embeddings.
+
+    Defaults: chrhenning/hypercl's split-MNIST recipe (mnist/train_args_default.py); permuted MNIST in comments."""
 
     target: HNTarget = HNTarget.all
-    embedding_dim: int = 32
-    hidden: list[int] = field(default_factory=lambda: [100, 100])  # hypernetwork hidden units
-    beta: float = 0.01  # output regulariser weight
-    chunk_size: int = 0  # generate the target weights in chunks of this size with chunk embeddings (0: at once)
-    chunk_embedding_dim: int = 32
+    embedding_dim: int = 96  # task embedding size (hypercl: 96 split, 24 permuted)
+    hidden: list[int] = field(default_factory=lambda: [10, 10])  # hypernetwork hidden units, ReLU (hypercl: 10,10)
+    beta: float = 0.01  # output regulariser weight (hypercl: 0.01 split, 0.1 permuted)
+    lookahead: bool = True  # regularise at Theta + the optimizer's candidate step (hypercl's default dTheta)
+    chunk_size: int = 42000  # generate the target weights in chunks of this size (0: at once; hypercl: 42000 / 78000)
+    chunk_embedding_dim: int = 96  # size of the learned chunk embeddings (hypercl: 96 split, 8 permuted)
 
 
 class KDForm(Enum):
@@ -164,20 +172,21 @@ class KDForm(Enum):
 
 @dataclass
 class PAHConfig(PerTaskMethodConfig):
-    """Prototype-augmented hypernetworks (De La Fuente et al. 2025): heads generated from class prototypes."""
+    """Prototype-augmented hypernetworks (De La Fuente et al. 2025): heads generated from class prototypes.
 
-    prototype_size: int = 10  # prototypes are prototype_size x prototype_size maps
-    prototype_channels: int = 1
-    semantic_init: bool = True  # initialise each prototype from a real training image of its class
-    hyper_hidden: int = 16
-    hyper_layers: int = 1
-    lambda_sm: float = 0.5  # distillation of earlier tasks' generated heads on current images
-    lambda_sp: float = 1.0  # distillation on earlier tasks' prototypes (the prototype step)
-    temperature: float = 2.0
+    Defaults: pah2025/PAH config/hyper2d.py (its Split-MNIST config; methods.md §9)."""
+
+    prototype_size: int = 10  # prototypes are prototype_size x prototype_size maps (paper's best: 10)
+    prototype_channels: int = 1  # 1 (grey, repeated to the input's channels, as the code does) or the input's
+    semantic_init: bool = True  # initialise each prototype from a real training image of its class (else N(0.5, 0.1))
+    hyper_hidden: int = 16  # hypernetwork hidden units (code: 16)
+    hyper_layers: int = 1  # hidden-to-hidden layers after the first hidden layer (code: 1)
+    lambda_sm: float = 0.5  # distillation of earlier tasks' generated heads on current images (code's `stability`)
+    lambda_sp: float = 1.0  # distillation on earlier tasks' prototypes, the prototype step (code: 1)
+    temperature: float = 2.0  # KD temperature T (code: 2)
     kd: KDForm = KDForm.paper
-    prototype_lr: float = 1e-3
-    hyper_lr: float = 1e-3
-    backbone_lr: float = 1e-4
+    prototype_lr: float = 1e-3  # prototypes, both optimizers (code: 1e-3); the backbone's lr is train.lr (code: 1e-4)
+    hyper_lr: float = 1e-3  # hypernetwork (code: 1e-3)
 
 
 class PruneSchedule(Enum):
@@ -390,10 +399,23 @@ RANGES = [
     ("method.si_c", lambda v: v is None or v >= 0, "non-negative"),
     ("method.epsilon", lambda v: v is None or v > 0, "positive"),
     ("method.mas_lambda", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.importance_samples", lambda v: v is None or v >= 1, "null or at least 1"),
     ("method.temperature", lambda v: v is None or v > 0, "positive"),
     ("method.lwf_lambda", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.warmup_epochs", lambda v: v is None or v >= 0, "non-negative"),
     ("method.beta", lambda v: v is None or v >= 0, "non-negative"),
     ("method.prototype_size", lambda v: v is None or v >= 1, "at least 1"),
+    ("method.embedding_dim", lambda v: v is None or v >= 1, "at least 1"),
+    ("method.hidden", lambda v: v is None or all(h >= 1 for h in v), "a list of positive unit counts"),
+    ("method.chunk_size", lambda v: v is None or v >= 0, "non-negative (0: no chunking)"),
+    ("method.chunk_embedding_dim", lambda v: v is None or v >= 1, "at least 1"),
+    ("method.prototype_channels", lambda v: v is None or v >= 1, "at least 1"),
+    ("method.hyper_hidden", lambda v: v is None or v >= 1, "at least 1"),
+    ("method.hyper_layers", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.lambda_sm", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.lambda_sp", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.prototype_lr", lambda v: v is None or v > 0, "positive"),
+    ("method.hyper_lr", lambda v: v is None or v > 0, "positive"),
     ("backbone.width", lambda v: v > 0, "positive"),
     ("stream.n_tasks", lambda v: v >= 1, "at least 1"),
     ("stream.classes_per_task", lambda v: v >= 1, "at least 1"),

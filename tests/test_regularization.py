@@ -1,0 +1,276 @@
+"""EWC, online EWC, SI and MAS: importance estimates against hand computations, penalties, resume, real MNIST."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import SHARED_DATA, matrix, needs_shared, run, run_interrupted_then_resumed
+from test_train import make_method
+from torch import nn
+
+from clrun.methods.base import module_bytes
+from clrun.methods.ewc import EWC, log_probs_and_probs
+from clrun.methods.mas import MAS, squared_norm
+from clrun.methods.regularization import sample_mean
+from clrun.methods.si import SI
+from clrun.models.layers import Linear
+
+ITERS = ["hardware.threads=1", "method.train.iterations=3"]
+
+
+class Tiny(nn.Module):
+    """Linear 3 -> 4, in-place ReLU, linear 4 -> 3, with `forward(x, head)` like a TaskModel (head ignored)."""
+
+    def __init__(self, linear: type[nn.Linear]):
+        super().__init__()
+        self.hidden = linear(3, 4)
+        self.out = linear(4, 3)
+
+    def forward(self, x: torch.Tensor, head) -> torch.Tensor:
+        return self.out(F.relu(self.hidden(x), inplace=True))
+
+
+def tiny_pair() -> tuple[Tiny, Tiny, torch.Tensor]:
+    """The same tiny network twice: with clrun Linear layers (outer-product path) and torch.nn.Linear (torch.func
+    path); and 5 inputs."""
+    torch.manual_seed(0)
+    fast = Tiny(Linear)
+    generic = Tiny(nn.Linear)
+    generic.load_state_dict(fast.state_dict())
+    return fast, generic, torch.randn(5, 3)
+
+
+def fisher_by_loops(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """mean_x sum_c p(c|x) (d log p(c|x) / d theta)^2, one autograd call per sample and class."""
+    params = dict(model.named_parameters())
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for sample in x:
+        log_p = F.log_softmax(model(sample[None], None), dim=1)[0]
+        for c in range(len(log_p)):
+            grads = torch.autograd.grad(log_p[c], list(params.values()), retain_graph=True)
+            for name, g in zip(params, grads, strict=True):
+                total[name] += log_p[c].exp().item() * g**2
+    return {name: t / len(x) for name, t in total.items()}
+
+
+def assert_close(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_fisher_is_the_exact_expectation_over_predicted_classes():
+    fast, generic, x = tiny_pair()
+    names = [name for name, _ in fast.named_parameters()]
+    expected = fisher_by_loops(fast, x)
+    for model in (fast, generic):
+        assert_close(sample_mean(model, names, x, lambda v: v, None, log_probs_and_probs, torch.square), expected)
+
+    # the output layer by hand: d log p_c / d W = (e_c - p) h^T, d log p_c / d b = e_c - p
+    with torch.no_grad():
+        h = F.relu(fast.hidden(x))
+        p = F.softmax(fast.out(h), dim=1)
+        eye = torch.eye(3)
+        by_hand_w = sum((p[n, c] * torch.outer(eye[c] - p[n], h[n]) ** 2 for n in range(5) for c in range(3))) / 5
+        by_hand_b = sum((p[n, c] * (eye[c] - p[n]) ** 2 for n in range(5) for c in range(3))) / 5
+    head_only = sample_mean(fast, ["out.weight", "out.bias"], x, lambda v: v, None, log_probs_and_probs, torch.square)
+    torch.testing.assert_close(head_only["out.weight"], by_hand_w)
+    torch.testing.assert_close(head_only["out.bias"], by_hand_b)
+
+
+def test_mas_importance_is_the_mean_absolute_gradient_of_the_squared_output_norm():
+    torch.manual_seed(0)
+    fast, x = Linear(3, 2), torch.randn(4, 3)
+    generic = nn.Linear(3, 2)
+    generic.load_state_dict(fast.state_dict())
+
+    class Headless(nn.Module):  # forward(x, head) around one linear layer
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, head):
+            return self.layer(x)
+
+    with torch.no_grad():  # d ||W x + b||^2 / dW = 2 f x^T, / db = 2 f
+        f = fast(x)
+        by_hand = {
+            "layer.weight": sum(torch.outer(2 * f[n], x[n]).abs() for n in range(4)) / 4,
+            "layer.bias": sum((2 * f[n]).abs() for n in range(4)) / 4,
+        }
+    for layer in (fast, generic):
+        model = Headless(layer)
+        assert_close(sample_mean(model, list(by_hand), x, lambda v: v, None, squared_norm, torch.abs), by_hand)
+
+
+def names_of(method, *prefixes: str) -> set[str]:
+    return {name for name, _ in method.model.named_parameters() if name.startswith(prefixes)}
+
+
+def test_ewc_keeps_one_fisher_and_anchor_per_task_and_its_penalty_is_as_by_hand():
+    method, stream = make_method(EWC, "method=ewc", "method.ewc_lambda=4", *ITERS)
+    for task in stream.tasks:
+        method.learn(task, None)
+    assert len(method.importance) == len(method.anchors) == 2
+    # task scenario: each task's own head and the backbone (another head's Fisher is zero: no term)
+    assert method.importance[0].keys() == names_of(method, "backbone", "heads.heads.0")
+    assert method.importance[1].keys() == names_of(method, "backbone", "heads.heads.1")
+    params = dict(method.model.named_parameters())
+    for name, anchor in method.anchors[1].items():
+        assert torch.equal(anchor, params[name])
+    assert not torch.equal(method.anchors[0]["backbone.layers.1.weight"], params["backbone.layers.1.weight"])
+    stored = sum(t.numel() * 4 for term in method.importance + method.anchors for t in term.values())
+    assert method.footprint().bytes == module_bytes(method.model) + stored
+
+    # (lambda/2) sum_j sum_i F_j,i (theta_i - theta*_j,i)^2 on the head-1 bias, theta = (1, 2)
+    with torch.no_grad():
+        params["heads.heads.1.bias"].copy_(torch.tensor([1.0, 2.0]))
+    method.importance = [{"heads.heads.1.bias": torch.tensor([2.0, 3.0])}, {"heads.heads.1.bias": torch.ones(2)}]
+    method.anchors = [
+        {"heads.heads.1.bias": torch.tensor([0.0, 4.0])},
+        {"heads.heads.1.bias": torch.tensor([0.5, 1.5])},
+    ]
+    # task 1: 2 * 1^2 + 3 * (-2)^2 = 14; task 2: 0.5^2 + 0.5^2 = 0.5; times lambda/2 = 2
+    method.model.zero_grad()
+    penalty = method.penalty()
+    assert penalty.item() == pytest.approx(29.0)
+    penalty.backward()  # lambda/2 * sum_j 2 F_j (theta - theta*_j) = 2 * ((4, -12) + (1, 1))
+    torch.testing.assert_close(params["heads.heads.1.bias"].grad, torch.tensor([10.0, -22.0]))
+
+
+def test_class_scenario_fisher_covers_every_head_seen():
+    method, stream = make_method(EWC, "method=ewc", "stream.scenario=class", *ITERS)
+    for task in stream.tasks:
+        method.learn(task, None)
+    assert method.importance[1].keys() == names_of(method, "backbone", "heads")
+    assert method.importance[1]["heads.heads.0.weight"].abs().sum() > 0  # head 0 is part of the output
+
+
+def constant_importance(monkeypatch, method_class, attribute: str) -> None:
+    """Make task t's importance estimate t + 1 everywhere."""
+
+    def constant(self, task, names):
+        return {name: torch.full_like(dict(self.model.named_parameters())[name], task.index + 1.0) for name in names}
+
+    monkeypatch.setattr(method_class, attribute, constant)
+
+
+def test_online_ewc_keeps_one_running_fisher(monkeypatch):
+    constant_importance(monkeypatch, EWC, "fisher")
+    method, stream = make_method(EWC, "method=online_ewc", "method.ewc_lambda=3", "method.gamma=0.5", *ITERS)
+    for task in stream.tasks:
+        method.learn(task, None)
+    assert len(method.importance) == len(method.anchors) == 1
+    fisher = method.importance[0]
+    assert fisher["backbone.layers.1.weight"].unique().tolist() == [0.5 * 1 + 2]  # gamma F_1 + F_2
+    assert fisher["heads.heads.0.bias"].unique().tolist() == [0.5 * 1]  # head 0: decayed, nothing added
+    assert fisher["heads.heads.1.bias"].unique().tolist() == [2]
+    params = dict(method.model.named_parameters())
+    assert all(torch.equal(anchor, params[name]) for name, anchor in method.anchors[0].items())
+    assert method.penalty_weight == 3 / 2 * 0.5  # Schwarz et al.: the penalty weighs gamma F too
+
+
+def test_mas_adds_importance_over_tasks(monkeypatch):
+    constant_importance(monkeypatch, MAS, "importance_of")
+    method, stream = make_method(MAS, "method=mas", *ITERS)
+    for task in stream.tasks:
+        method.learn(task, None)
+    omega = method.importance[0]
+    assert omega["backbone.layers.1.weight"].unique().tolist() == [3]
+    assert omega["heads.heads.0.bias"].unique().tolist() == [1]
+    assert omega["heads.heads.1.bias"].unique().tolist() == [2]
+    params = dict(method.model.named_parameters())
+    assert all(torch.equal(anchor, params[name]) for name, anchor in method.anchors[0].items())
+
+
+def sgd_task(method: SI, theta: nn.Parameter, target: torch.Tensor, steps: int, lr: float) -> tuple:
+    """Plain SGD on 0.5 ||theta - target||^2 plus SI's penalty, through SI's hooks; returns the path integral of
+    the total loss's gradient and of the task loss's gradient, summed here step by step."""
+    c = method.cfg.si_c
+    omega, anchor = (method.importance[0]["theta"], method.anchors[0]["theta"]) if method.importance else (0, 0)
+    method.begin({"theta": theta})
+    w_total = w_task = torch.zeros(3)
+    for step in range(steps):
+        task_grad = theta.detach() - target
+        theta.grad = task_grad + 2 * c * omega * (theta.detach() - anchor)
+        before = theta.detach().clone()
+        with torch.no_grad():
+            theta -= lr * theta.grad
+        w_total = w_total - theta.grad * (theta.detach() - before)
+        w_task = w_task - task_grad * (theta.detach() - before)
+        method.after_step(step + 1)
+    method.consolidate(None, {"theta": theta})
+    return w_total, w_task
+
+
+@pytest.mark.parametrize("task_gradient", [False, True])
+def test_si_path_integral_on_a_quadratic(task_gradient):
+    overrides = ["method=si", "method.si_c=0.7", "method.epsilon=0.1", f"method.task_gradient={task_gradient}"]
+    method, _ = make_method(SI, *overrides, *ITERS)
+    theta0, a, lr, k = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 1.0, 0.5]), 0.1, 20
+    theta = nn.Parameter(theta0.clone())
+    sgd_task(method, theta, a, k, lr)
+    # theta_k - a = r^k d0 (r = 1 - lr), so W = sum_k lr (r^k d0)^2 and delta = (r^K - 1) d0
+    r, d0 = 1 - lr, theta0 - a
+    w = lr * d0**2 * (1 - r ** (2 * k)) / (1 - r**2)
+    omega = w / (((r**k - 1) * d0) ** 2 + 0.1)
+    torch.testing.assert_close(method.importance[0]["theta"], omega)
+    assert omega[2] == 0  # a parameter that never moved has no importance
+    assert torch.equal(method.anchors[0]["theta"], theta.detach())
+
+    # a second task: the penalty's gradient enters W unless task_gradient; omega adds up
+    start = theta.detach().clone()
+    w_total, w_task = sgd_task(method, theta, torch.tensor([2.0, 0.0, -1.0]), k, lr)
+    added = (w_task if task_gradient else w_total) / ((theta.detach() - start) ** 2 + 0.1)
+    torch.testing.assert_close(method.importance[0]["theta"], omega + added)
+    assert not torch.allclose(w_total, w_task)
+
+
+TINY_RUN = [
+    "hardware=cpu",
+    "hardware.threads=1",
+    "backbone.width=0.5",  # a convnet: batch norm and the torch.func path
+    "stream.n_tasks=3",
+    "stream.train_per_task=160",
+    "stream.test_per_task=80",
+    "method.train.epochs=1",
+    "method.train.batch_size=32",
+]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method=ewc", "method.replay.budget=40"],
+        ["method=online_ewc", "stream.scenario=class"],
+        ["method=si", "stream.scenario=domain"],
+        ["method=mas", "stream.scenario=class"],
+    ],
+    ids=["ewc-replay-task", "online_ewc-class", "si-domain", "mas-class"],
+)
+def test_resume_after_task_2_equals_the_uninterrupted_run(tmp_path, overrides):
+    _, uninterrupted = run(tmp_path, *TINY_RUN, *overrides, name="full")
+    resumed = run_interrupted_then_resumed(tmp_path, *TINY_RUN, *overrides)
+    np.testing.assert_array_equal(matrix(resumed), matrix(uninterrupted))
+
+
+@needs_shared("MNIST", "raw")
+def test_real_split_mnist_regularisers_forget_less_than_finetune(tmp_path):
+    common = [
+        "hardware=cpu",
+        "hardware.threads=1",
+        "stream=split_mnist",
+        "backbone=mlp",
+        "backbone.hidden=[100,100]",
+        f"data.root={SHARED_DATA}",
+        "stream.train_per_task=1000",
+        "stream.test_per_task=300",
+        "method.train.iterations=100",
+        "method.train.lr=0.005",  # forgets clearly within 100 steps (finetune BWT -0.05 to -0.08 over seeds 0-2)
+    ]
+    finetune, _ = run(tmp_path, *common, "method=finetune", name="finetune")
+    assert finetune["bwt"] < -0.04
+    for method in ("ewc", "online_ewc", "si", "mas"):
+        summary, _ = run(tmp_path, *common, f"method={method}", name=method)
+        assert summary["acc"] > 0.9, method  # chance is 0.5
+        assert summary["bwt"] > finetune["bwt"] + 0.025, method

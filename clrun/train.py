@@ -84,7 +84,7 @@ def fit(
     progress: Progress | None,
     label: str,
     extra_groups: Sequence[tuple[Iterable[torch.nn.Parameter], object]] = (),
-    after_backward: Callable[[], None] | None = None,
+    after_backward: Callable[[list[torch.optim.Optimizer]], None] | None = None,
     after_step: Callable[[int], None] | None = None,
     after_epoch: Callable[[int], bool] | None = None,
 ) -> FitStats:
@@ -95,8 +95,8 @@ def fit(
     receives the float images followed by the batch's other tensors.
     `extra_groups` are (params, OptimizerConfig) pairs with an optimizer and schedule
     of their own (e.g. masks under Adam beside weights under SGD); epochs and
-    batch size come from `cfg`. `after_backward()` runs before the optimizer
-    steps (e.g. to mask gradients), `after_step(step)` after them, and
+    batch size come from `cfg`. `after_backward(optimizers)` runs before the optimizers
+    step (e.g. to mask gradients; `optimizers[0]` holds `params`), `after_step(step)` after them, and
     `after_epoch(epochs_done)` after each epoch: returning True stops training.
     """
     groups = [(params, cfg), *extra_groups]
@@ -127,7 +127,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:
-                after_backward()
+                after_backward(optimizers)
             for optimizer in optimizers:
                 optimizer.step()
             step += 1

@@ -119,7 +119,7 @@ class WeightSharingMethod(Method):
             progress,
             f"task {task.index} {task.name}: {label}",
             extra_groups=extra,
-            after_backward=lambda: net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
+            after_backward=lambda _: net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
             after_step=after_step,
             after_epoch=after_epoch,
         )

@@ -1,0 +1,166 @@
+"""HN: a task-conditioned hypernetwork (von Oswald, Henning, Grewe & Sacramento, ICLR 2020; chrhenning/hypercl).
+
+A hypernetwork h(e, Theta) maps a learned task embedding e_t to the weights of the target network:
+`target: all` = every weight of backbone and head; `target: heads` = the task's head only, the
+backbone then being one shared network trained as in fine-tuning (nothing protects it). Learning
+task t trains Theta and e_t on the task's cross-entropy plus the output regulariser
+
+    beta / t * sum_{j<t} || h(e_j, Theta + dTheta) - h(e_j, Theta*) ||^2
+
+where h(e_j, Theta*) is computed once before the task (eval mode) and dTheta is the step the
+optimizer is about to take on the task loss alone (hypercl's lookahead, its default; `lookahead:
+false` drops it). Earlier embeddings are frozen. The head has as many outputs as the largest task
+and each task reads its first n_classes. Task scenario; class and domain with `task_id` (the
+embedding whose network is most certain answers, HNET+ENT with `entropy`).
+
+Batch norm under `target: all`: the hypernetwork generates the BN weights and biases like every
+other weight; running statistics are kept per task (fresh when the task starts, its own at test),
+so no task overwrites another's.
+"""
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from clrun.data.stream import Task
+from clrun.methods.base import Footprint, Method, count_params, module_bytes
+from clrun.methods.hypernet import HyperNetwork, param_shapes
+from clrun.models import build_backbone
+from clrun.models.layers import Linear
+from clrun.train import fit
+
+
+def candidate_step(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
+    """The change `optimizer.step()` would make to `param` from its current gradient, without making it
+    (detached; hypercl's utils/optim_step.calc_delta_theta): SGD, Adam and AdamW as clrun configures them."""
+    if param.grad is None:
+        return torch.zeros_like(param)
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    state = optimizer.state.get(param, {})
+    lr, decay = group["lr"], group["weight_decay"]
+    grad, value = param.grad.detach(), param.detach()
+    if isinstance(optimizer, torch.optim.SGD):
+        grad = grad + decay * value
+        if group["momentum"]:
+            buffer = state.get("momentum_buffer")
+            buffer = grad if buffer is None else group["momentum"] * buffer + (1 - group["dampening"]) * grad
+            grad = grad + group["momentum"] * buffer if group["nesterov"] else buffer
+        return -lr * grad
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+    if not decoupled:
+        grad = grad + decay * value
+    beta1, beta2 = group["betas"]
+    step = float(state["step"]) + 1 if state else 1.0
+    m = (1 - beta1) * grad + (beta1 * state["exp_avg"] if state else 0)
+    v = (1 - beta2) * grad**2 + (beta2 * state["exp_avg_sq"] if state else 0)
+    update = lr * (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + group["eps"])
+    return -update - lr * decay * value if decoupled else -update
+
+
+class HNModel(nn.Module):
+    """What `hn` trains and stores: the hypernetwork, one embedding per task and, with `target: heads`,
+    the shared backbone."""
+
+    def __init__(self, hypernet: HyperNetwork, backbone: nn.Module | None) -> None:
+        super().__init__()
+        self.hypernet = hypernet
+        self.embeddings = nn.ParameterList()
+        self.backbone = backbone
+
+
+class HN(Method):
+    def __init__(self, cfg, backbone_cfg, stream, hw):
+        super().__init__(cfg, backbone_cfg, stream, hw)
+        backbone = build_backbone(backbone_cfg, stream.input_shape)
+        head = Linear(backbone.out_features, max(task.n_classes for task in stream.tasks))
+        self.base_params = count_params(backbone) + (backbone.out_features + 1) * stream.tasks[0].n_classes
+        generate_all = cfg.target.value == "all"
+        target = nn.Sequential(backbone, head) if generate_all else head
+        hypernet = HyperNetwork(
+            cfg.embedding_dim,
+            list(cfg.hidden),
+            param_shapes(target),
+            chunk_size=cfg.chunk_size,
+            chunk_embedding_dim=cfg.chunk_embedding_dim,
+        )
+        self.model = hw.prepare_model(HNModel(hypernet, None if generate_all else backbone))
+        self.fresh_buffers = {name: buffer.clone() for name, buffer in target.named_buffers()}  # BN statistics
+        self.target = target.to("meta")  # structure only: it runs on generated tensors through functional_call
+        self.buffers: list[dict[str, torch.Tensor]] = []  # per task: the target's running statistics
+
+    def _logits(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        hypernet = self.model.hypernet
+        inputs = x if self.model.backbone is None else self.model.backbone(x)
+        tensors = {**hypernet.split(hypernet(self.model.embeddings[task])), **self.buffers[task]}
+        return functional_call(self.target, tensors, (inputs,))[:, : self.stream.tasks[task].n_classes]
+
+    @torch.no_grad()
+    def _targets(self, task: int) -> list[torch.Tensor]:
+        """h(e_j, Theta*) for each task j before `task`, in eval mode (none when beta is 0)."""
+        if self.cfg.beta == 0:
+            return []
+        self.model.eval()
+        return [self.model.hypernet(embedding) for embedding in self.model.embeddings[:task]]
+
+    def _regularise(self, targets: list[torch.Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
+        """Add the output regulariser's gradient to Theta's, after the task loss's backward pass and before
+        the step (hypercl's calc_fix_target_reg; at Theta + the candidate step with `lookahead`)."""
+        optimizer, hypernet = optimizers[0], self.model.hypernet
+        with torch.enable_grad():
+            params = dict(hypernet.named_parameters())
+            if self.cfg.lookahead:
+                params = {name: p + candidate_step(optimizer, p) for name, p in params.items()}
+            earlier = self.model.embeddings[: len(targets)]
+            reg = sum(
+                ((functional_call(hypernet, params, (e,)) - target) ** 2).sum()
+                for e, target in zip(earlier, targets, strict=True)
+            )
+            (self.cfg.beta / len(targets) * reg).backward()
+
+    def learn(self, task: Task, progress) -> dict:
+        """Train Theta and a new embedding on the task; `train_loss` is the task's cross-entropy alone (the
+        regulariser's gradient joins it right before each step)."""
+        index = task.index
+        embedding = nn.Parameter(torch.randn(self.cfg.embedding_dim, device=self.hw.device))  # hypercl: N(0, 1)
+        self.model.embeddings.append(embedding)
+        self.buffers.append({name: b.to(self.hw.device, copy=True) for name, b in self.fresh_buffers.items()})
+        targets = self._targets(index)
+        self.target.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]  # earlier embeddings are frozen
+        stats = fit(
+            self.model,
+            params,
+            lambda x, y: F.cross_entropy(self._logits(x, index), y),
+            (task.train.x, task.train.y),
+            self.cfg.train,
+            self.stream,
+            self.hw,
+            progress,
+            f"task {index} {task.name}",
+            after_backward=partial(self._regularise, targets) if targets else None,
+        )
+        embedding.requires_grad_(False)
+        return stats.row()
+
+    def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        self.model.eval()
+        self.target.eval()
+        return self._logits(x, task)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "n_tasks": len(self.model.embeddings), "buffers": self.buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        for _ in range(state["n_tasks"]):
+            zeros = torch.zeros(self.cfg.embedding_dim, device=self.hw.device)
+            self.model.embeddings.append(nn.Parameter(zeros, requires_grad=False))
+        self.model.load_state_dict(state["model"])
+        self.buffers = [{name: b.to(self.hw.device) for name, b in task.items()} for task in state["buffers"]]
+
+    def footprint(self) -> Footprint:
+        """Hypernetwork, embeddings (and the shared backbone with `target: heads`), plus per-task statistics."""
+        statistics = sum(b.numel() * b.element_size() for task in self.buffers for b in task.values())
+        return Footprint(count_params(self.model), module_bytes(self.model) + statistics, self.base_params)

@@ -34,7 +34,8 @@ def test_every_option_composes(group, option):
 
 
 def test_expected_options_exist():
-    assert {"finetune", "scratch", "joint"} <= set(options("method"))
+    methods = {"finetune", "scratch", "joint", "ewc", "online_ewc", "si", "mas", "lwf", "er", "hn", "pah"}
+    assert methods <= set(options("method"))
     assert {"mlp", "convnet", "vgg16_bn", "resnet18", "resnet50", "sphereface20"} <= set(options("backbone"))
     assert {
         "synthetic",
@@ -115,3 +116,38 @@ def test_out_of_range_values_fail_naming_the_key(override):
     key = override.split("=")[0]
     with pytest.raises(ClrunError, match=f"^{key}=.* is invalid: it must be"):
         check_config(compose_config(override))
+
+
+VDV_PRESETS = [f"vdv_{p}_{s}" for p in ("split_mnist", "permuted_mnist") for s in ("task", "domain", "class")]
+
+
+@pytest.mark.parametrize("preset", VDV_PRESETS)
+def test_every_method_composes_with_the_scenario_presets(preset):
+    for method in options("method"):
+        cfg = compose_config(f"experiment={preset}", f"method={method}")
+        check_config(cfg)
+        assert cfg.method.train.iterations == (2000 if "split" in preset else 5000)
+        assert cfg.stream.scenario.value == preset.rsplit("_", 1)[1]
+
+
+def test_tuning_files_name_a_method_and_a_preset_and_apply():
+    presets = set(options("experiment"))
+    for path in (CONF / "tuning").glob("*.yaml"):
+        method = next(
+            m for m in options("method") if path.stem.startswith(f"{m}_vdv_") or path.stem.startswith(f"{m}_pah_")
+        )
+        assert path.stem[len(method) + 1 :] in presets, path.name
+    cfg = compose_config("experiment=vdv_split_mnist_class", "method=ewc")
+    assert cfg.method.ewc_lambda == 1e8  # van de Ven's class-IL value, not the method's default
+    assert (
+        compose_config("experiment=vdv_split_mnist_class", "method=ewc", "method.ewc_lambda=3").method.ewc_lambda == 3
+    )
+    assert compose_config("experiment=vdv_split_mnist_class", "method=scratch").method.task_id.value == "entropy"
+    assert compose_config("method=scratch").method.task_id.value == "none"
+    pah = compose_config("experiment=pah_split_cifar100")
+    assert (pah.method.name, pah.stream.name, pah.stream.split.value, pah.stream.augment) == (
+        "pah",
+        "cifar100_10",
+        "contiguous",
+        False,
+    )

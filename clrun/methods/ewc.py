@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from clrun.data.stream import Task
-from clrun.methods.base import Footprint, task_loss
+from clrun.methods.base import task_loss
 from clrun.methods.regularization import Regularization, Tensors, sample_mean
-from clrun.methods.replay import Memory, with_replay
+from clrun.methods.replay import Replaying
 
 
 def log_probs_and_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,30 +28,17 @@ def log_probs_and_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return log_p, log_p.detach().exp()
 
 
-class EWC(Regularization):
-    def __init__(self, cfg, backbone_cfg, stream, hw):
-        super().__init__(cfg, backbone_cfg, stream, hw)
-        self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
-
+class EWC(Regularization, Replaying):
     @property
     def penalty_weight(self) -> float:
         return self.cfg.ewc_lambda / 2 * (self.cfg.gamma if self.cfg.online else 1.0)
 
     def loss(self, task: Task):
         """The task's loss mixed with replay as ER mixes it (the task's loss alone while the memory is empty)."""
-        return with_replay(
-            task_loss(self.model, task.index, self.stream),
-            self.memory,
-            self.model,
-            self.stream,
-            self.hw,
-            task.index,
-            self.cfg.replay.batch_size or self.cfg.train.batch_size,
-        )
+        return self.replayed(task_loss(self.model, task.index, self.stream), task.index)
 
     def trained_parameters(self, head: int) -> list[torch.nn.Parameter]:
-        """As ER: every parameter once the memory replays earlier tasks (their heads included)."""
-        return super().trained_parameters(head) if not len(self.memory) else list(self.model.parameters())
+        return self.replay_trainable(head)
 
     def fisher(self, task: Task, names: list[str]) -> Tensors:
         """The diagonal Fisher of parameters `names` on `fisher_samples` of the task's training images."""
@@ -73,15 +60,4 @@ class EWC(Regularization):
         else:
             self.importance.append(fisher)
             self.anchors.append(anchor)
-        if self.cfg.replay.budget:
-            self.memory.add(task)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.memory.load_state_dict(state["memory"], self.hw.device)
-
-    def footprint(self) -> Footprint:
-        return self.memory.add_to(super().footprint())
+        self.remember(task)

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from clrun.data.stream import Task
-from clrun.methods.base import Footprint, SharedModelMethod
-from clrun.methods.replay import Memory, with_replay
+from clrun.methods.replay import Replaying
 from clrun.models import TaskModel
 from clrun.train import FitStats, fit
 
@@ -50,11 +49,7 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return -(targets * F.log_softmax(student.float() / temperature, dim=1)).sum(1).mean()
 
 
-class LwF(SharedModelMethod):
-    def __init__(self, cfg, backbone_cfg, stream, hw):
-        super().__init__(cfg, backbone_cfg, stream, hw)
-        self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
-
+class LwF(Replaying):
     def make_teacher(self) -> TaskModel:
         """A frozen copy of the current model, in eval mode."""
         teacher = copy.deepcopy(self.model).eval()
@@ -96,15 +91,7 @@ class LwF(SharedModelMethod):
     def learn(self, task: Task, progress) -> dict:
         teacher = self.make_teacher() if task.index else None
         head = self.model.add_head(task.n_classes)
-        loss = with_replay(
-            self.lwf_loss(task.index, teacher),
-            self.memory,
-            self.model,
-            self.stream,
-            self.hw,
-            task.index,
-            self.cfg.replay.batch_size or self.cfg.train.batch_size,
-        )
+        loss = self.replayed(self.lwf_loss(task.index, teacher), task.index)
         stats = []
         if teacher is not None and self.cfg.warmup_epochs:
             # the new head alone, the backbone and earlier heads frozen (eval mode: batch-norm statistics too)
@@ -113,8 +100,7 @@ class LwF(SharedModelMethod):
             warmup = OmegaConf.merge(self.cfg.train, {"epochs": self.cfg.warmup_epochs, "iterations": None})
             stats.append(self._fit(new_head, new_head.parameters(), loss, task, warmup, progress, "warm-up"))
         stats.append(self._fit(self.model, self.model.parameters(), loss, task, self.cfg.train, progress, ""))
-        if self.cfg.replay.budget:
-            self.memory.add(task)
+        self.remember(task)
         return FitStats(
             epochs=sum(s.epochs for s in stats),
             images=sum(s.images for s in stats),
@@ -125,13 +111,3 @@ class LwF(SharedModelMethod):
     def _fit(self, module, params, loss, task: Task, train, progress, phase: str) -> FitStats:
         label = f"task {task.index} {task.name}" + (f" {phase}" if phase else "")
         return fit(module, params, loss, (task.train.x, task.train.y), train, self.stream, self.hw, progress, label)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.memory.load_state_dict(state["memory"], self.hw.device)
-
-    def footprint(self) -> Footprint:
-        return self.memory.add_to(super().footprint())

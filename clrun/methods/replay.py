@@ -16,7 +16,7 @@ import torch
 from clrun.data import prepare
 from clrun.data.stream import Stream, Task
 from clrun.hardware import Hardware
-from clrun.methods.base import Footprint, mixed_task_loss
+from clrun.methods.base import Footprint, SharedModelMethod, mixed_task_loss
 from clrun.models import TaskModel
 
 
@@ -110,3 +110,37 @@ def with_replay(loss_fn, memory: Memory, model: TaskModel, stream: Stream, hw: H
         return current_weight * loss_fn(x, *rest) + (1 - current_weight) * replay_loss(replayed, y, t)
 
     return loss
+
+
+class Replaying(SharedModelMethod):
+    """A shared-model method with the `replay` option (`cfg.replay`): a memory of `budget` images (0: none),
+    filled after each task, mixed into the task's loss, kept in the checkpoint and counted in the footprint."""
+
+    def __init__(self, cfg, backbone_cfg, stream, hw):
+        super().__init__(cfg, backbone_cfg, stream, hw)
+        self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
+
+    def replayed(self, loss_fn, task: int):
+        """`loss_fn` on task `task`'s batches mixed with replayed ones (`with_replay`)."""
+        batch_size = self.cfg.replay.batch_size or self.cfg.train.batch_size
+        return with_replay(loss_fn, self.memory, self.model, self.stream, self.hw, task, batch_size)
+
+    def replay_trainable(self, head: int) -> list[torch.nn.Parameter]:
+        """What learning a task trains: as `TaskModel.trainable`, but every parameter (earlier heads included)
+        once the memory replays earlier tasks."""
+        return self.model.trainable(head) if not len(self.memory) else list(self.model.parameters())
+
+    def remember(self, task: Task) -> None:
+        """After learning `task`: offer its images to the memory (no RNG draw without replay)."""
+        if self.cfg.replay.budget:
+            self.memory.add(task)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.memory.load_state_dict(state["memory"], self.hw.device)
+
+    def footprint(self) -> Footprint:
+        return self.memory.add_to(super().footprint())

@@ -7,9 +7,10 @@ arXiv 1809.10635, Tables 3-4, the same protocol and code base) and writes
 benchmarks/results/scenarios-mnist-<label>-<date>.csv. Finished runs are not retrained.
 
     python benchmarks/scenarios_mnist.py [--protocols split_mnist permuted_mnist] [--methods ...]
-        [--iterations N] [--n-tasks N] [--data-root DIR] [--seed N] [KEY=VALUE ...]
+        [--iterations N] [--n-tasks N] [--test-per-task N] [--data-root DIR] [--seed N] [KEY=VALUE ...]
 
-`--iterations` and `--n-tasks` shorten the protocol (for a CPU); the label of the results file says so.
+`--iterations`, `--n-tasks` and `--test-per-task` shorten the protocol (for a CPU); the label of the
+results file says so.
 """
 
 import argparse
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--iterations", type=int, help="iterations per task (default: the protocol's)")
     parser.add_argument("--n-tasks", type=int, help="tasks of the stream (default: the protocol's)")
+    parser.add_argument("--test-per-task", type=int, help="test images per task (default: all)")
     parser.add_argument("--data-root", default=default_data_root(), help="folder holding MNIST/raw")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
@@ -90,6 +92,9 @@ def main() -> None:
     if args.n_tasks:
         overrides.append(f"stream.n_tasks={args.n_tasks}")
         label += f"-{args.n_tasks}tasks"
+    if args.test_per_task:
+        overrides.append(f"stream.test_per_task={args.test_per_task}")
+        label += f"-{args.test_per_task}test"
     runs_dir = ROOT / "outputs" / "bench" / f"scenarios-mnist-{label}"
     try:
         for protocol in args.protocols:

@@ -7,12 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config, matrix, run, run_interrupted_then_resumed
+from conftest import build_method, matrix, run, run_interrupted_then_resumed
 
 from clrun import results
-from clrun.data import build_stream, prepare
+from clrun.data import prepare
 from clrun.errors import ClrunError
-from clrun.hardware import resolve_hardware
 from clrun.methods.cpg import CPG, cubic_sparsity, forced_sparsity
 from clrun.methods.goals import load_goals
 from clrun.models.sharing import shared_layers
@@ -47,11 +46,7 @@ def restore_threads():
 
 
 def make_method(*overrides: str) -> CPG:
-    cfg = compose_config(*TINY, *overrides)
-    hw = resolve_hardware(cfg.hardware)
-    torch.manual_seed(cfg.seed)
-    stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
-    return CPG(cfg.method, cfg.backbone, stream, hw)
+    return build_method(CPG, *TINY, *overrides)[0]
 
 
 def inputs(method: CPG, task: int) -> torch.Tensor:

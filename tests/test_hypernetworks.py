@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, compose_config, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
 
 import clrun.methods.pah as pah_module
-from clrun.data import build_stream, prepare
+from clrun.data import prepare
 from clrun.errors import ClrunError
-from clrun.hardware import resolve_hardware
 from clrun.methods.base import count_params
 from clrun.methods.hn import HN, candidate_step
 from clrun.methods.hypernet import HyperNetwork
@@ -50,14 +49,6 @@ def restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-def make(method_class, *overrides: str):
-    cfg = compose_config(*overrides)
-    hw = resolve_hardware(cfg.hardware)
-    torch.manual_seed(cfg.seed)
-    stream = build_stream(cfg.stream, cfg.data.root, False, cfg.seed, hw.device)
-    return method_class(cfg.method, cfg.backbone, stream, hw), stream
 
 
 def task_accuracy(method, stream, task: int) -> float:
@@ -103,7 +94,7 @@ def test_chunked_hypernetwork_makes_every_weight_chunk_by_chunk():
 def test_hn_regulariser_keeps_earlier_networks_and_accuracy():
     drift, bwt, final = {}, {}, {}
     for beta in (0.01, 0.0):
-        method, stream = make(HN, *MNIST, *HN_SMALL, "method.train.iterations=150", f"method.beta={beta}")
+        method, stream, _ = build_method(HN, *MNIST, *HN_SMALL, "method.train.iterations=150", f"method.beta={beta}")
         learned = []
         for task in stream.tasks:
             method.learn(task, None)
@@ -121,7 +112,9 @@ def test_hn_regulariser_keeps_earlier_networks_and_accuracy():
 
 
 def test_hn_keeps_batch_norm_statistics_per_task():
-    method, stream = make(HN, *SYNTHETIC_CONVNET, "method=hn", "method.chunk_size=2000", "method.train.iterations=4")
+    method, stream, _ = build_method(
+        HN, *SYNTHETIC_CONVNET, "method=hn", "method.chunk_size=2000", "method.train.iterations=4"
+    )
     norms = [name for name, m in method.target.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(f"{name}.weight" in method.model.hypernet.shapes for name in norms)  # generated affine
     method.learn(stream.tasks[0], None)
@@ -136,7 +129,7 @@ def test_hn_keeps_batch_norm_statistics_per_task():
 
 def test_hn_heads_target_generates_heads_on_a_trained_shared_backbone():
     overrides = ("method=hn", "method.target=heads", "method.chunk_size=0", "method.train.iterations=4")
-    method, stream = make(HN, *SYNTHETIC_CONVNET, *overrides)
+    method, stream, _ = build_method(HN, *SYNTHETIC_CONVNET, *overrides)
     backbone = method.model.backbone
     d = backbone.out_features
     assert method.model.hypernet.shapes == {"weight": (2, d), "bias": (2,)}
@@ -176,7 +169,7 @@ def test_distillation_forms():
 
 @needs_mnist
 def test_pah_semantic_init_is_the_centre_crop_of_a_training_image_left_out(monkeypatch):
-    method, stream = make(PAH, *MNIST, "method=pah", "method.train.iterations=2")
+    method, stream, _ = build_method(PAH, *MNIST, "method=pah", "method.train.iterations=2")
     seen = {}
 
     def spy(module, params, loss_fn, tensors, *args, **kwargs):
@@ -197,7 +190,7 @@ def test_pah_semantic_init_is_the_centre_crop_of_a_training_image_left_out(monke
 
 @needs_mnist
 def test_pah_prototype_step_moves_only_earlier_prototypes():
-    method, stream = make(PAH, *MNIST, "method=pah", "method.train.iterations=20")
+    method, stream, _ = build_method(PAH, *MNIST, "method=pah", "method.train.iterations=20")
     method.learn(stream.tasks[0], None)
     method._add_prototypes(stream.tasks[1])
     teacher = method._teacher(1)

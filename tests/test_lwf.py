@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, compose_config, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
 
 import clrun.methods.lwf as lwf_module
-from clrun.data import build_stream
-from clrun.hardware import resolve_hardware
 from clrun.methods.base import module_bytes
 from clrun.methods.lwf import LwF, distillation
 
@@ -30,10 +28,7 @@ TINY = [
 
 
 def make_lwf(*overrides):
-    cfg = compose_config(*TINY, *overrides)
-    hw = resolve_hardware(cfg.hardware)
-    stream = build_stream(cfg.stream, cfg.data.root, False, cfg.seed, hw.device)
-    return LwF(cfg.method, cfg.backbone, stream, hw), stream
+    return build_method(LwF, *TINY, *overrides)[:2]
 
 
 def test_distillation_matches_a_hand_computed_case():

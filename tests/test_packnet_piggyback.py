@@ -6,14 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import compose_config, matrix, run, run_interrupted_then_resumed
-from hydra.utils import get_class
+from conftest import build_method, compose_config, matrix, run, run_interrupted_then_resumed
 from omegaconf import OmegaConf
 
 from clrun import results
-from clrun.data import build_stream, prepare
+from clrun.data import prepare
 from clrun.errors import ClrunError
-from clrun.hardware import resolve_hardware
 from clrun.methods.packnet import prune_fraction
 from clrun.models.sharing import shared_layers
 from clrun.run import CHECKPOINT
@@ -58,11 +56,7 @@ def restore_threads():
 
 def build(*overrides: str):
     """The method and stream `clrun <overrides>` would run, before any task is learned."""
-    cfg = compose_config(*overrides)
-    hw = resolve_hardware(cfg.hardware)
-    torch.manual_seed(cfg.seed)
-    stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
-    return get_class(cfg.method._target_)(cfg.method, cfg.backbone, stream, hw), stream
+    return build_method(None, *overrides)[:2]
 
 
 def probe(stream) -> list[torch.Tensor]:

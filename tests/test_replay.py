@@ -5,11 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, compose_config, matrix, needs_shared, run
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run
 
-from clrun.data import build_stream
 from clrun.data.stream import Split, Task
-from clrun.hardware import resolve_hardware
 from clrun.methods.er import ER
 from clrun.methods.replay import Memory, with_replay
 
@@ -97,10 +95,8 @@ def test_reservoir_keeps_every_image_with_equal_probability():
 
 
 def make_er(*overrides):
-    cfg = compose_config(*TINY, "method=er", *overrides)
-    hw = resolve_hardware(cfg.hardware)
-    stream = build_stream(cfg.stream, cfg.data.root, False, cfg.seed, hw.device)
-    return ER(cfg.method, cfg.backbone, stream, hw), stream, hw
+    method, stream, _ = build_method(ER, *TINY, "method=er", *overrides)
+    return method, stream, method.hw
 
 
 @pytest.mark.parametrize("scenario, replay_loss", [("task", math.log(2)), ("class", math.log(6))])

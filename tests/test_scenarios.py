@@ -5,12 +5,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config, matrix, run, run_interrupted_then_resumed
+from conftest import build_method, compose_config, matrix, run, run_interrupted_then_resumed
 
 from clrun import metrics, results
 from clrun.data import build_stream
 from clrun.errors import ClrunError
-from clrun.hardware import resolve_hardware
 from clrun.methods.base import identify_task
 from clrun.methods.finetune import Finetune
 from clrun.models import TaskModel
@@ -138,10 +137,7 @@ def test_unsupported_scenario_fails_before_any_work(tmp_path, overrides, message
 
 
 def test_iterations_train_exactly_that_many_steps():
-    cfg = compose_config(*TINY, "method.train.iterations=7", "method.train.batch_size=64")
-    hw = resolve_hardware(cfg.hardware)
-    stream = build_stream(cfg.stream, cfg.data.root, False, 0, hw.device)
-    method = Finetune(cfg.method, cfg.backbone, stream, hw)
+    method, stream, cfg = build_method(Finetune, *TINY, "method.train.iterations=7", "method.train.batch_size=64")
     head = method.model.add_head(2)
     calls = []
 
@@ -157,7 +153,7 @@ def test_iterations_train_exactly_that_many_steps():
         (task.train.x, task.train.y),
         cfg.method.train,
         stream,
-        hw,
+        method.hw,
         None,
         "t",
     )

@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import build_method
 
-from clrun.data import build_stream, prepare
-from clrun.hardware import resolve_hardware
+from clrun.data import prepare
 from clrun.methods.sharing import WeightSharingMethod
 from clrun.models.sharing import binarize, shared_layers
 
@@ -24,10 +23,7 @@ TINY = [
 
 
 def make(*overrides):
-    cfg = compose_config(*TINY, *overrides)
-    hw = resolve_hardware(cfg.hardware)
-    stream = build_stream(cfg.stream, cfg.data.root, False, 0, hw.device)
-    return WeightSharingMethod(cfg.method, cfg.backbone, stream, hw), stream, cfg
+    return build_method(WeightSharingMethod, *TINY, *overrides)
 
 
 def inputs(stream, j):

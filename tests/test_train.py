@@ -3,11 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_config
+from conftest import build_method, compose_config
 from omegaconf import OmegaConf
 
 from clrun.config import HardwareConfig
-from clrun.data import build_stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
 from clrun.methods.base import mixed_task_loss
@@ -77,10 +76,7 @@ def test_multistep_and_cosine_schedules():
 
 
 def make_method(method_class, *overrides):
-    cfg = compose_config(*TINY, *overrides)
-    hw = resolve_hardware(cfg.hardware)
-    stream = build_stream(cfg.stream, cfg.data.root, False, cfg.seed, hw.device)
-    return method_class(cfg.method, cfg.backbone, stream, hw), stream
+    return build_method(method_class, *TINY, *overrides)[:2]
 
 
 def test_finetune_leaves_earlier_heads_untouched():

@@ -103,6 +103,11 @@ class ERConfig(MethodConfig):
     replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(budget=1000))
 
 
+class FisherLabels(Enum):
+    predicted = "predicted"  # the gradient at the model's predicted class (van de Ven's 2019 code: the MNIST tables)
+    expectation = "expectation"  # the exact expectation over classes weighted by p(c|x) (van de Ven's 2022 code)
+
+
 @dataclass
 class EWCConfig(MethodConfig):
     """EWC (Kirkpatrick et al. 2017): one Fisher penalty per earlier task; `online`: one running Fisher."""
@@ -111,6 +116,7 @@ class EWCConfig(MethodConfig):
     online: bool = False  # online EWC (Schwarz et al. 2018): F <- gamma F + F_t, anchored at the last task
     gamma: float = 1.0  # online only: decay of the running Fisher
     fisher_samples: Optional[int] = None  # training images the Fisher is estimated on (null: all of the task's)
+    fisher_labels: FisherLabels = FisherLabels.predicted
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
@@ -142,6 +148,9 @@ class LwFConfig(MethodConfig):
     # the new classes (van de Ven's code, behind the published numbers); false: both softmaxes span the old classes
     # only (Li & Hoiem's old outputs)
     kd_over_seen: bool = True
+    # false: CE + lambda KD (Li & Hoiem; van de Ven 2022); true: (1/t) CE + (1 - 1/t) lambda KD, t the tasks so far
+    # (van de Ven's 2019 code, behind the MNIST tables the vdv presets compare with)
+    weight_by_tasks: bool = False
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # budget 0: no replay
 
 
@@ -290,6 +299,62 @@ class CPGConfig(PerTaskMethodConfig):
     )
 
 
+@dataclass
+class PNNConfig(PerTaskMethodConfig):
+    """Progressive neural networks (Rusu et al. 2016): a column per task, earlier columns frozen, lateral adapters."""
+
+    # each column's width as a multiple of backbone.width: 1 = full columns (Rusu et al., mammoth);
+    # joansj/hat's capacity-matched baseline: 1.117 / n_tasks
+    column_width: float = 1.0
+
+
+@dataclass
+class SideTuningConfig(PerTaskMethodConfig):
+    """Side-tuning (Zhang et al. 2020): a frozen base plus a side network and a head per task, blended by alpha."""
+
+    side_width: float = 0.25  # side network width as a multiple of backbone.width (the paper's side net is small)
+    fixed_alpha: Optional[float] = None  # the base's weight in the blend; null: learned, sigmoid of a scalar from 0
+
+
+@dataclass
+class HATConfig(PerTaskMethodConfig):
+    """HAT (Serra et al. 2018): learned per-task sigmoid gates on hidden units; defaults: joansj/hat (run.py, hat.py)."""
+
+    # plain SGD lr 0.05, batch 64, no momentum, no weight decay (joansj/hat); its validation-driven lr decay and
+    # early stopping are not used here: train.epochs / train.iterations decide
+    train: TrainConfig = field(
+        default_factory=lambda: _train(epochs=2, batch_size=64, optimizer=Optimizer.sgd, lr=0.05, momentum=0.0)
+    )
+    s_max: float = 400.0  # gate steepness at the end of each epoch and at test (code's grid 25-800)
+    c: float = 0.75  # attention regulariser weight (code's `lamb`, grid 0.1-4)
+    embedding_clamp: float = 6.0  # embeddings clamped to [-clamp, clamp] after each step (code's thres_emb)
+    clip_grad_norm: Optional[float] = 10000.0  # gradient-norm clip (code: 10000; null: none)
+    paper_anneal: bool = False  # s reaches s_max at each epoch's last batch (paper) instead of at offset i/N (code)
+    binarize: bool = False  # test and cumulative masks 1[e > 0] instead of the code's sigmoid(s_max e)
+
+
+class XdGRegularizer(Enum):
+    none = "none"  # gates alone
+    ewc = "ewc"  # plus EWC's Fisher penalty (clrun.methods.ewc)
+    si = "si"  # plus SI's path-integral penalty (clrun.methods.si)
+
+
+@dataclass
+class XdGConfig(PerTaskMethodConfig):
+    """XdG (Masse et al. 2018): a fixed random binary gate per task on each hidden layer, optionally with EWC or SI."""
+
+    gating: float = (
+        0.8  # share of each hidden layer's units a task's gate silences (Masse et al.; van de Ven: 0.9 split)
+    )
+    gate_conv: bool = True  # gate conv channels too (false: linear hidden layers only, as van de Ven's CIFAR runs)
+    mask_seed: Optional[int] = None  # seed of the random gates (null: the run's seed)
+    regularizer: XdGRegularizer = XdGRegularizer.none
+    ewc_lambda: float = 1e7  # regularizer=ewc: lambda in (lambda / 2) sum_i F_i (theta_i - theta*_i)^2
+    fisher_samples: Optional[int] = None  # regularizer=ewc: images the Fisher is estimated on (null: all)
+    si_c: float = 50.0  # regularizer=si: penalty weight c
+    epsilon: float = 0.1  # regularizer=si: damping xi in omega = W / (delta^2 + xi)
+
+
 class SplitRule(Enum):
     """How a dataset's classes or inputs are cut into tasks."""
 
@@ -416,6 +481,14 @@ RANGES = [
     ("method.lambda_sp", lambda v: v is None or v >= 0, "non-negative"),
     ("method.prototype_lr", lambda v: v is None or v > 0, "positive"),
     ("method.hyper_lr", lambda v: v is None or v > 0, "positive"),
+    ("method.column_width", lambda v: v is None or v > 0, "positive"),
+    ("method.side_width", lambda v: v is None or v > 0, "positive"),
+    ("method.fixed_alpha", lambda v: v is None or 0 <= v <= 1, "null (learned) or in [0, 1]"),
+    ("method.s_max", lambda v: v is None or v > 0, "positive"),
+    ("method.c", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.embedding_clamp", lambda v: v is None or v > 0, "positive"),
+    ("method.clip_grad_norm", lambda v: v is None or v > 0, "null (no clipping) or positive"),
+    ("method.gating", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
     ("backbone.width", lambda v: v > 0, "positive"),
     ("stream.n_tasks", lambda v: v >= 1, "at least 1"),
     ("stream.classes_per_task", lambda v: v >= 1, "at least 1"),
@@ -464,6 +537,10 @@ def register_configs() -> None:
     cs.store(name="packnet_method_schema", node=PackNetConfig)
     cs.store(name="piggyback_method_schema", node=PiggybackConfig)
     cs.store(name="cpg_method_schema", node=CPGConfig)
+    cs.store(name="pnn_method_schema", node=PNNConfig)
+    cs.store(name="side_tuning_method_schema", node=SideTuningConfig)
+    cs.store(name="hat_method_schema", node=HATConfig)
+    cs.store(name="xdg_method_schema", node=XdGConfig)
     cs.store(name="backbone_schema", node=BackboneConfig)
     cs.store(name="mlp_backbone_schema", node=MlpConfig)
     cs.store(name="stream_schema", node=StreamConfig)

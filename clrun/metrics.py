@@ -28,12 +28,13 @@ def bwt(R: np.ndarray) -> float:
 
 
 def forgetting(R: np.ndarray) -> float:
-    """Forgetting: mean_{j<T-1} (max_{i<T-1} R[i, j] - R[T-1, j])."""
+    """Forgetting: mean_{j<T-1} (max_{j<=i<T-1} R[i, j] - R[T-1, j]) (accuracies before task j was
+    learned, measured in the domain scenario, do not count)."""
     R = np.asarray(R, dtype=float)
     T = R.shape[0]
     terms = []
     for j in range(T - 1):
-        earlier = R[: T - 1, j]
+        earlier = R[j : T - 1, j]
         best = np.nanmax(earlier) if not np.isnan(earlier).all() else np.nan
         terms.append(best - R[T - 1, j])
     return _nanmean(terms)

@@ -14,7 +14,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from clrun.results import ACCURACY_FILE, PERCENT, SUMMARY_FILE, matrix_rows, write_parquet
+from clrun.results import ACCURACY_FILE, PERCENT, SUMMARY_FILE, TASK_AWARE, matrix_rows, write_parquet
 
 GROUP = ["method", "stream", "scenario", "backbone", "config_id"]
 COLUMNS = ["acc", "bwt", "forgetting", "task_aware_acc", "task_id_acc", "transfer_vs_scratch"]
@@ -28,19 +28,27 @@ def load_runs(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         return pd.DataFrame(), pd.DataFrame()
     summaries = pd.concat([pd.read_parquet(d / SUMMARY_FILE) for d in run_dirs], ignore_index=True)
     accuracy = pd.concat([pd.read_parquet(d / ACCURACY_FILE) for d in run_dirs], ignore_index=True)
+    for table, column, old in (
+        (summaries, "scenario", "task"),
+        (accuracy, "scenario", "task"),
+        (accuracy, "eval_mode", TASK_AWARE),
+    ):
+        table[column] = table[column].fillna(old) if column in table else old  # runs from before scenarios
     return summaries, accuracy
 
 
 def transfer_vs_scratch(summaries: pd.DataFrame, accuracy: pd.DataFrame) -> pd.Series:
-    """Per run: mean_j (R[j, j] - scratch_j), scratch_j the `scratch` R[j, j] with the same stream, backbone
-    and seed (the mean over such scratch runs if there are several); NaN where there is none."""
+    """Per run: mean_j (R[j, j] - scratch_j), scratch_j the `scratch` R[j, j] with the same stream, scenario,
+    backbone and seed (the mean over such scratch runs if there are several); NaN where there is none."""
     accuracy = pd.concat([matrix_rows(rows) for _, rows in accuracy.groupby("run_id")], ignore_index=True)
     diagonal = accuracy[accuracy["train_task"] == accuracy["eval_task"]]
-    keys = ["stream", "backbone", "seed", "eval_task"]
+    keys = ["stream", "scenario", "backbone", "seed", "eval_task"]
     scratch = diagonal[diagonal["method"] == "scratch"].groupby(keys)[["accuracy"]].mean()
     transfer = {}
     for run_id, rows in diagonal.groupby("run_id"):
-        keys = list(zip(rows["stream"], rows["backbone"], rows["seed"], rows["eval_task"], strict=True))
+        keys = list(
+            zip(rows["stream"], rows["scenario"], rows["backbone"], rows["seed"], rows["eval_task"], strict=True)
+        )
         reference = scratch["accuracy"].reindex(keys).to_numpy()
         differences = rows["accuracy"].to_numpy() - reference
         transfer[run_id] = np.nanmean(differences) if not np.isnan(differences).all() else np.nan

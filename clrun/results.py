@@ -105,8 +105,9 @@ def summarize(R: np.ndarray, footprint: Footprint, wall_s: float, initial: np.nd
 
 
 def second_matrix_metrics(accuracy: pd.DataFrame, n_tasks: int) -> dict:
-    """Class scenario: the task-aware matrix's acc, BWT and forgetting beside the headline task-agnostic
-    ones; and, where the task was inferred, `task_id_acc`: the final model's mean share of right tasks."""
+    """Where the task-agnostic matrix is the headline (class, domain): in the class scenario the task-aware
+    matrix's acc, BWT and forgetting; where the task was inferred, `task_id_acc`, the final model's mean
+    share of right tasks."""
     extra = {}
     if "eval_mode" in accuracy and (accuracy["eval_mode"] == TASK_AGNOSTIC).any():
         final = matrix_rows(accuracy)

@@ -99,16 +99,14 @@ def fit(
     step (e.g. to mask gradients; `optimizers[0]` holds `params`), `after_step(step)` after them, and
     `after_epoch(epochs_done)` after each epoch: returning True stops training.
     """
-    groups = [(params, cfg), *extra_groups]
-    optimizers = [make_optimizer(group, group_cfg, hw) for group, group_cfg in groups]
-    schedules = [
-        make_schedule(opt, group_cfg, cfg.epochs) for opt, (_, group_cfg) in zip(optimizers, groups, strict=True)
-    ]
     n = len(tensors[0])
     steps_per_epoch = -(-n // cfg.batch_size)
     iterations = cfg.get("iterations")
     epochs = -(-iterations // steps_per_epoch) if iterations else cfg.epochs
     total_steps = iterations or epochs * steps_per_epoch
+    groups = [(params, cfg), *extra_groups]
+    optimizers = [make_optimizer(group, group_cfg, hw) for group, group_cfg in groups]
+    schedules = [make_schedule(opt, group_cfg, epochs) for opt, (_, group_cfg) in zip(optimizers, groups, strict=True)]
     bar = None
     if progress is not None:
         bar = progress.add_task(label, total=total_steps, epoch=f"0/{epochs}", loss=float("nan"), ips=0.0)

@@ -240,3 +240,8 @@ def test_resume_after_task_2_equals_uninterrupted(tmp_path, overrides):
     states = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["method"] for d in (straight, resumed)]
     assert states[0]["model"].keys() == states[1]["model"].keys()
     assert all(torch.equal(states[0]["model"][k], states[1]["model"][k]) for k in states[0]["model"])
+
+
+def test_hn_generating_the_whole_network_refuses_a_pretrained_backbone():
+    with pytest.raises(ClrunError, match="backbone.pretrained has no use"):
+        build_method(HN, "hardware=cpu", "method=hn", "backbone=mlp", "backbone.pretrained=/some/weights.pt")

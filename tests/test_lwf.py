@@ -85,6 +85,8 @@ def test_lwf_loss_per_scenario(scenario):
         kd = soft_ce(model(x, None), teacher(x, None), 3.0)
     assert got.item() == pytest.approx((ce + 0.7 * kd).item(), rel=1e-5)
     assert method.lwf_loss(2, None)(x, y).item() == pytest.approx(ce.item(), rel=1e-5)
+    method.cfg.weight_by_tasks = True  # van de Ven 2019: third task, (1/3) CE + (2/3) lambda KD
+    assert method.lwf_loss(2, teacher)(x, y).item() == pytest.approx((ce / 3 + 2 / 3 * 0.7 * kd).item(), rel=1e-5)
 
 
 def test_teacher_is_frozen_in_eval_mode_and_warmup_trains_the_new_head_only(monkeypatch):

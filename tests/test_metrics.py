@@ -69,3 +69,9 @@ def test_single_task_has_no_backward_metrics():
 def test_expansion_and_size():
     assert metrics.expansion(300, 100) == 3.0
     assert metrics.model_mb(3 * 2**20) == 3.0
+
+
+def test_forgetting_ignores_accuracies_from_before_the_task_was_learned():
+    # domain scenario: the whole matrix is measured; task 2 scored 0.9 by chance before being learned
+    R = np.array([[0.8, 0.5, 0.9], [0.7, 0.9, 0.9], [0.6, 0.8, 0.6]])
+    assert metrics.forgetting(R) == pytest.approx(((0.8 - 0.6) + (0.9 - 0.8)) / 2)

@@ -9,7 +9,7 @@ from test_train import make_method
 from torch import nn
 
 from clrun.methods.base import module_bytes
-from clrun.methods.ewc import EWC, log_probs_and_probs
+from clrun.methods.ewc import EWC, log_probs_and_probs, predicted_log_prob
 from clrun.methods.mas import MAS, squared_norm
 from clrun.methods.regularization import sample_mean
 from clrun.methods.si import SI
@@ -57,6 +57,19 @@ def assert_close(actual: dict, expected: dict) -> None:
     assert actual.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_predicted_fisher_is_the_squared_gradient_at_the_predicted_class():
+    fast, generic, x = tiny_pair()
+    params = dict(fast.named_parameters())
+    expected = {name: torch.zeros_like(p) for name, p in params.items()}
+    for sample in x:
+        log_p = F.log_softmax(fast(sample[None], None), dim=1)[0]
+        grads = torch.autograd.grad(log_p[log_p.argmax()], list(params.values()))
+        for name, g in zip(params, grads, strict=True):
+            expected[name] += g**2 / len(x)
+    for model in (fast, generic):
+        assert_close(sample_mean(model, list(params), x, lambda v: v, None, predicted_log_prob, torch.square), expected)
 
 
 def test_fisher_is_the_exact_expectation_over_predicted_classes():

@@ -77,7 +77,7 @@ def test_command_prints_table_and_writes_parquet(runs, tmp_path, capsys):
     out = tmp_path / "all.parquet"
     report.main([str(runs), "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "finetune" in printed and "60.00±14.14" in printed and "toy / mlp" in printed
+    assert "finetune" in printed and "60.00±14.14" in printed and "toy (task scenario) / mlp" in printed
     assert len(pd.read_parquet(out)) == 4
 
 

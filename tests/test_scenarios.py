@@ -10,7 +10,7 @@ from conftest import build_method, compose_config, matrix, run, run_interrupted_
 from clrun import metrics, results
 from clrun.data import build_stream
 from clrun.errors import ClrunError
-from clrun.methods.base import identify_task
+from clrun.methods.base import identify_task, task_loss
 from clrun.methods.finetune import Finetune
 from clrun.models import TaskModel
 from clrun.models.backbones import build_backbone
@@ -168,3 +168,27 @@ def test_interrupted_run_resumes_to_the_same_matrices(tmp_path, scenario):
     resumed = run_interrupted_then_resumed(tmp_path, *overrides, after_tasks=2)
     columns = ["train_task", "eval_task", "eval_mode", "accuracy"]
     pd.testing.assert_frame_equal(accuracy_table(whole)[columns], accuracy_table(resumed)[columns])
+
+
+def test_cosine_schedule_spans_the_epochs_iterations_make():
+    method, stream, cfg = build_method(
+        Finetune, *TINY, "method.train.iterations=12", "method.train.batch_size=64", "method.train.schedule=cosine"
+    )
+    head = method.model.add_head(2)
+    task = stream.tasks[0]
+    rates = []
+    fit(
+        method.model,
+        method.model.trainable(head),
+        task_loss(method.model, 0, stream),
+        (task.train.x, task.train.y),
+        cfg.method.train,
+        stream,
+        method.hw,
+        None,
+        "t",
+        after_backward=lambda optimizers: rates.append(optimizers[0].param_groups[0]["lr"]),
+    )
+    # 200 images in batches of 64: 4 steps per epoch, 3 epochs; cosine over those 3 (not train.epochs=2)
+    lr = cfg.method.train.lr
+    assert rates == pytest.approx([lr] * 4 + [lr * 0.75] * 4 + [lr * 0.25] * 4)

@@ -1,11 +1,13 @@
 """Elastic weight consolidation (Kirkpatrick et al. 2017) and online EWC (Schwarz et al. 2018), as van de Ven et al.
 run them (GMvandeVen/continual-learning), optionally with a replay memory.
 
-The Fisher is the exact expectation over the model's own predictions (van de Ven's
-`fisher_labels='all'`): F_i = mean_x sum_c p(c|x) (d log p(c|x) / d theta_i)^2, in eval mode, per
-sample, on the task's output as the scenario defines it, for the parameters trained on the task
-(heads included; in the task scenario other heads have zero Fisher anyway). van de Ven divides the
-sum by N-1 on a full pass; this takes the mean.
+The Fisher comes from the model's own predictions, in eval mode, per sample, on the task's output as
+the scenario defines it, for the parameters trained on the task (heads included; in the task scenario
+other heads have zero Fisher anyway). `fisher_labels: predicted` (default): F_i = mean_x (d log p(c*|x) /
+d theta_i)^2 at the predicted class c*, as van de Ven's 2019 code (behind the published MNIST tables,
+whose lambdas the presets use); `expectation`: F_i = mean_x sum_c p(c|x) (d log p(c|x) / d theta_i)^2,
+his 2022 code's exact expectation (larger for confident models: lambda does not carry over). He divides
+the sum by N-1 on a full pass; this takes the mean.
 
 Offline (`online: false`): one penalty (lambda/2) sum_i F_j,i (theta_i - theta*_j,i)^2 per earlier task j.
 Online: one running Fisher F <- gamma F + F_t anchored at the last task, and the penalty
@@ -28,6 +30,16 @@ def log_probs_and_probs(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return log_p, log_p.detach().exp()
 
 
+def predicted_log_prob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, log p(c*|x) of the predicted class c* = argmax p(c|x), with weight 1."""
+    log_p = F.log_softmax(logits, dim=1)
+    best = log_p.gather(1, log_p.detach().argmax(1, keepdim=True))
+    return best, torch.ones_like(best)
+
+
+FISHER_OUTPUTS = {"expectation": log_probs_and_probs, "predicted": predicted_log_prob}
+
+
 class EWC(Regularization, Replaying):
     @property
     def penalty_weight(self) -> float:
@@ -43,9 +55,8 @@ class EWC(Regularization, Replaying):
     def fisher(self, task: Task, names: list[str]) -> Tensors:
         """The diagonal Fisher of parameters `names` on `fisher_samples` of the task's training images."""
         images = self.sample_images(task, self.cfg.fisher_samples)
-        return sample_mean(
-            self.model, names, images, self.prepare, self.output_head(task), log_probs_and_probs, torch.square
-        )
+        outputs = FISHER_OUTPUTS[self.cfg.fisher_labels.value]
+        return sample_mean(self.model, names, images, self.prepare, self.output_head(task), outputs, torch.square)
 
     def consolidate(self, task: Task, trained: dict[str, torch.nn.Parameter]) -> None:
         fisher = self.fisher(task, list(trained))

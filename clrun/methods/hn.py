@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from clrun.data.stream import Task
+from clrun.errors import ClrunError
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
 from clrun.methods.hypernet import HyperNetwork, param_shapes
 from clrun.models import build_backbone
@@ -74,6 +75,11 @@ class HNModel(nn.Module):
 class HN(Method):
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
+        if cfg.target.value == "all" and backbone_cfg.pretrained:
+            raise ClrunError(
+                "method hn with target=all generates every backbone weight, so backbone.pretrained has no use; "
+                "use method.target=heads or backbone.pretrained=null"
+            )
         backbone = build_backbone(backbone_cfg, stream.input_shape)
         head = Linear(backbone.out_features, max(task.n_classes for task in stream.tasks))
         self.base_params = count_params(backbone) + (backbone.out_features + 1) * stream.tasks[0].n_classes

@@ -20,6 +20,9 @@ T^2 factor: Li & Hoiem's L_old and van de Ven's `loss_fn_kd`, methods.md §8).
   `kd_over_seen=false`: both softmaxes over the old classes only (Li & Hoiem's old outputs).
 - domain: KD of the shared head, weight lambda (van de Ven 2022 weighs it by t-1).
 
+`weight_by_tasks`: (1/t) CE + (1 - 1/t) lambda KD with t = task + 1, as van de Ven's 2019 code
+(the MNIST tables the vdv presets compare with; its KD may also carry a T^2 factor, unverified here).
+
 `warmup_epochs`: first train only the new head with the backbone and earlier heads
 frozen (the paper's warm-up; off by default as in FACIL). In the domain scenario
 that is the shared head.
@@ -84,6 +87,8 @@ class LwF(Replaying):
                 kd = distillation(logits[:, :offset], teacher.logits(old, None), temperature)
             else:
                 kd = distillation(logits, teacher.logits(old, None), temperature)
+            if self.cfg.weight_by_tasks:
+                return (ce + task * self.cfg.lwf_lambda * kd) / (task + 1)
             return ce + self.cfg.lwf_lambda * kd
 
         return loss

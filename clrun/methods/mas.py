@@ -2,8 +2,9 @@
 
 After each task, a parameter's importance is the mean over the task's training images of
 |d ||f(x)||^2 / d theta|, f the task's output (its logits) as the scenario defines it, in eval mode, per
-sample, as in the original code (rahafaljundi/MAS-Memory-Aware-Synapses: squared L2 norm of the output,
-eval mode). FACIL and Avalanche use the unsquared norm in train mode instead. Importance adds up over
+sample as the paper defines it (the original code, rahafaljundi/MAS-Memory-Aware-Synapses, takes the
+squared L2 norm in eval mode too, but of batch gradients). FACIL and Avalanche use the unsquared norm in
+train mode instead. Importance adds up over
 tasks (the original's sum, not FACIL's alpha-average); the anchor moves to the current parameters; the
 penalty is lambda * sum_i Omega_i (theta_i - anchor_i)^2.
 """

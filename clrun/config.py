@@ -318,7 +318,7 @@ class SideTuningConfig(PerTaskMethodConfig):
 
 @dataclass
 class HATConfig(PerTaskMethodConfig):
-    """HAT (Serra et al. 2018): learned per-task sigmoid gates on hidden units; defaults: joansj/hat (run.py, hat.py)."""
+    """HAT (Serra et al. 2018): learned per-task sigmoid gates on hidden units; defaults: joansj/hat."""
 
     # plain SGD lr 0.05, batch 64, no momentum, no weight decay (joansj/hat); its validation-driven lr decay and
     # early stopping are not used here: train.epochs / train.iterations decide

@@ -333,6 +333,30 @@ class HATConfig(PerTaskMethodConfig):
     binarize: bool = False  # test and cumulative masks 1[e > 0] instead of the code's sigmoid(s_max e)
 
 
+@dataclass
+class ExpertGateConfig(MethodConfig):
+    """Expert Gate (Aljundi et al. 2017): an expert per task, picked at test by per-task autoencoder gates."""
+
+    # the gates choose the expert, so there is no `task_id` rule: it runs in every scenario
+    latent: int = 100  # autoencoder code size (Avalanche's ExpertGate: 100)
+    # autoencoder training: Adam lr 1e-3 (Avalanche), 2 epochs (Avalanche's ae_epochs)
+    gate_train: TrainConfig = field(default_factory=lambda: _train(epochs=2, optimizer=Optimizer.adam, lr=0.001))
+    relatedness_init: bool = True  # start each expert from the most related earlier one (paper); false: from scratch
+
+
+@dataclass
+class DERConfig(MethodConfig):
+    """DER (Yan, Xie & He 2021): a new feature extractor per task, earlier ones frozen, a classifier on them all."""
+
+    extractor_width: float = 1.0  # each extractor's width as a multiple of backbone.width (DER: the full backbone)
+    aux_weight: float = 1.0  # weight of the auxiliary (new classes + "old") loss (DER's code: 1)
+    sparsity_weight: float = 0.0001  # weight of the channel-gate sparsity loss (mean gate)
+    s_max: float = 400.0  # gate steepness sigmoid(s e) at the end of each epoch (HAT-style annealing, as DER)
+    prune_threshold: float = 0.5  # after a task, channels whose gate at s_max is at most this are pruned (set to 0)
+    # replay memory, class scenario only (DER: 2000 exemplars)
+    replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(budget=2000))
+
+
 class XdGRegularizer(Enum):
     none = "none"  # gates alone
     ewc = "ewc"  # plus EWC's Fisher penalty (clrun.methods.ewc)
@@ -353,6 +377,37 @@ class XdGConfig(PerTaskMethodConfig):
     fisher_samples: Optional[int] = None  # regularizer=ewc: images the Fisher is estimated on (null: all)
     si_c: float = 50.0  # regularizer=si: penalty weight c
     epsilon: float = 0.1  # regularizer=si: damping xi in omega = W / (delta^2 + xi)
+
+
+@dataclass
+class DENConfig(PerTaskMethodConfig):
+    """DEN (Yoon et al. 2018): selective retraining, expansion with group-sparse pruning, split/duplication, timestamps;
+    defaults: the official DEN_run.py (MLP 784-312-128, Permuted MNIST)."""
+
+    # Adam lr 1e-3, batch 256 (code); every phase (head, selective retraining, expansion, split retraining) trains
+    # train.epochs / train.iterations; the code's 0.95 lr decay per epoch and its l2 weight decay 1e-4 are not used
+    train: TrainConfig = field(default_factory=lambda: _train(epochs=2, batch_size=256, lr=0.001))
+    mu: float = 1e-5  # L1 weight, applied as a proximal soft-threshold lr*mu after each step (code's l1_lambda)
+    drift: float = (
+        0.5  # lambda in lambda ||W_S - W_S^{t-1}||^2 of selective retraining and splitting (code's l2_lambda)
+    )
+    group_lasso: float = 1e-3  # group lasso weight on the new units' incoming weights, proximal (code's gl_lambda)
+    k: int = 10  # units added per layer by expansion; most units split per layer (code's ex_k)
+    tau: float = 0.01  # expand when the selective-retraining loss stays above tau (code's loss_thr)
+    sigma: float = 0.05  # split a unit whose incoming weights drifted more than sigma in L2 norm (code's spl_thr)
+
+
+@dataclass
+class CCGNConfig(PerTaskMethodConfig):
+    """CCGN (Abati et al. 2020): per-task input-conditioned channel gates (Gumbel-softmax), used channels frozen."""
+
+    sparsity: float = 0.5  # lambda_s on the mean gate activation (ChannelGatedCL port: 0.5)
+    gate_hidden: int = 16  # hidden units of each gating MLP (paper: 16 [unverified])
+    temperature: float = (
+        0.6666666666666666  # Gumbel-sigmoid temperature while training (a common choice; not from the paper)
+    )
+    relevance: float = 0.0  # a channel is relevant (frozen afterwards) when its gate fires on more than this share
+    # of the task's training images (0: ever fires, which makes earlier tasks' logits exact; port: 0.8 probability)
 
 
 class SplitRule(Enum):
@@ -489,6 +544,20 @@ RANGES = [
     ("method.embedding_clamp", lambda v: v is None or v > 0, "positive"),
     ("method.clip_grad_norm", lambda v: v is None or v > 0, "null (no clipping) or positive"),
     ("method.gating", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
+    ("method.latent", lambda v: v is None or v >= 1, "at least 1"),
+    ("method.extractor_width", lambda v: v is None or v > 0, "positive"),
+    ("method.aux_weight", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.sparsity_weight", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.prune_threshold", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
+    ("method.mu", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.drift", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.k", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.tau", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.group_lasso", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.sigma", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.sparsity", lambda v: v is None or v >= 0, "non-negative"),
+    ("method.gate_hidden", lambda v: v is None or v >= 1, "at least 1"),
+    ("method.relevance", lambda v: v is None or 0 <= v < 1, "in [0, 1)"),
     ("backbone.width", lambda v: v > 0, "positive"),
     ("stream.n_tasks", lambda v: v >= 1, "at least 1"),
     ("stream.classes_per_task", lambda v: v >= 1, "at least 1"),
@@ -541,6 +610,10 @@ def register_configs() -> None:
     cs.store(name="side_tuning_method_schema", node=SideTuningConfig)
     cs.store(name="hat_method_schema", node=HATConfig)
     cs.store(name="xdg_method_schema", node=XdGConfig)
+    cs.store(name="expert_gate_method_schema", node=ExpertGateConfig)
+    cs.store(name="der_method_schema", node=DERConfig)
+    cs.store(name="den_method_schema", node=DENConfig)
+    cs.store(name="ccgn_method_schema", node=CCGNConfig)
     cs.store(name="backbone_schema", node=BackboneConfig)
     cs.store(name="mlp_backbone_schema", node=MlpConfig)
     cs.store(name="stream_schema", node=StreamConfig)

@@ -133,17 +133,20 @@ class Method:
         """Logits with no task id after learning tasks 0..seen-1: over every class seen (class scenario,
         global labels) or over the shared labels (domain); and each sample's inferred task (None if not inferred).
 
-        Here: the `task_id` rule picks a task per sample from `predict`'s per-task logits,
-        and only that task's logits are kept.
+        Here: `infer_task` picks a task per sample and only that task's logits (from `predict`) are kept.
         """
         logits = [self.predict(x, task) for task in range(seen)]
-        inferred = identify_task(logits, self.cfg.task_id.value)
+        inferred = self.infer_task(x, logits)
         if self.stream.scenario == "domain":
             return torch.stack(logits)[inferred, torch.arange(len(x), device=x.device)], inferred
         rows = [
             torch.where((inferred == task)[:, None], task_logits, -torch.inf) for task, task_logits in enumerate(logits)
         ]
         return torch.cat(rows, dim=1), inferred
+
+    def infer_task(self, x: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
+        """Each sample's task, from its logits under every learned task's head: the `task_id` rule."""
+        return identify_task(logits, self.cfg.task_id.value)
 
     def state_dict(self) -> dict:
         """Everything resuming after the last learned task needs."""

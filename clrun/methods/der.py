@@ -1,0 +1,251 @@
+"""DER: dynamically expandable representation (Yan, Xie & He, CVPR 2021), class-incremental.
+
+Each task adds a feature extractor (the backbone at `extractor_width` times
+backbone.width); earlier extractors are frozen (eval mode, batch norm included, no
+gradient, out of the optimizer). The classifier reads the concatenation of every
+extractor's features:
+
+- class scenario (DER's own): one classifier over every class seen, rebuilt per task
+  over the wider features, the old classifier's weights copied into it (DER's code);
+  the whole of it trains, with a class-balanced replay memory (`replay`, DER: 2000
+  exemplars; DER picks them by herding) mixed into every batch;
+- task scenario: a head per task on the features of extractors 0..t, so earlier tasks'
+  logits never change (no replay).
+
+The loss adds an auxiliary classifier on the new extractor's features over the
+task's classes plus one "old" class for every replayed image (weight `aux_weight`;
+tasks from 1 on, discarded after the task), and a sparsity penalty on channel gates.
+The gates: sigmoid(s e) per hidden unit or channel of the new extractor
+(`clrun.models.gating`, after each activation), s annealed from 1/s_max to s_max
+over each epoch with HAT's gradient compensation and embedding clamp (HAT's
+schedule, which DER's masks follow), embeddings from 0.1 (every channel open at s_max, yet near enough to 0 for Adam's
+steps of about lr to close one within a task), the
+penalty the mean gate (DER weights it by layer size). After the task, gates at s_max above
+`prune_threshold` become 1, the others 0 (pruned), fixed from then on. Channels are
+masked, not physically removed: the footprint counts every parameter; `summary()`
+reports the pruned share. DER's classifier re-balancing stage is not done.
+
+Backbones: mlp, convnet, vgg16_bn (chain backbones, as the gates need).
+"""
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from clrun.data import prepare
+from clrun.data.stream import Task
+from clrun.methods.base import Footprint, Method, count_params, module_bytes
+from clrun.methods.hat import COSH_CLAMP
+from clrun.methods.replay import Memory
+from clrun.models import build_backbone
+from clrun.models.gating import Gates, gated_layers
+from clrun.models.layers import Linear
+from clrun.train import fit
+
+EMBEDDING_CLAMP = 6.0  # gate embeddings stay in [-6, 6] (HAT's thres_emb)
+EMBEDDING_INIT = 0.1  # gate embeddings start here: sigmoid(s_max 0.1) = 1, every channel open
+
+
+def compensate(embeddings: list[nn.Parameter], s: float, s_max: float) -> None:
+    """HAT's gradient compensation of gate embeddings: times s_max (cosh(clamp(s e)) + 1) / (s (cosh(e) + 1)), so
+    they keep learning while s is small or large."""
+    for e in embeddings:
+        value = e.detach()
+        e.grad.mul_(s_max / s * (torch.cosh((s * value).clamp(-COSH_CLAMP, COSH_CLAMP)) + 1))
+        e.grad.div_(torch.cosh(value) + 1)
+
+
+class Extractors(nn.Module):
+    """The extractors in task order with their channel gates; every one but the last stays in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.nets = nn.ModuleList()
+        self.gates: list[Gates] = []
+        self.units: list[list[int]] = []  # per extractor, the units of each gated layer
+        self.masks: list[list[torch.Tensor]] = []  # per frozen extractor, its 0/1 gates per gated layer
+
+    def append(self, net: nn.Module) -> None:
+        layers = gated_layers(net, "der")
+        self.nets.append(net)
+        self.gates.append(Gates(layers))
+        self.units.append([g.units for g in layers])
+
+    @property
+    def out_features(self) -> int:
+        return sum(net.out_features for net in self.nets)
+
+    def forward(self, x: torch.Tensor, upto: int, soft: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Concatenated features of extractors 0..upto-1: frozen ones under their masks without gradient, the one
+        in training (index len(masks)) under the `soft` gates."""
+        features = []
+        for i in range(upto):
+            if i < len(self.masks):
+                with torch.no_grad(), self.gates[i].use(self.masks[i]):
+                    features.append(self.nets[i](x))
+            else:
+                with self.gates[i].use(soft):
+                    features.append(self.nets[i](x))
+        return torch.cat(features, dim=1)
+
+    def train(self, mode: bool = True) -> "Extractors":
+        super().train(mode)
+        for net in self.nets[: len(self.masks)]:
+            net.eval()  # frozen: batch norm on its running statistics, never updated (methods.md §0.1)
+        return self
+
+
+class DER(Method):
+    def __init__(self, cfg, backbone_cfg, stream, hw):
+        super().__init__(cfg, backbone_cfg, stream, hw)
+        self.extractors = hw.prepare_model(Extractors())
+        self.heads = nn.ModuleList()  # class: the one classifier; task: a head per task
+        self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
+        self.pruned: list[float] = []  # per task, the share of its extractor's gated units pruned
+        with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+            backbone = build_backbone(OmegaConf.merge(backbone_cfg, {"pretrained": None}), stream.input_shape)
+        gated_layers(backbone, "der")  # an unsupported backbone fails now, before any work
+        self.base_params = count_params(backbone) + (backbone.out_features + 1) * stream.tasks[0].n_classes
+
+    @classmethod
+    def supported_scenarios(cls, cfg) -> tuple[str, ...]:
+        return ("task", "class")
+
+    @property
+    def class_scenario(self) -> bool:
+        return self.stream.scenario == "class"
+
+    def add_task(self, task: Task) -> None:
+        """A new extractor and the head(s) for `task`: class, a classifier over every class so far holding the old
+        one's weights; task, the task's head on the features of extractors 0..task."""
+        cfg = OmegaConf.merge(self.backbone_cfg, {"width": self.backbone_cfg.width * self.cfg.extractor_width})
+        self.extractors.append(self.hw.prepare_model(build_backbone(cfg, self.stream.input_shape)))
+        n_features = self.extractors.out_features
+        if not self.class_scenario:
+            self.heads.append(self.hw.prepare_model(Linear(n_features, task.n_classes)))
+            return
+        n_classes = self.stream.class_offset(task.index) + task.n_classes
+        head = self.hw.prepare_model(Linear(n_features, n_classes))
+        if len(self.heads):
+            old = self.heads[0]
+            with torch.no_grad():
+                head.weight[: old.out_features, : old.in_features] = old.weight
+                head.bias[: old.out_features] = old.bias
+        self.heads = nn.ModuleList([head])
+
+    def anneal(self, batch: int, batches: int) -> float:
+        """s for batch `batch` (0-based) of an epoch of `batches`: 1/s_max to s_max."""
+        s_max = self.cfg.s_max
+        return 1 / s_max + (s_max - 1 / s_max) * (batch / (batches - 1) if batches > 1 else 1.0)
+
+    def learn(self, task: Task, progress) -> dict:
+        cfg, k = self.cfg, task.index
+        self.add_task(task)
+        net = self.extractors.nets[k]
+        device = self.hw.device
+        embeddings = [nn.Parameter(torch.full((n,), EMBEDDING_INIT, device=device)) for n in self.extractors.units[k]]
+        aux = self.hw.prepare_model(Linear(net.out_features, task.n_classes + 1)) if k else None
+        head = self.heads[0 if self.class_scenario else k]
+        params = [*net.parameters(), *head.parameters(), *embeddings, *(aux.parameters() if aux else [])]
+        batches = -(-len(task.train) // cfg.train.batch_size)
+        current = {"step": 0, "s": 1.0}
+        replay = self.class_scenario and len(self.memory) > 0
+        replay_size = cfg.replay.batch_size or cfg.train.batch_size
+        offset = self.stream.class_offset(k) if self.class_scenario else 0
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            s = self.anneal(current["step"] % batches, batches)
+            current["step"] += 1
+            current["s"] = s
+            soft = [torch.sigmoid(s * e) for e in embeddings]
+            targets, aux_targets = y + offset, y
+            if replay:
+                images, y_old, t_old = self.memory.sample(replay_size)
+                old = self.hw.to_input(prepare(images, self.stream.mean, self.stream.std, self.stream.augment))
+                x = torch.cat([x, old])
+                targets = torch.cat([targets, self.stream.targets(y_old, t_old)])
+                aux_targets = torch.cat([aux_targets, torch.full_like(y_old, task.n_classes)])
+            features = self.extractors(x, k + 1, soft)
+            total = F.cross_entropy(head(features), targets)
+            if aux is not None:
+                total = total + cfg.aux_weight * F.cross_entropy(aux(features[:, -net.out_features :]), aux_targets)
+            sparsity = torch.cat(soft).mean()
+            return total + cfg.sparsity_weight * sparsity
+
+        def after_backward(_) -> None:
+            compensate(embeddings, current["s"], cfg.s_max)
+
+        def after_step(_) -> None:
+            with torch.no_grad():
+                for e in embeddings:
+                    e.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
+
+        stats = fit(
+            self.extractors,
+            params,
+            loss,
+            (task.train.x, task.train.y),
+            cfg.train,
+            self.stream,
+            self.hw,
+            progress,
+            f"task {k} {task.name}",
+            after_backward=after_backward,
+            after_step=after_step,
+        )
+        masks = [(torch.sigmoid(cfg.s_max * e.detach()) > cfg.prune_threshold).float() for e in embeddings]
+        self.extractors.masks.append(masks)
+        self.pruned.append(1 - float(torch.cat(masks).mean()))
+        if self.class_scenario and cfg.replay.budget:
+            self.memory.add(task)
+        return {**stats.row(), "pruned": self.pruned[-1]}
+
+    def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        self.extractors.eval()
+        if not self.class_scenario:
+            return self.heads[task](self.extractors(x, task + 1))
+        offset = self.stream.class_offset(task)
+        return self.predict_agnostic(x, len(self.heads))[0][:, offset : offset + self.stream.tasks[task].n_classes]
+
+    def predict_agnostic(self, x: torch.Tensor, seen: int) -> tuple[torch.Tensor, None]:
+        """The classifier's logits over every class seen (class scenario)."""
+        self.extractors.eval()
+        with torch.no_grad():
+            return self.heads[0](self.extractors(x, len(self.extractors.nets))), None
+
+    def summary(self) -> dict:
+        """Share of the gated units pruned, over every extractor."""
+        units = [sum(m.numel() for m in masks) for masks in self.extractors.masks]
+        return {"pruned": sum(p * n for p, n in zip(self.pruned, units, strict=True)) / sum(units)}
+
+    def state_dict(self) -> dict:
+        return {
+            "extractors": self.extractors.state_dict(),
+            "masks": self.extractors.masks,
+            "heads": self.heads.state_dict(),
+            "memory": self.memory.state_dict(),
+            "pruned": self.pruned,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.extractors = self.hw.prepare_model(Extractors())
+        self.heads = nn.ModuleList()
+        for task in self.stream.tasks[: len(state["masks"])]:
+            self.add_task(task)
+        self.extractors.load_state_dict(state["extractors"])
+        self.extractors.masks = [[m.to(self.hw.device) for m in masks] for masks in state["masks"]]
+        self.heads.load_state_dict(state["heads"])
+        self.memory.load_state_dict(state["memory"], self.hw.device)
+        self.pruned = state["pruned"]
+
+    def footprint(self) -> Footprint:
+        """Every extractor (pruned channels included: they are masked, not removed), their masks (bytes), the
+        classifier(s) and the replay memory (bytes); the base is one backbone at backbone.width with one head."""
+        masks = sum(m.numel() * m.element_size() for masks in self.extractors.masks for m in masks)
+        footprint = Footprint(
+            params=count_params(self.extractors) + count_params(self.heads),
+            bytes=module_bytes(self.extractors) + module_bytes(self.heads) + masks,
+            base_params=self.base_params,
+        )
+        return self.memory.add_to(footprint)

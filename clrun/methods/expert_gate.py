@@ -1,0 +1,145 @@
+"""Expert Gate (Aljundi, Chakravarty & Tuytelaars, CVPR 2017): an expert per task, chosen by autoencoder gates.
+
+Each task gets an expert (a backbone with the task's head) and a gate: an
+undercomplete autoencoder trained on the task's inputs. The paper's autoencoders
+read a fixed pretrained trunk's features (AlexNet conv5); with no such trunk here,
+they read the flattened normalised image squashed by a sigmoid (the paper's own
+preprocessing of its features: standardise, then sigmoid), through ReLU(W x) and a
+sigmoid decoder. At test, the gate with the lowest reconstruction error picks the
+expert (the paper's softmax(-Er / t) has the same argmax for any temperature t),
+so no task id is needed: the class and domain scenarios take that expert's logits.
+
+A new task k first trains its gate, then measures each earlier gate a's error Er_a
+on task k's training images; relatedness Rel_a = 1 - (Er_a - Er_k) / Er_k (paper).
+The expert starts from the most related earlier expert's backbone (a fresh head;
+from scratch for task 0) and is fine-tuned. The paper trains it with LwF when Rel
+exceeds a threshold; here it is always fine-tuned, since earlier experts are kept
+anyway and the LwF variant only shapes the new expert (methods.md §12).
+
+Every scenario; any backbone. Footprint: every expert and every autoencoder.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clrun.data import prepare
+from clrun.data.stream import Task
+from clrun.methods.base import Footprint, Method, count_params, module_bytes
+from clrun.models.layers import Linear
+from clrun.train import fit
+
+
+class Autoencoder(nn.Module):
+    """The gate: sigmoid(x) -> ReLU(encoder) -> sigmoid(decoder); its error is the mean squared reconstruction
+    error per image."""
+
+    def __init__(self, n_inputs: int, latent: int):
+        super().__init__()
+        self.encoder = Linear(n_inputs, latent)
+        self.decoder = Linear(latent, n_inputs)
+
+    def error(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction error of each image of `x`, (N,)."""
+        target = torch.sigmoid(x.flatten(1))
+        reconstruction = torch.sigmoid(self.decoder(F.relu(self.encoder(target))))
+        return (reconstruction - target).pow(2).mean(1)
+
+
+class ExpertGate(Method):
+    def __init__(self, cfg, backbone_cfg, stream, hw):
+        super().__init__(cfg, backbone_cfg, stream, hw)
+        self.experts = []
+        self.gates = nn.ModuleList()
+        self.relatedness: list[list[float]] = []  # per task, Rel of each earlier task
+
+    @classmethod
+    def supported_scenarios(cls, cfg) -> tuple[str, ...]:
+        return ("task", "class", "domain")
+
+    def new_gate(self) -> Autoencoder:
+        n_inputs = 1
+        for size in self.stream.input_shape:
+            n_inputs *= size
+        return self.hw.prepare_model(Autoencoder(n_inputs, self.cfg.latent))
+
+    @torch.no_grad()
+    def gate_errors(self, x: torch.Tensor) -> torch.Tensor:
+        """Every gate's reconstruction error of each prepared image, (tasks, N)."""
+        self.gates.eval()
+        return torch.stack([gate.error(x) for gate in self.gates])
+
+    def mean_errors(self, task: Task) -> torch.Tensor:
+        """Every gate's mean reconstruction error over `task`'s training images, (tasks,)."""
+        total = 0
+        for start in range(0, len(task.train), self.cfg.eval_batch_size):
+            images = task.train.x[start : start + self.cfg.eval_batch_size]
+            x = self.hw.to_input(prepare(images, self.stream.mean, self.stream.std, augment=False))
+            total = total + self.gate_errors(x).sum(1)
+        return total / len(task.train)
+
+    def learn(self, task: Task, progress) -> dict:
+        gate = self.new_gate()
+        self.gates.append(gate)
+        gate_stats = fit(
+            gate,
+            gate.parameters(),
+            lambda x, y: gate.error(x).mean(),
+            (task.train.x, task.train.y),
+            self.cfg.gate_train,
+            self.stream,
+            self.hw,
+            progress,
+            f"task {task.index} gate",
+        )
+        expert = self.new_model([task], scenario="task")
+        rel, parent = [], None
+        if task.index:
+            errors = self.mean_errors(task)
+            own = errors[-1]
+            rel = (1 - (errors[:-1] - own) / own).tolist()
+            if self.cfg.relatedness_init:
+                parent = int(torch.argmax(torch.tensor(rel)))
+                expert.backbone.load_state_dict(self.experts[parent].backbone.state_dict())
+        self.relatedness.append(rel)
+        self.experts.append(expert)
+        row = self.train_task(expert, expert.parameters(), task, progress, index=0)
+        return {**row, "gate_loss": gate_stats.row()["train_loss"], "parent": -1 if parent is None else parent}
+
+    def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        expert = self.experts[task]
+        expert.eval()
+        return expert(x, 0)
+
+    def infer_task(self, x: torch.Tensor, logits: list[torch.Tensor]) -> torch.Tensor:
+        """The expert whose gate reconstructs each image best answers."""
+        return self.gate_errors(x)[: len(logits)].argmin(0)
+
+    def summary(self) -> dict:
+        """Mean relatedness of each task to its most related earlier one (tasks 1 on; NaN with one task)."""
+        best = [max(rel) for rel in self.relatedness if rel]
+        return {"relatedness": sum(best) / len(best) if best else float("nan")}
+
+    def state_dict(self) -> dict:
+        return {
+            "experts": [expert.state_dict() for expert in self.experts],
+            "gates": self.gates.state_dict(),
+            "relatedness": self.relatedness,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        tasks = self.stream.tasks[: len(state["experts"])]
+        self.experts = [self.new_model([task], scenario="task") for task in tasks]
+        for expert, expert_state in zip(self.experts, state["experts"], strict=True):
+            expert.load_state_dict(expert_state)
+        self.gates = nn.ModuleList(self.new_gate() for _ in tasks)
+        self.gates.load_state_dict(state["gates"])
+        self.relatedness = state["relatedness"]
+
+    def footprint(self) -> Footprint:
+        """Every expert and every gate; the base is one expert (backbone and task 0's head)."""
+        return Footprint(
+            params=sum(count_params(m) for m in self.experts) + count_params(self.gates),
+            bytes=sum(module_bytes(m) for m in self.experts) + module_bytes(self.gates),
+            base_params=count_params(self.experts[0]),
+        )

@@ -1,0 +1,221 @@
+"""CCGN: conditional channel gated networks (Abati, Tomczak, Blankevoort, Calderara, Cucchiara & Bejnordi,
+CVPR 2020), task-incremental part.
+
+Every hidden unit or channel of a chain backbone (`clrun.models.gating.gated_layers`) gets, per task,
+a gate computed from the layer's own input: global average pool -> Linear(`gate_hidden`) -> ReLU ->
+one logit per output channel. The gate multiplies the activation's output (methods.md §13):
+
+- training: a binary Gumbel-sigmoid sample at `temperature`, straight-through (the hard 0/1 value
+  forward, the relaxed sample's gradient backward); loss = CE + `sparsity` * mean over layers of the
+  mean gate;
+- test: 1[logit > 0], times the task's relevant channels (so a task never opens a channel it did
+  not use in training, whose weights later tasks may change);
+- after the task: a channel is relevant when its test-mode gate fires on more than `relevance` of
+  the task's training images. Weights from relevant inputs into relevant outputs (and relevant
+  outputs' biases) of every earlier task get zero gradient for all later tasks (HAT's rule,
+  `clrun.methods.hat.gradient_factors`, with the union of relevant channels as a 0/1 mask).
+
+Batch norm is kept per task (methods.md §0.1): each task trains its own copy, starting from the
+previous task's. Each task starts a fresh optimizer and weight decay is added to the gradient before
+masking, so frozen weights stay exactly equal and earlier tasks' logits are bit-identical.
+
+Not implemented: the paper's task classifier for the class scenario (class/domain go through
+`task_id`, the base class's confidence/entropy task inference), the re-initialisation of unused
+channels after each task, and the port's sparsity warm-up (sparsity acts from the first step).
+"""
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from torch.func import functional_call
+
+from clrun.data import prepare
+from clrun.data.stream import Task
+from clrun.methods.base import Footprint, Method, count_params, module_bytes
+from clrun.methods.hat import gradient_factors
+from clrun.models.gating import GatedLayer, batch_norm_state, gated_layers
+from clrun.models.layers import Conv2d
+from clrun.train import fit
+
+
+def gate_inputs(layer: nn.Module) -> int:
+    """Features a layer's gating module reads: input channels (conv) or input features (linear)."""
+    return layer.in_channels if isinstance(layer, Conv2d) else layer.in_features
+
+
+class ChannelGates:
+    """Input-conditioned gates on the given layers, applied through hooks while `modules` is set: a pre-hook
+    computes each layer's gates from its input, a hook on its activation multiplies them in. Each pass's
+    gates are kept in `record` (per layer, batch x units)."""
+
+    def __init__(self, layers: list[GatedLayer], temperature: float) -> None:
+        self.temperature = temperature
+        self.modules: nn.ModuleList | None = None
+        self.masks: list[torch.Tensor] | None = None  # test: the task's relevant channels
+        self.record: list[torch.Tensor] = []
+        for i, gated in enumerate(layers):
+            gated.layer.register_forward_pre_hook(lambda module, inputs, i=i: self._compute(i, inputs[0]))
+            gated.activation.register_forward_hook(lambda module, inputs, output, i=i: self._apply(i, output))
+
+    def _compute(self, index: int, x: torch.Tensor) -> None:
+        if self.modules is None:
+            return
+        pooled = x.mean((2, 3)) if x.dim() == 4 else x
+        logits = self.modules[index](pooled)
+        if self.modules.training:  # binary Gumbel-sigmoid, straight-through
+            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+            soft = torch.sigmoid((logits + u.log() - (-u).log1p()) / self.temperature)
+            gate = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+        else:
+            gate = (logits > 0).to(logits.dtype)
+            if self.masks is not None:
+                gate = gate * self.masks[index]
+        self.record.append(gate)
+
+    def _apply(self, index: int, output: torch.Tensor) -> torch.Tensor | None:
+        if self.modules is None:
+            return None
+        gate = self.record[-1].to(output.dtype)
+        return output * gate.view(*gate.shape, *([1] * (output.dim() - 2)))
+
+    def use(self, modules: nn.ModuleList, masks: list[torch.Tensor] | None = None):
+        """Gate with `modules` (and, at test, `masks`) until `off()`; clears `record`."""
+        self.modules, self.masks, self.record = modules, masks, []
+
+    def off(self) -> None:
+        self.modules, self.masks = None, None
+
+
+class CCGN(Method):
+    def __init__(self, cfg, backbone_cfg, stream, hw):
+        super().__init__(cfg, backbone_cfg, stream, hw)
+        self.model = self.new_model([], scenario="task")  # a head per task; class/domain go through `task_id`
+        self.layers = gated_layers(self.model.backbone, "ccgn")
+        self.gates = ChannelGates(self.layers, cfg.temperature)
+        self.gaters = nn.ModuleList()  # per task, a gating module per layer
+        self.norms: list[dict[str, torch.Tensor]] = []  # per task, its batch-norm tensors
+        self.relevant: list[list[torch.Tensor]] = []  # per task, per layer: 0/1 float of the channels it uses
+        self.frozen = [torch.zeros(g.units, device=hw.device) for g in self.layers]  # union over learned tasks
+
+    def new_gaters(self) -> nn.ModuleList:
+        """A gating module per layer: pool -> Linear(gate_hidden) -> ReLU -> Linear(units)."""
+        hidden = self.cfg.gate_hidden
+        modules = [
+            nn.Sequential(nn.Linear(gate_inputs(g.layer), hidden), nn.ReLU(), nn.Linear(hidden, g.units))
+            for g in self.layers
+        ]
+        return nn.ModuleList(modules).to(self.hw.device)
+
+    def learn(self, task: Task, progress) -> dict:
+        cfg, model = self.cfg, self.model
+        head = model.add_head(task.n_classes)
+        gaters = self.new_gaters()
+        params = list(model.backbone.parameters()) + list(model.heads.heads[head].parameters())
+        factors = gradient_factors(self.layers, self.frozen) if task.index else None
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            self.gates.use(gaters)
+            logits = model(x, head)
+            self.gates.off()
+            opened = torch.stack([g.mean() for g in self.gates.record]).mean()
+            return F.cross_entropy(logits, y) + cfg.sparsity * opened
+
+        def after_backward(_) -> None:
+            if cfg.train.weight_decay:  # by hand, before the masks: frozen weights never decay
+                for p in params:
+                    p.grad.add_(p.detach(), alpha=cfg.train.weight_decay)
+            if factors is not None:
+                for gated, (weight_factor, bias_factor) in zip(self.layers, factors, strict=True):
+                    gated.layer.weight.grad.mul_(weight_factor)
+                    if gated.layer.bias is not None:
+                        gated.layer.bias.grad.mul_(bias_factor)
+
+        gaters.train()
+        stats = fit(
+            model,
+            params + list(gaters.parameters()),
+            loss,
+            (task.train.x, task.train.y),
+            OmegaConf.merge(cfg.train, {"weight_decay": 0.0}),
+            self.stream,
+            self.hw,
+            progress,
+            f"task {task.index} {task.name}",
+            after_backward=after_backward,
+        )
+        gaters.eval().requires_grad_(False)
+        self.gaters.append(gaters)
+        self.norms.append(batch_norm_state(model.backbone))
+        relevant = [(f > cfg.relevance).float() for f in self.firing(task, gaters)]
+        self.relevant.append(relevant)
+        self.frozen = [torch.maximum(f, r) for f, r in zip(self.frozen, relevant, strict=True)]
+        return {**stats.row(), "open": self.open_share(relevant)}
+
+    @torch.no_grad()
+    def firing(self, task: Task, gaters: nn.ModuleList) -> list[torch.Tensor]:
+        """Per layer, the share of the task's training images on which each test-mode gate fires."""
+        self.model.eval()
+        counts = [torch.zeros(g.units, device=self.hw.device) for g in self.layers]
+        x_all = task.train.x
+        for start in range(0, len(x_all), self.cfg.eval_batch_size):
+            x = self.hw.to_input(
+                prepare(x_all[start : start + self.cfg.eval_batch_size], self.stream.mean, self.stream.std, False)
+            )
+            self.gates.use(gaters)
+            self.model.backbone(x)
+            self.gates.off()
+            counts = [c + g.sum(0) for c, g in zip(counts, self.gates.record, strict=True)]
+        return [c / len(x_all) for c in counts]
+
+    def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        self.model.eval()
+        self.gates.use(self.gaters[task], self.relevant[task])
+        features = functional_call(self.model.backbone, self.norms[task], (x,))
+        self.gates.off()
+        return self.model.heads(features, task)
+
+    # ---- accounting and persistence ----------------------------------------------------
+    def open_share(self, masks: list[torch.Tensor]) -> float:
+        """Share of gated units the 0/1 `masks` open."""
+        return sum(float(m.sum()) for m in masks) / sum(g.units for g in self.layers)
+
+    def summary(self) -> dict:
+        return {"capacity": self.open_share(self.frozen)}
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "gaters": self.gaters.state_dict(),
+            "norms": self.norms,
+            "relevant": self.relevant,
+            "frozen": self.frozen,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        n = len(state["relevant"])
+        for task in self.stream.tasks[len(self.model.heads.heads) : n]:
+            self.model.add_head(task.n_classes)
+        self.model.load_state_dict(state["model"])
+        self.gaters = nn.ModuleList([self.new_gaters().eval().requires_grad_(False) for _ in range(n)])
+        self.gaters.load_state_dict(state["gaters"])
+        device = self.hw.device
+        self.norms = [{k: v.to(device) for k, v in norm.items()} for norm in state["norms"]]
+        self.relevant = [[m.to(device) for m in task] for task in state["relevant"]]
+        self.frozen = [f.to(device) for f in state["frozen"]]
+
+    def footprint(self) -> Footprint:
+        """Shared weights once, every head; per task its gating modules, batch norm (statistics as bytes) and
+        relevant-channel masks (a byte per channel)."""
+        backbone = self.model.backbone
+        norm_names = set(batch_norm_state(backbone))
+        shared = [p for name, p in backbone.named_parameters() if name not in norm_names]
+        params = sum(p.numel() for p in shared) + count_params(self.model.heads) + count_params(self.gaters)
+        size = sum(p.numel() * p.element_size() for p in shared) + module_bytes(self.model.heads)
+        size += module_bytes(self.gaters)
+        for norm, relevant in zip(self.norms, self.relevant, strict=True):
+            params += sum(v.numel() for k, v in norm.items() if k.endswith(("weight", "bias")))
+            size += sum(t.numel() * t.element_size() for t in norm.values())
+            size += sum(m.numel() for m in relevant)
+        base = count_params(backbone) + count_params(self.model.heads.heads[0])
+        return Footprint(params=params, bytes=size, base_params=base)

@@ -33,7 +33,7 @@ from torch.func import functional_call
 from clrun.data import prepare
 from clrun.data.stream import Task
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
-from clrun.methods.hat import gradient_factors
+from clrun.methods.hat import gradient_factors, restrict_gradients
 from clrun.models.gating import GatedLayer, batch_norm_state, gated_layers
 from clrun.models.layers import Conv2d
 from clrun.train import fit
@@ -122,14 +122,7 @@ class CCGN(Method):
             return F.cross_entropy(logits, y) + cfg.sparsity * opened
 
         def after_backward(_) -> None:
-            if cfg.train.weight_decay:  # by hand, before the masks: frozen weights never decay
-                for p in params:
-                    p.grad.add_(p.detach(), alpha=cfg.train.weight_decay)
-            if factors is not None:
-                for gated, (weight_factor, bias_factor) in zip(self.layers, factors, strict=True):
-                    gated.layer.weight.grad.mul_(weight_factor)
-                    if gated.layer.bias is not None:
-                        gated.layer.bias.grad.mul_(bias_factor)
+            restrict_gradients(params, cfg.train.weight_decay, self.layers, factors)
 
         gaters.train()
         stats = fit(

@@ -68,6 +68,24 @@ def gradient_factors(
     return factors
 
 
+def restrict_gradients(
+    params: list[torch.Tensor],
+    weight_decay: float,
+    layers: list[GatedLayer],
+    factors: list[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> None:
+    """Add weight decay to the gradients by hand, then scale the gated layers' gradients by `factors`
+    (`gradient_factors`), so that neither decay nor the step moves what earlier tasks hold."""
+    if weight_decay:
+        for p in params:
+            p.grad.add_(p.detach(), alpha=weight_decay)
+    if factors is not None:
+        for gated, (weight_factor, bias_factor) in zip(layers, factors, strict=True):
+            gated.layer.weight.grad.mul_(weight_factor)
+            if gated.layer.bias is not None:
+                gated.layer.bias.grad.mul_(bias_factor)
+
+
 class HAT(Method):
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
@@ -119,14 +137,7 @@ class HAT(Method):
             return F.cross_entropy(logits, y) + cfg.c * self.attention_penalty(gates)
 
         def after_backward(_) -> None:
-            if cfg.train.weight_decay:  # by hand, before the factors: frozen weights never decay
-                for p in params:
-                    p.grad.add_(p.detach(), alpha=cfg.train.weight_decay)
-            if factors is not None:
-                for gated, (weight_factor, bias_factor) in zip(self.layers, factors, strict=True):
-                    gated.layer.weight.grad.mul_(weight_factor)
-                    if gated.layer.bias is not None:
-                        gated.layer.bias.grad.mul_(bias_factor)
+            restrict_gradients(params, cfg.train.weight_decay, self.layers, factors)
             s = current["s"]
             for e in embeddings:
                 value = e.detach()

@@ -13,7 +13,7 @@ from rich.console import Console
 
 import clrun.cli  # noqa: F401  (registers the schemas and the run-name resolver)
 from clrun import results
-from clrun.data import build_stream
+from clrun.data import build_stream, prepare
 from clrun.hardware import resolve_hardware
 from clrun.run import Run
 
@@ -37,6 +37,11 @@ def build_method(method_class, *overrides: str):
     stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
     method_class = method_class or get_class(cfg.method._target_)
     return method_class(cfg.method, cfg.backbone, stream, hw), stream, cfg
+
+
+def task_inputs(stream, task: int):
+    """Task `task`'s test images of `stream`, prepared as evaluation prepares them (no augmentation)."""
+    return prepare(stream.tasks[task].test.x, stream.mean, stream.std, augment=False)
 
 
 def needs_shared(*parts: str) -> pytest.MarkDecorator:

@@ -2,9 +2,7 @@
 
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run
-
-from clrun.data import prepare
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, task_inputs
 
 TINY = [
     "method=ccgn",
@@ -23,10 +21,6 @@ def make(*overrides):
     return build_method(None, *TINY, *overrides)
 
 
-def inputs(stream, j):
-    return prepare(stream.tasks[j].test.x, stream.mean, stream.std, augment=False)
-
-
 def open_share(method, x, task) -> float:
     method.predict(x, task)
     return float(torch.cat([g.flatten() for g in method.gates.record]).mean())
@@ -40,7 +34,7 @@ def open_share(method, x, task) -> float:
 def test_test_gates_are_binary_and_earlier_tasks_logits_stay_bit_identical(overrides):
     method, stream, _ = make(*overrides)
     method.learn(stream.tasks[0], None)
-    x = inputs(stream, 0)
+    x = task_inputs(stream, 0)
     before = method.predict(x, 0)
     gates = torch.cat([g.flatten() for g in method.gates.record])
     assert ((gates == 0) | (gates == 1)).all() and 0 < gates.mean() < 1
@@ -54,7 +48,7 @@ def test_sparsity_objective_lowers_the_open_share():
     for weight in (0.0, 20.0):
         method, stream, _ = make(f"method.sparsity={weight}", "stream.n_tasks=1", "method.train.iterations=40")
         method.learn(stream.tasks[0], None)
-        shares.append(open_share(method, inputs(stream, 0), 0))
+        shares.append(open_share(method, task_inputs(stream, 0), 0))
     assert shares[1] < shares[0] - 0.2
 
 

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, task_inputs
 
-from clrun.data import prepare
 from clrun.errors import ClrunError
 
 TINY = [
@@ -24,17 +23,13 @@ def make(*overrides):
     return build_method(None, *TINY, *overrides)
 
 
-def inputs(stream, j):
-    return prepare(stream.tasks[j].test.x, stream.mean, stream.std, augment=False)
-
-
 def test_expansion_adds_k_units_and_task_0_uses_only_its_units():
     method, stream, _ = make("method.k=3", "method.tau=0", "method.sigma=1e9", "method.group_lasso=0")
     for task in stream.tasks:
         method.learn(task, None)
     assert method.widths == [[100, 100], [103, 103]]
     assert method.events[1] == {"added": 6, "pruned": 0, "split": 0}
-    x = inputs(stream, 0)
+    x = task_inputs(stream, 0)
     before = method.predict(x, 0)
     for layer, (w, b) in enumerate(zip(method.weights, method.biases, strict=True)):  # later units: garbage
         w[100:] = 1e3
@@ -42,7 +37,7 @@ def test_expansion_adds_k_units_and_task_0_uses_only_its_units():
         if layer:
             w[:, 100:] = 1e3
     assert torch.equal(method.predict(x, 0), before)
-    assert not torch.equal(method.predict(inputs(stream, 1), 1), before)
+    assert not torch.equal(method.predict(task_inputs(stream, 1), 1), before)
     assert method.heads[0][0].shape == (2, 100) and method.heads[1][0].shape == (2, 103)
     d = method.weights[0].shape[1]  # input features
     params = d * 103 + 103 + 103 * 103 + 103 + 2 * 100 + 2 + 2 * 103 + 2  # network + two heads, by hand
@@ -63,7 +58,7 @@ def test_split_restores_old_units_for_old_tasks():
     back, so its logits are bit-identical; the copies carry the new weights."""
     method, stream, _ = make("method.k=1000", "method.tau=1e9", "method.sigma=0")
     method.learn(stream.tasks[0], None)
-    x = inputs(stream, 0)
+    x = task_inputs(stream, 0)
     before = method.predict(x, 0)
     old = [w.clone() for w in method.weights]
     method.learn(stream.tasks[1], None)

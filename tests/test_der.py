@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
 
-from clrun.data import prepare
 from clrun.methods.der import DER
 
 TINY = [
@@ -27,15 +26,11 @@ def make(*overrides):
     return build_method(DER, *TINY, *overrides)[:2]
 
 
-def inputs(stream, j):
-    return prepare(stream.tasks[j].test.x, stream.mean, stream.std, augment=False)
-
-
 @pytest.mark.parametrize("backbone", [MLP, CONVNET])
 @pytest.mark.parametrize("scenario", ["class", "task"])
 def test_earlier_extractors_are_frozen_and_their_features_bit_identical(backbone, scenario):
     method, stream = make(*backbone, f"stream.scenario={scenario}")
-    x, features, logits = inputs(stream, 0), [], []
+    x, features, logits = task_inputs(stream, 0), [], []
     for task in stream.tasks:
         method.learn(task, None)
         method.extractors.eval()
@@ -59,7 +54,7 @@ def test_class_classifier_grows_over_all_features_keeping_old_weights():
     new = method.heads[0]
     assert (new.in_features, new.out_features) == (24, 4) and len(method.heads) == 1
     assert torch.equal(new.weight[:2, :12], old.weight) and torch.equal(new.bias[:2], old.bias)
-    x = inputs(stream, 0)
+    x = task_inputs(stream, 0)
     logits = method.predict(x, 1)
     torch.testing.assert_close(logits, method.predict_agnostic(x, 2)[0][:, 2:4])
 
@@ -75,7 +70,7 @@ def test_channel_gates_are_pruned_to_zero_or_one_and_masked_channels_vanish():
     assert row["pruned"] == method.summary()["pruned"] == pytest.approx(1 - values.mean().item())
     assert row["pruned"] > 0
     with torch.no_grad():
-        features = method.extractors(inputs(stream, 0), 1)
+        features = method.extractors(task_inputs(stream, 0), 1)
     assert (features[:, masks[1] == 0] == 0).all()  # mlp: the last gated layer is the feature output
 
 

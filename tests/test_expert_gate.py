@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
 
-from clrun.data import prepare
 from clrun.methods.expert_gate import ExpertGate
 
 TINY = [
@@ -27,10 +26,6 @@ CONVNET = ["backbone=convnet", "backbone.width=0.125"]
 
 def make(*overrides):
     return build_method(ExpertGate, *TINY, *overrides)[:2]
-
-
-def inputs(stream, j):
-    return prepare(stream.tasks[j].test.x, stream.mean, stream.std, augment=False)
 
 
 def test_footprint_counts_every_expert_and_every_autoencoder():
@@ -66,7 +61,7 @@ def test_new_expert_starts_from_the_most_related_one(monkeypatch):
 @pytest.mark.parametrize("scenario", ["class", "domain"])
 def test_gate_with_lowest_error_picks_the_expert_and_earlier_logits_stay(backbone, scenario):
     method, stream = make(*backbone, f"stream.scenario={scenario}")
-    x, before = inputs(stream, 0), None
+    x, before = task_inputs(stream, 0), None
     for task in stream.tasks:
         method.learn(task, None)
         if before is not None:
@@ -108,5 +103,5 @@ def test_gates_find_the_task_of_real_split_mnist_in_the_class_scenario(tmp_path)
     )[:2]
     for task in stream.tasks:
         method.learn(task, None)
-    found = [(method.predict_agnostic(inputs(stream, j), 5)[1] == j).float().mean() for j in range(5)]
+    found = [(method.predict_agnostic(task_inputs(stream, j), 5)[1] == j).float().mean() for j in range(5)]
     assert float(sum(found)) / 5 > 0.6  # chance: 0.2

@@ -4,9 +4,8 @@ per-task batch norm, storage, resume."""
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
 
-from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.hat import gradient_factors
 from clrun.models.backbones import VGG16BN
@@ -29,10 +28,6 @@ def make(*overrides):
     return build_method(None, *TINY, *overrides)
 
 
-def inputs(stream, j):
-    return prepare(stream.tasks[j].test.x, stream.mean, stream.std, augment=False)
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -49,8 +44,8 @@ def test_binarized_gates_keep_earlier_logits_bit_identical(overrides):
     for task in stream.tasks:
         method.learn(task, None)
         for j, before in enumerate(logits):
-            assert torch.equal(method.predict(inputs(stream, j), j), before), f"task {j} after task {task.index}"
-        logits.append(method.predict(inputs(stream, task.index), task.index).clone())
+            assert torch.equal(method.predict(task_inputs(stream, j), j), before), f"task {j} after task {task.index}"
+        logits.append(method.predict(task_inputs(stream, task.index), task.index).clone())
         masks.append(method.task_gates(task.index))
         for gate, embedding in zip(masks[-1], method.embeddings[task.index], strict=True):
             assert torch.equal(gate, (embedding > 0).float())  # exactly 0 or 1
@@ -179,7 +174,7 @@ def test_learns_split_mnist_with_next_to_no_forgetting():
     for task in stream.tasks:
         method.learn(task, None)
         for j in range(task.index + 1):
-            correct = method.predict(inputs(stream, j), j).argmax(1) == stream.tasks[j].test.y
+            correct = method.predict(task_inputs(stream, j), j).argmax(1) == stream.tasks[j].test.y
             accuracy[task.index, j] = correct.float().mean().item()
     assert min(accuracy[j, j] for j in range(3)) > 0.85
     # default sigmoid(s_max e) gates: the few fractional gates let earlier logits move by ~1e-3 at most

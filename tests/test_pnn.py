@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
 
-from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.pnn import PNN
 from clrun.models.layers import Conv2d, Linear
@@ -28,10 +27,6 @@ def make(*overrides):
     return build_method(PNN, *TINY, *overrides)[:2]
 
 
-def inputs(stream, j):
-    return prepare(stream.tasks[j].test.x, stream.mean, stream.std, augment=False)
-
-
 def snapshot(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
@@ -43,10 +38,10 @@ def test_earlier_columns_and_logits_stay_bit_identical(backbone):
     for task in stream.tasks:
         method.learn(task, None)
         for j in range(task.index):  # every earlier column, its head, laterals and batch-norm statistics
-            assert torch.equal(method.predict(inputs(stream, j), j), logits[j])
+            assert torch.equal(method.predict(task_inputs(stream, j), j), logits[j])
             after = method.net.columns[j].state_dict()
             assert all(torch.equal(after[k], v) for k, v in states[j].items())
-        logits.append(method.predict(inputs(stream, task.index), task.index).clone())
+        logits.append(method.predict(task_inputs(stream, task.index), task.index).clone())
         states.append(snapshot(method.net.columns[task.index]))
     assert logits[2].shape == (32, 2)
 
@@ -68,7 +63,7 @@ def test_laterals_feed_each_later_layer_and_learn():
     assert not head.nonlinear and all(lat.nonlinear for lat in column.laterals[:2])
     for trained, drawn in zip(column.laterals, initial.laterals, strict=True):  # the laterals train
         assert not torch.equal(trained.alpha, drawn.alpha) and not torch.equal(trained.v.weight, drawn.v.weight)
-    x = inputs(stream, 1)
+    x = task_inputs(stream, 1)
     with_laterals = method.predict(x, 1).clone()
     with torch.no_grad():
         for lateral in column.laterals:

@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-from conftest import build_method
+from conftest import build_method, task_inputs
 
-from clrun.data import prepare
 from clrun.methods.sharing import WeightSharingMethod
 from clrun.models.sharing import binarize, shared_layers
 
@@ -24,10 +23,6 @@ TINY = [
 
 def make(*overrides):
     return build_method(WeightSharingMethod, *TINY, *overrides)
-
-
-def inputs(stream, j):
-    return prepare(stream.tasks[j].test.x, stream.mean, stream.std, augment=False)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
@@ -51,14 +46,14 @@ def test_earlier_weights_never_move_and_views_stay_bit_identical(optimizer):
         net.prune(tag, 0.5)
         net.end_task(tag)
         if task.index == 0:
-            first_logits = method.predict(inputs(stream, 0), 0).clone()
+            first_logits = method.predict(task_inputs(stream, 0), 0).clone()
             net.grow(1.5)  # growth between tasks leaves task 0's view as it was
-        assert torch.equal(method.predict(inputs(stream, 0), 0), first_logits)
+        assert torch.equal(method.predict(task_inputs(stream, 0), 0), first_logits)
 
     reloaded, _, _ = make(f"method.train.optimizer={optimizer}")
     reloaded.load_state_dict(method.state_dict())
     for j in range(3):
-        assert torch.equal(reloaded.predict(inputs(stream, j), j), method.predict(inputs(stream, j), j))
+        assert torch.equal(reloaded.predict(task_inputs(stream, j), j), method.predict(task_inputs(stream, j), j))
 
 
 def test_growth_widens_by_sqrt_of_the_parameter_multiplier_and_copies_old_weights():

@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
 from omegaconf import OmegaConf
 
-from clrun.data import prepare
 from clrun.methods.side_tuning import SideTuning
 from clrun.models import build_backbone
 
@@ -26,10 +25,6 @@ CONVNET = ["backbone=convnet", "backbone.width=0.125"]  # base 4, 8, 16 channels
 
 def make(*overrides):
     return build_method(SideTuning, *TINY, *overrides)[:2]
-
-
-def inputs(stream, j):
-    return prepare(stream.tasks[j].test.x, stream.mean, stream.std, augment=False)
 
 
 def snapshot(module):
@@ -53,12 +48,12 @@ def test_base_is_task_0s_model_then_frozen_and_earlier_logits_stay_bit_identical
             base = snapshot(net.base)  # weights and batch-norm statistics, frozen from now on
         assert unchanged(net.base, base)
         for j in range(task.index):
-            assert torch.equal(method.predict(inputs(stream, j), j), logits[j])
+            assert torch.equal(method.predict(task_inputs(stream, j), j), logits[j])
             assert j == 0 or unchanged(net.sides[j - 1], sides[j - 1])
-        logits.append(method.predict(inputs(stream, task.index), task.index).clone())
+        logits.append(method.predict(task_inputs(stream, task.index), task.index).clone())
         if task.index:
             sides.append(snapshot(net.sides[task.index - 1]))
-    x = inputs(stream, 0)
+    x = task_inputs(stream, 0)
     assert len(net.sides) == 2 and torch.equal(logits[0], net.heads[0](net.base(x)))  # task 0: base and head
 
 
@@ -66,7 +61,7 @@ def test_features_blend_base_and_side_with_a_learned_alpha_from_one_half():
     method, stream = make(*MLP)
     method.learn(stream.tasks[0], None)
     row = method.learn(stream.tasks[1], None)
-    net, side, x = method.net, method.net.sides[0], inputs(stream, 1)
+    net, side, x = method.net, method.net.sides[0], task_inputs(stream, 1)
     alpha = torch.sigmoid(side.logit)
     assert alpha.item() == row["alpha"] != 0.5  # learned, from sigmoid(0)
     with torch.no_grad():
@@ -78,7 +73,7 @@ def test_fixed_alpha_has_no_parameter_and_stays():
     method, stream = make(*MLP, "method.fixed_alpha=0.25")
     method.learn(stream.tasks[0], None)
     assert method.learn(stream.tasks[1], None)["alpha"] == 0.25
-    side, x = method.net.sides[0], inputs(stream, 1)
+    side, x = method.net.sides[0], task_inputs(stream, 1)
     assert side.logit is None and side.alpha() == 0.25
     with torch.no_grad():
         expected = method.net.heads[1](0.25 * method.net.base(x) + 0.75 * side(x))

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
 
-from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.ewc import EWC
 from clrun.methods.finetune import Finetune
@@ -26,10 +25,6 @@ TINY = [
 
 def make(*overrides):
     return build_method(None, *TINY, *overrides)
-
-
-def inputs(stream, j):
-    return prepare(stream.tasks[j].test.x, stream.mean, stream.std, augment=False)
 
 
 @pytest.mark.parametrize(
@@ -53,7 +48,7 @@ def test_each_task_silences_the_configured_share_of_every_hidden_layer(overrides
     hooks = [layer.activation.register_forward_hook(lambda m, i, out: outputs.append(out)) for layer in method.layers]
     method.learn(stream.tasks[0], None)
     outputs.clear()
-    method.predict(inputs(stream, 0), 0)
+    method.predict(task_inputs(stream, 0), 0)
     for out, mask in zip(outputs, method.masks[0], strict=True):
         per_unit = out.abs().flatten(2).sum(2) if out.dim() == 4 else out.abs()
         assert (per_unit[:, ~mask] == 0).all() and (per_unit[:, mask] > 0).any()
@@ -90,7 +85,7 @@ def test_masks_come_from_the_seed_and_survive_a_reload():
     other.load_state_dict(method.state_dict())
     assert all(torch.equal(a, b) for t in range(3) for a, b in zip(method.masks[t], other.masks[t], strict=True))
     for j in range(2):  # the reloaded model is gated again, each task by its own mask
-        assert torch.equal(other.predict(inputs(stream, j), j), method.predict(inputs(stream, j), j))
+        assert torch.equal(other.predict(task_inputs(stream, j), j), method.predict(task_inputs(stream, j), j))
     assert other.footprint() == method.footprint()
 
 
@@ -101,11 +96,11 @@ def test_each_task_predicts_with_the_batch_norm_statistics_of_its_own_gate():
     first, second = method.statistics
     assert first.keys() == second.keys() and len(first) == 9  # 3 batch norms: mean, var, count
     assert not torch.equal(first["backbone.layers.1.running_mean"], second["backbone.layers.1.running_mean"])
-    before = [method.predict(inputs(stream, j), j) for j in range(2)]
+    before = [method.predict(task_inputs(stream, j), j) for j in range(2)]
     for name, buffer in method.inner.model.named_buffers():
         if name.endswith("running_mean"):
             buffer.fill_(5.0)  # the live statistics play no part in prediction
-    assert all(torch.equal(method.predict(inputs(stream, j), j), before[j]) for j in range(2))
+    assert all(torch.equal(method.predict(task_inputs(stream, j), j), before[j]) for j in range(2))
     footprint, inner = method.footprint(), method.inner.footprint()
     statistics = 2 * (2 * (8 + 16 + 32) * 4 + 3 * 8)  # per task: fp32 mean and var, int64 counts
     assert footprint.bytes == inner.bytes + statistics + 2 * (1 + 2 + 4)  # and the gates' bits
@@ -148,4 +143,4 @@ def test_learns_split_mnist():
     for task in stream.tasks:
         method.learn(task, None)
     for j, task in enumerate(stream.tasks):
-        assert (method.predict(inputs(stream, j), j).argmax(1) == task.test.y).float().mean() > 0.85
+        assert (method.predict(task_inputs(stream, j), j).argmax(1) == task.test.y).float().mean() > 0.85

@@ -408,6 +408,13 @@ class CCGNConfig(PerTaskMethodConfig):
     )
     relevance: float = 0.0  # a channel is relevant (frozen afterwards) when its gate fires on more than this share
     # of the task's training images (0: ever fires, which makes earlier tasks' logits exact; port: 0.8 probability)
+    task_classifier: bool = True  # class/domain scenarios with task_id none: the paper's task classifier picks the task
+    classifier_hidden: int = 64  # hidden units of the task classifier's MLP (ChannelGatedCL port: 64)
+    classifier_train: TrainConfig = field(default_factory=TrainConfig)  # the task classifier's training after each
+    # task, the gated network frozen (defaults Adam 1e-3, batch 128, 2 epochs: not from the paper)
+    memory: ReplayConfig = field(
+        default_factory=lambda: ReplayConfig(budget=1000)
+    )  # episodic memory of earlier tasks' images for the task classifier (budget: not from the paper)
 
 
 class SplitRule(Enum):

@@ -1,8 +1,25 @@
-"""CCGN: binary test gates, sparsity closes gates, earlier tasks' logits bit-identical, learning, footprint."""
+"""CCGN: binary test gates, sparsity closes gates, earlier tasks' logits bit-identical, learning, footprint;
+the task classifier: scenarios, a frozen gated network, its accuracy on split MNIST, footprint, resume."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, task_inputs
+from conftest import (
+    SHARED_DATA,
+    build_method,
+    compose_config,
+    matrix,
+    needs_shared,
+    run,
+    run_interrupted_then_resumed,
+    task_inputs,
+)
+
+from clrun.errors import ClrunError
+from clrun.methods.ccgn import CCGN
+from clrun.methods.replay import Memory
 
 TINY = [
     "method=ccgn",
@@ -70,3 +87,99 @@ def test_learns_split_mnist_above_chance(tmp_path):
     _, run_dir = run(tmp_path, *TINY, *real, "stream.test_per_task=200", "method.train.iterations=30")
     acc = matrix(run_dir)
     assert acc[0, 0] > 0.9 and acc[1, 1] > 0.8 and acc[1, 0] == acc[0, 0]  # chance 0.5; no forgetting
+
+
+def test_task_classifier_opens_class_and_domain_and_task_id_still_replaces_it():
+    assert CCGN.supported_scenarios(compose_config("method=ccgn").method) == ("task", "class", "domain")
+    assert CCGN.supported_scenarios(compose_config("method=ccgn", "method.task_classifier=false").method) == ("task",)
+    with pytest.raises(ClrunError, match="memory.budget"):
+        make("stream.scenario=class", "method.memory.budget=0")
+    with pytest.raises(ClrunError, match="herding"):
+        make("stream.scenario=class", "method.memory.policy=herding")
+    method, stream, _ = make("stream.scenario=class", "stream.n_tasks=2", "method.task_id=entropy")
+    for task in stream.tasks:
+        method.learn(task, None)
+    assert method.classifier is None and len(method.memory) == 0  # the entropy rule instead: no classifier, no memory
+    method, stream, _ = make("stream.n_tasks=2")  # the task scenario needs neither
+    for task in stream.tasks:
+        method.learn(task, None)
+    assert method.classifier is None and len(method.memory) == 0
+
+
+def test_training_the_task_classifier_leaves_the_gated_network_bit_identical():
+    overrides = (
+        "backbone=convnet",
+        "stream.scenario=class",
+        "stream.n_tasks=2",
+        "method.classifier_train.iterations=10",
+    )
+    method, stream, _ = make(*overrides)  # convnet: batch norm too
+    for task in stream.tasks:
+        method.learn(task, None)
+    inputs = [task_inputs(stream, k) for k in range(2)]
+    before = [method.predict(x, k) for k, x in enumerate(inputs)]
+    network = [t.clone() for t in [*method.model.state_dict().values(), *method.gaters.state_dict().values()]]
+    old_classifier = [p.clone() for p in method.classifier.parameters()]
+    loss = method.train_classifier(stream.tasks[1], None)
+    assert math.isfinite(loss) and not all(
+        torch.equal(a, b) for a, b in zip(old_classifier, method.classifier.parameters(), strict=True)
+    )
+    after = [*method.model.state_dict().values(), *method.gaters.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(network, after, strict=True))  # batch-norm statistics included
+    assert all(torch.equal(method.predict(x, k), b) for k, (x, b) in enumerate(zip(inputs, before, strict=True)))
+
+
+def test_footprint_counts_the_task_classifier_and_the_memory():
+    method, stream, _ = make("stream.scenario=class", "stream.n_tasks=2", "method.classifier_train.iterations=2")
+    for task in stream.tasks:
+        method.learn(task, None)
+    full = method.footprint()
+    classifier = 2 * 100 * 64 + 64 + 64 * 2 + 2  # two branches of 100 features -> 64 hidden -> 2 tasks, by hand
+    images = 2 * 64  # both tasks' 64 training images fit the budget of 1000
+    method.classifier, method.memory = None, Memory(0, "class_balanced")
+    bare = method.footprint()
+    assert full.params - bare.params == classifier
+    assert full.bytes - bare.bytes == 4 * classifier + images * (3 * 32 * 32 + 8 + 8)  # uint8 images, int64 y and t
+
+
+@needs_shared("MNIST")
+def test_task_classifier_identifies_split_mnist_tasks(tmp_path):
+    real = [
+        "backbone=mlp",
+        "backbone.width=0.25",
+        "hardware=cpu",
+        "hardware.threads=1",
+        "stream=split_mnist",
+        f"data.root={SHARED_DATA}",
+        "stream.scenario=class",
+        "stream.n_tasks=3",
+        "stream.train_per_task=1000",
+        "stream.test_per_task=300",
+        "method.train.iterations=100",
+    ]
+    summary, _ = run(tmp_path, *real, "method=ccgn", "method.classifier_train.iterations=100")
+    finetune, _ = run(tmp_path, *real, "method=finetune", name="finetune")
+    assert summary["task_id_acc"] > 0.7  # chance 1/3
+    assert summary["acc"] > 0.7 and summary["acc"] > finetune["acc"] + 0.3  # chance 1/6; finetune about 1/3
+    assert summary["task_aware_acc"] > 0.9
+
+
+@pytest.mark.parametrize("scenario", ["class", "domain"])
+def test_resumed_run_with_the_task_classifier_matches_an_uninterrupted_one(tmp_path, scenario):
+    overrides = [*TINY, f"stream.scenario={scenario}", "method.classifier_train.iterations=10"]
+    _, straight = run(tmp_path, *overrides)
+    resumed = run_interrupted_then_resumed(tmp_path, *overrides)
+    np.testing.assert_array_equal(matrix(resumed), matrix(straight))  # NaN (class: tasks not yet seen) equal too
+
+
+def test_state_dict_restores_the_task_classifier_and_the_memory():
+    overrides = ("stream.scenario=class", "stream.n_tasks=2", "method.classifier_train.iterations=10")
+    method, stream, _ = make(*overrides)
+    for task in stream.tasks:
+        method.learn(task, None)
+    restored, _, _ = make(*overrides)
+    restored.load_state_dict(method.state_dict())
+    x = torch.cat([task_inputs(stream, k) for k in range(2)])
+    for got, want in zip(restored.predict_agnostic(x, 2), method.predict_agnostic(x, 2), strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(restored.memory.x, method.memory.x) and torch.equal(restored.memory.t, method.memory.t)

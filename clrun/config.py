@@ -467,6 +467,14 @@ class Precision(Enum):
     bf16 = "bf16"
 
 
+class CompileMode(Enum):
+    """torch.compile's modes (`hardware.compile=true`)."""
+
+    default = "default"
+    reduce_overhead = "reduce-overhead"  # CUDA graphs: replays whole fixed-shape steps (small batches)
+    max_autotune = "max-autotune"
+
+
 @dataclass
 class HardwareConfig:
     name: str = MISSING
@@ -475,6 +483,9 @@ class HardwareConfig:
     channels_last: Optional[bool] = None  # null: on for CUDA
     cudnn_benchmark: Optional[bool] = None  # null: on for CUDA
     threads: Optional[int] = None  # CPU threads for torch (null: torch's default)
+    compile: bool = False  # torch.compile the backbones a method trains
+    compile_mode: CompileMode = CompileMode.default  # reduce_overhead: CUDA graphs
+    memory_fraction: Optional[float] = None  # cap on this process's share of GPU memory (parallel jobs on one GPU)
 
 
 @dataclass
@@ -571,6 +582,7 @@ RANGES = [
     ("stream.train_per_task", lambda v: v is None or v >= 1, "null or at least 1"),
     ("stream.test_per_task", lambda v: v is None or v >= 1, "null or at least 1"),
     ("hardware.threads", lambda v: v is None or v >= 1, "null or at least 1"),
+    ("hardware.memory_fraction", lambda v: v is None or 0 < v <= 1, "null or in (0, 1]"),
 ]
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from clrun.errors import ClrunError
+from clrun.models.backbones import BACKBONE_TYPES
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class Hardware:
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: plain fp32
     channels_last: bool
+    compile_mode: str | None = None  # torch.compile mode for backbones; None: eager
 
     def autocast(self):
         """Autocast context for forward passes (a no-op in fp32)."""
@@ -34,6 +36,16 @@ class Hardware:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+    def compile(self, module: torch.nn.Module) -> None:
+        """Compile in place, with `compile_mode`, every backbone inside `module` not compiled yet (no-op when eager).
+
+        Methods whose networks are not backbones (e.g. functional weights, hypernetworks) stay eager."""
+        if self.compile_mode is None:
+            return
+        for sub in module.modules():
+            if isinstance(sub, BACKBONE_TYPES) and sub._compiled_call_impl is None:
+                sub.compile(mode=self.compile_mode, dynamic=False)
 
 
 def resolve_hardware(cfg) -> Hardware:
@@ -56,4 +68,7 @@ def resolve_hardware(cfg) -> Hardware:
         torch.backends.cudnn.benchmark = True if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    return Hardware(device=device, autocast_dtype=autocast_dtype, channels_last=channels_last)
+    if cfg.memory_fraction is not None and on_cuda:  # several jobs of a multirun sharing one GPU
+        torch.cuda.set_per_process_memory_fraction(cfg.memory_fraction, device)
+    compile_mode = cfg.compile_mode.value if cfg.compile else None
+    return Hardware(device, autocast_dtype, channels_last, compile_mode)

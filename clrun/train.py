@@ -110,6 +110,7 @@ def fit(
     bar = None
     if progress is not None:
         bar = progress.add_task(label, total=total_steps, epoch=f"0/{epochs}", loss=float("nan"), ips=0.0)
+    hw.compile(module)
     module.train()
     start, images, mean_loss, step, epochs_done = time.perf_counter(), 0, float("nan"), 0, 0
     for epoch in range(epochs):

@@ -266,6 +266,10 @@ BACKBONES: dict[str, Callable[[DictConfig, Shape], nn.Module]] = {
 }
 
 
+# what `build_backbone` returns (`hardware.compile` compiles these inside a method's model)
+BACKBONE_TYPES = (MLP, ConvNet, VGG16BN, ResNet, SphereFace20)
+
+
 def _load_pretrained(model: nn.Module, cfg: DictConfig) -> None:
     """Load `cfg.pretrained` into `model` strictly, dropping the classifier's `fc.*` keys."""
     path = Path(cfg.pretrained).expanduser()

@@ -11,13 +11,19 @@ from conftest import build_method, compose_config, matrix, run, task_inputs
 from clrun.config import check_config
 from clrun.errors import ClrunError
 
-SMALL = ["stream.n_tasks=1", "stream.train_per_task=96", "stream.test_per_task=64", "backbone.width=0.5"]
+SMALL = [
+    "method.train.epochs=1",
+    "stream.n_tasks=1",
+    "stream.train_per_task=96",
+    "stream.test_per_task=64",
+    "backbone.width=0.5",
+]
 OPTIMISED = ["hardware.channels_last=true", "hardware.compile=true"]
 
 
 def learned(*overrides: str):
     """PackNet (train, prune, retrain) on task 0 of the synthetic stream: the method and its test logits."""
-    method, stream, _ = build_method(None, "method=packnet", "hardware=cpu", *SMALL, "method.train.epochs=1", *overrides)
+    method, stream, _ = build_method(None, "method=packnet", "hardware=cpu", *SMALL, *overrides)
     method.learn(stream.tasks[0], None)
     with torch.inference_mode():
         return method, method.predict(task_inputs(stream, 0), 0)

@@ -85,6 +85,7 @@ class PerTaskMethodConfig(MethodConfig):
 class ReplayPolicy(Enum):
     reservoir = "reservoir"  # every training image seen so far has the same chance to be in memory
     class_balanced = "class_balanced"  # the budget is split equally over the classes seen so far
+    herding = "herding"  # class_balanced, each class's images picked by iCaRL's herding on features (der only)
 
 
 @dataclass
@@ -346,15 +347,36 @@ class ExpertGateConfig(MethodConfig):
 
 @dataclass
 class DERConfig(MethodConfig):
-    """DER (Yan, Xie & He 2021): a new feature extractor per task, earlier ones frozen, a classifier on them all."""
+    """DER (Yan, Xie & He 2021): a new feature extractor per task, earlier ones frozen, a classifier on them all;
+    pruned channel masks, classifier re-balancing, a herding memory."""
 
     extractor_width: float = 1.0  # each extractor's width as a multiple of backbone.width (DER: the full backbone)
     aux_weight: float = 1.0  # weight of the auxiliary (new classes + "old") loss (DER's code: 1)
-    sparsity_weight: float = 0.0001  # weight of the channel-gate sparsity loss (mean gate)
+    sparsity_weight: float = 1.0  # lambda_s on L_S, the share of the new extractor's weights its masks keep
     s_max: float = 400.0  # gate steepness sigmoid(s e) at the end of each epoch (HAT-style annealing, as DER)
     prune_threshold: float = 0.5  # after a task, channels whose gate at s_max is at most this are pruned (set to 0)
-    # replay memory, class scenario only (DER: 2000 exemplars)
-    replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(budget=2000))
+    # the mask embeddings' own optimizer (DER's masks are HAT's: plain SGD, lr 0.05 in joansj/hat)
+    gate_train: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(optimizer=Optimizer.sgd, lr=0.05, momentum=0.0)
+    )
+    rebalance: bool = True  # class scenario: after each task but the first, retrain the classifier alone (DER's code)
+    # the re-balancing stage (DER's code, `decouple`): classifier re-initialised, SGD lr 0.1 x0.1 at epoch 15, 30 epochs
+    rebalance_train: TrainConfig = field(
+        default_factory=lambda: _train(
+            epochs=30,
+            batch_size=128,
+            optimizer=Optimizer.sgd,
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=5e-4,
+            schedule=Schedule.multistep,
+            milestones=[15],
+            gamma=0.1,
+        )
+    )
+    rebalance_temperature: float = 5.0  # the re-balancing loss is CE(logits / T) (DER's code: 5)
+    # replay memory, class scenario only (DER's code: 2000 exemplars by herding)
+    replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(budget=2000, policy=ReplayPolicy.herding))
 
 
 class XdGRegularizer(Enum):

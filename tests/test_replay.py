@@ -8,8 +8,9 @@ import torch
 from conftest import SHARED_DATA, build_method, matrix, needs_shared, run
 
 from clrun.data.stream import Split, Task
+from clrun.errors import ClrunError
 from clrun.methods.er import ER
-from clrun.methods.replay import Memory, with_replay
+from clrun.methods.replay import Memory, herding, with_replay
 
 TINY = [
     "hardware=cpu",
@@ -155,3 +156,40 @@ def test_er_beats_finetune_in_the_class_scenario_on_split_mnist(tmp_path):
     # seeds 0-2 gave ER 0.83-0.84, fine-tuning 0.19-0.20 (it keeps only the last task's two digits)
     assert finetune["acc"] < 0.3
     assert er["acc"] > finetune["acc"] + 0.3
+
+
+def test_herding_picks_in_hand_computed_greedy_order():
+    # rows normalised: x0 (1, 0), x1 (0, 1), x2 (.7071, .7071), x3 (.8, .6), x4 (0, -1); mean mu = (.50142, .26142).
+    # Pick k maximises x . (k mu - S), S the sum of the earlier picks:
+    #   k=1, target (.50142, .26142): x3 .55799 > x2 .53941 > x0 .50142 > x1 > x4  -> x3, S = (.8, .6)
+    #   k=2, target (.20284, -.07716): x0 .20284 > x2 .08887 > x4 .07716 > x1     -> x0, S = (1.8, .6)
+    #   k=3, target (-.29574, .18426): x1 .18426 > x2 -.07883 > x4 -.18426        -> x1, S = (1.8, 1.6)
+    #   k=4, target (.20568, -.55432): x4 .55432 > x2 -.24652                      -> x4; then x2
+    features = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [4.0, 3.0], [0.0, -1.0]])
+    assert herding(features, 5).tolist() == [3, 0, 1, 4, 2]
+    assert herding(features, 2).tolist() == [3, 0]
+    assert herding(features, 9).tolist() == [3, 0, 1, 4, 2]  # at most every row, each once
+
+
+def test_herding_memory_keeps_each_class_best_ranked_images_and_draws_no_random_numbers():
+    features = [torch.randn(len(task.train), 6, generator=torch.Generator().manual_seed(task.index)) for task in TASKS]
+    memory = Memory(12, "herding")
+    with pytest.raises(ValueError, match="features"):
+        memory.add(TASKS[0])
+    rng = torch.get_rng_state()
+    ranked = {}  # (task, class) -> ids of its images in herding order
+    for task, task_features in zip(TASKS[:2], features[:2], strict=True):
+        for c in range(task.n_classes):
+            index = torch.nonzero(task.train.y == c).squeeze(1)
+            ranked[task.index, c] = ids_of(task.train.x[index[herding(task_features[index], 100)]])
+        memory.add(task, task_features)
+        quota = 12 // len(ranked)  # 3 classes: 4 each; then 4 classes: 3 each
+        for (t, c), ids in ranked.items():
+            stored = ids_of(memory.x[(memory.t == t) & (memory.y == c)])
+            assert torch.equal(stored, ids[:quota]), (t, c)  # best-ranked first; a shrinking class keeps its best
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_replay_methods_refuse_the_herding_policy():
+    with pytest.raises(ClrunError, match="herding"):
+        make_er("method.replay.policy=herding")

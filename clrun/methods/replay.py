@@ -4,9 +4,11 @@ The memory holds at most `budget` training images of earlier tasks (uint8, on
 the run's device) with their labels and task indices. It is filled after each
 task: `reservoir` keeps every image seen so far with the same probability;
 `class_balanced` splits the budget equally over every (task, class) seen, the
-larger classes giving up images when a task adds classes. Batches mix the
-current task and the memory as van de Ven et al. do: loss = (1/t) current +
-(1 - 1/t) replay, t the number of tasks so far.
+larger classes giving up images when a task adds classes; `herding` splits it
+the same way but picks a new class's images by iCaRL's herding on features the
+method passes in, and a class giving up images keeps its best-ranked ones (DER).
+Batches mix the current task and the memory as van de Ven et al. do:
+loss = (1/t) current + (1 - 1/t) replay, t the number of tasks so far.
 """
 
 from dataclasses import replace
@@ -15,9 +17,28 @@ import torch
 
 from clrun.data import prepare
 from clrun.data.stream import Stream, Task
+from clrun.errors import ClrunError
 from clrun.hardware import Hardware
 from clrun.methods.base import Footprint, SharedModelMethod, mixed_task_loss
 from clrun.models import TaskModel
+
+
+def herding(features: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of `n` rows of `features` in iCaRL's herding order (Rebuffi et al. 2017): rows L2-normalised, the k-th
+    pick the row x maximising x . (k mu - S), i.e. bringing the mean of the picks closest to the mean mu of all
+    rows (S: the sum of the earlier picks); each row at most once, ties to the lowest index."""
+    rows = torch.nn.functional.normalize(features.float(), dim=1)
+    mean = rows.mean(0)
+    target = mean.clone()
+    free = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+    picks = []
+    for _ in range(min(n, len(rows))):
+        score = torch.where(free, rows @ target, -torch.inf)
+        pick = int(score.argmax())
+        picks.append(pick)
+        free[pick] = False
+        target += mean - rows[pick]
+    return torch.tensor(picks, dtype=torch.long, device=features.device)
 
 
 class Memory:
@@ -32,14 +53,32 @@ class Memory:
     def __len__(self) -> int:
         return 0 if self.y is None else len(self.y)
 
-    def add(self, task: Task) -> None:
-        """Offer the task's training images to the memory (draws from torch's global RNG)."""
+    def add(self, task: Task, features: torch.Tensor | None = None) -> None:
+        """Offer the task's training images to the memory (`reservoir`, `class_balanced`: draws from torch's global
+        RNG); `herding` needs `features`, one row per training image (the model's, after learning the task)."""
         x, y = task.train.x, task.train.y
         t = torch.full_like(y, task.index)
         if self.policy == "reservoir":
             self._reservoir(x, y, t)
+        elif self.policy == "herding":
+            if features is None:
+                raise ValueError("the herding memory needs the features of the task's training images")
+            self._balance(x, y, t, self._herd(y, t, features))
         else:
-            self._balance(x, y, t)
+            self._balance(x, y, t, torch.randperm(len(y)).to(y.device))
+
+    def _herd(self, y: torch.Tensor, t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The new images each class can keep (at most the largest quota once they are stored), class by class
+        in herding order."""
+        n_classes = len(set(zip(t.tolist(), y.tolist(), strict=True)))
+        if len(self):
+            n_classes += len(set(zip(self.t.tolist(), self.y.tolist(), strict=True)))
+        quota = -(-self.budget // n_classes)
+        order = []
+        for label in y.unique().tolist():
+            index = torch.nonzero(y == label).squeeze(1)
+            order.append(index[herding(features[index], quota)])
+        return torch.cat(order)
 
     def _reservoir(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
         order = torch.randperm(len(y)).to(y.device)
@@ -57,8 +96,9 @@ class Memory:
             self.x[slot], self.y[slot], self.t[slot] = x[free + i], y[free + i], t[free + i]
         self.seen += len(y)
 
-    def _balance(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
-        order = torch.randperm(len(y)).to(y.device)
+    def _balance(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, order: torch.Tensor) -> None:
+        """Keep each (task, class)'s quota of the budget: its stored images first, then new ones in `order`."""
+        offered = len(y)
         x, y, t = x[order], y[order], t[order]
         if len(self):
             x, y, t = torch.cat([self.x, x]), torch.cat([self.y, y]), torch.cat([self.t, t])
@@ -70,7 +110,7 @@ class Memory:
         keep = torch.cat(keep)
         self.x = self.y = self.t = None
         self._store(x[keep], y[keep], t[keep])
-        self.seen += len(order)
+        self.seen += offered
 
     def _store(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
         if self.y is None:
@@ -118,6 +158,8 @@ class Replaying(SharedModelMethod):
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
+        if cfg.replay.policy.value == "herding":
+            raise ClrunError(f"method {cfg.name}: replay.policy herding is der's only; use class_balanced or reservoir")
         self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
 
     def replayed(self, loss_fn, task: int):

@@ -52,12 +52,20 @@ def backbone_builder(name: str):
     return build
 
 
-def dense_step(name: str, hw):
-    """Plain layers: a `TaskModel` with one head, all parameters under SGD."""
+def fused(hw, reference: bool) -> dict:
+    """Optimizer options as clrun sets them (fused kernels on CUDA) or as the reference code does (not fused)."""
+    return {"fused": True} if hw.device.type == "cuda" and not reference else {}
+
+
+def dense_step(name: str, hw, reference: bool = False):
+    """Plain layers: a `TaskModel` with one head, all parameters under SGD (weight decay in the gradient)."""
     model = hw.prepare_model(TaskModel(backbone_builder(name)(1.0)))
     model.add_head(N_CLASSES)
     model.to(hw.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=WEIGHT_DECAY)
+    hw.compile(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.01, momentum=0.9, weight_decay=WEIGHT_DECAY, **fused(hw, reference)
+    )
     model.train()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -70,9 +78,10 @@ def dense_step(name: str, hw):
     return step
 
 
-def shared_step(name: str, hw, picking: bool):
+def shared_step(name: str, hw, picking: bool, reference: bool = False):
     """A `SharedNet` mid-way through task 2 (task 1 pruned to 60% free and ended), trained as the methods do:
-    shared weights, private tensors and head under SGD (weight decay on own weights only), picks under Adam."""
+    shared weights, private tensors and head under SGD (weight decay on own weights only), picks under Adam.
+    `reference`: the masks are recomputed from the owner map at every step, as the reference code does."""
     net = SharedNet(backbone_builder(name))
     net = hw.prepare_model(net)
     net.heads.add(net.backbone.out_features, N_CLASSES)
@@ -83,13 +92,16 @@ def shared_step(name: str, hw, picking: bool):
     net.begin_task(2, picking=picking)
     head = net.heads.add(net.backbone.out_features, N_CLASSES)
     net.heads.heads[head].to(net.device)
+    hw.compile(net)
     params = net.private_parameters() + list(net.heads.heads[head].parameters()) + net.shared_weights()
-    optimizers = [torch.optim.SGD(params, lr=0.01, momentum=0.9)]
+    optimizers = [torch.optim.SGD(params, lr=0.01, momentum=0.9, **fused(hw, reference))]
     if picking:
-        optimizers.append(torch.optim.Adam(net.picks(), lr=5e-4))
+        optimizers.append(torch.optim.Adam(net.picks(), lr=5e-4, **fused(hw, reference)))
     net.train()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        if reference:
+            net.refresh_masks(2)
         with hw.autocast():
             loss = F.cross_entropy(net.forward_current(x, head), y)
         for optimizer in optimizers:

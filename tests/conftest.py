@@ -21,6 +21,17 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
 
 
+# three tasks of 64 training and 32 test images on one CPU thread (tiny nets: one thread is fastest and least
+# disturbed by other processes); method tests add their method and backbone
+TINY_STREAM = [
+    "hardware=cpu",
+    "hardware.threads=1",
+    "stream.n_tasks=3",
+    "stream.train_per_task=64",
+    "stream.test_per_task=32",
+]
+
+
 def compose_config(*overrides: str):
     """The config `clrun <overrides>` would run."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import (
     SHARED_DATA,
+    TINY_STREAM,
     build_method,
     compose_config,
     matrix,
@@ -22,14 +23,10 @@ from clrun.methods.ccgn import CCGN
 from clrun.methods.replay import Memory
 
 TINY = [
+    *TINY_STREAM,
     "method=ccgn",
-    "hardware=cpu",
-    "hardware.threads=1",
     "backbone=mlp",
     "backbone.width=0.25",
-    "stream.n_tasks=3",
-    "stream.train_per_task=64",
-    "stream.test_per_task=32",
     "method.train.iterations=20",
 ]
 

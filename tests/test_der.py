@@ -6,18 +6,23 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
+from conftest import (
+    SHARED_DATA,
+    TINY_STREAM,
+    build_method,
+    matrix,
+    needs_shared,
+    run,
+    run_interrupted_then_resumed,
+    task_inputs,
+)
 
 from clrun.methods.der import DER, kept_weight_share
 from clrun.methods.replay import herding
 
 TINY = [
+    *TINY_STREAM,
     "method=der",
-    "hardware=cpu",
-    "hardware.threads=1",
-    "stream.n_tasks=3",
-    "stream.train_per_task=64",
-    "stream.test_per_task=32",
     "method.train.iterations=4",
     "method.train.batch_size=32",
     "method.replay.budget=24",

@@ -3,17 +3,22 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
+from conftest import (
+    SHARED_DATA,
+    TINY_STREAM,
+    build_method,
+    matrix,
+    needs_shared,
+    run,
+    run_interrupted_then_resumed,
+    task_inputs,
+)
 
 from clrun.methods.expert_gate import ExpertGate
 
 TINY = [
+    *TINY_STREAM,
     "method=expert_gate",
-    "hardware=cpu",
-    "hardware.threads=1",
-    "stream.n_tasks=3",
-    "stream.train_per_task=64",
-    "stream.test_per_task=32",
     "method.train.iterations=4",
     "method.gate_train.iterations=4",
     "method.train.batch_size=32",

@@ -4,7 +4,16 @@ per-task batch norm, storage, resume."""
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
+from conftest import (
+    SHARED_DATA,
+    TINY_STREAM,
+    build_method,
+    matrix,
+    needs_shared,
+    run,
+    run_interrupted_then_resumed,
+    task_inputs,
+)
 
 from clrun.errors import ClrunError
 from clrun.methods.hat import gradient_factors
@@ -12,14 +21,10 @@ from clrun.models.backbones import VGG16BN
 from clrun.models.gating import gated_layers
 
 TINY = [
+    *TINY_STREAM,
     "method=hat",
-    "hardware=cpu",
-    "hardware.threads=1",
     "backbone=mlp",
     "backbone.width=0.25",
-    "stream.n_tasks=3",
-    "stream.train_per_task=64",
-    "stream.test_per_task=32",
     "method.train.epochs=1",
 ]
 

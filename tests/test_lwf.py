@@ -7,21 +7,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import SHARED_DATA, TINY_STREAM, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
 
 import clrun.methods.lwf as lwf_module
 from clrun.methods.base import module_bytes
 from clrun.methods.lwf import LwF, distillation
 
 TINY = [
-    "hardware=cpu",
-    "hardware.threads=1",
+    *TINY_STREAM,
     "method=lwf",
     "backbone=mlp",
     "backbone.width=0.1",
-    "stream.n_tasks=3",
-    "stream.train_per_task=64",
-    "stream.test_per_task=32",
     "method.train.iterations=4",
     "method.train.batch_size=16",
 ]

@@ -3,19 +3,24 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
+from conftest import (
+    SHARED_DATA,
+    TINY_STREAM,
+    build_method,
+    matrix,
+    needs_shared,
+    run,
+    run_interrupted_then_resumed,
+    task_inputs,
+)
 
 from clrun.errors import ClrunError
 from clrun.methods.pnn import PNN
 from clrun.models.layers import Conv2d, Linear
 
 TINY = [
+    *TINY_STREAM,
     "method=pnn",
-    "hardware=cpu",
-    "hardware.threads=1",
-    "stream.n_tasks=3",
-    "stream.train_per_task=64",
-    "stream.test_per_task=32",
     "method.train.iterations=4",
     "method.train.batch_size=32",
 ]

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run
+from conftest import SHARED_DATA, TINY_STREAM, build_method, matrix, needs_shared, run
 
 from clrun.data.stream import Split, Task
 from clrun.errors import ClrunError
@@ -13,13 +13,9 @@ from clrun.methods.er import ER
 from clrun.methods.replay import Memory, herding, with_replay
 
 TINY = [
-    "hardware=cpu",
-    "hardware.threads=1",
+    *TINY_STREAM,
     "backbone=mlp",
     "backbone.width=0.1",
-    "stream.n_tasks=3",
-    "stream.train_per_task=64",
-    "stream.test_per_task=32",
     "method.train.iterations=4",
     "method.train.batch_size=16",
 ]

@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed, task_inputs
+from conftest import (
+    SHARED_DATA,
+    TINY_STREAM,
+    build_method,
+    matrix,
+    needs_shared,
+    run,
+    run_interrupted_then_resumed,
+    task_inputs,
+)
 
 from clrun.errors import ClrunError
 from clrun.methods.ewc import EWC
@@ -11,14 +20,10 @@ from clrun.methods.finetune import Finetune
 from clrun.methods.si import SI
 
 TINY = [
+    *TINY_STREAM,
     "method=xdg",
-    "hardware=cpu",
-    "hardware.threads=1",
     "backbone=mlp",
     "backbone.width=0.25",
-    "stream.n_tasks=3",
-    "stream.train_per_task=64",
-    "stream.test_per_task=32",
     "method.train.epochs=1",
 ]
 

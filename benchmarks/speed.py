@@ -156,7 +156,7 @@ def cpg_tasks(args, hardware: list[str]) -> dict:
     def scaled(epochs: int) -> int:
         return max(1, round(epochs / scale))
 
-    epochs = {"train": scaled(cfg.train.epochs), "prune": scaled(cfg.prune_train.epochs)}
+    epochs = {"train": scaled(cfg.train.epochs), "prune": scaled(cfg.prune_train.epochs)}  # at most, per phase
     epochs["retrain"] = scaled(cfg.retrain.epochs)
     overrides = [
         "experiment=table1_cpg",
@@ -177,9 +177,8 @@ def cpg_tasks(args, hardware: list[str]) -> dict:
     ]
     with tempfile.TemporaryDirectory() as folder:
         Run(compose(overrides), Path(folder) / "run", Console(quiet=True)).execute()
-        walls = pd.read_parquet(Path(folder) / "run" / "tasks.parquet")["wall_s"].tolist()
-    run_epochs = [epochs["train"] + len(cfg.sparsities) * epochs["prune"]]
-    run_epochs.append(run_epochs[0] + epochs["retrain"])
+        tasks = pd.read_parquet(Path(folder) / "run" / "tasks.parquet")
+    walls, run_epochs = tasks["wall_s"].tolist(), tasks["epochs"].tolist()  # pruning may stop early at the goal
     full = recipe_epochs("cpg")
     full_epochs = [full - cfg.retrain.epochs, full]
     images = FULL_IMAGES / args.task_images

@@ -149,11 +149,15 @@ def test_sigkill_during_task_3_then_rerun_equals_uninterrupted(tmp_path):
 
 
 def wait_for_tasks(process: subprocess.Popen, run_dir: Path, n_tasks: int) -> None:
-    """Poll until the run has written results for `n_tasks` tasks (or has exited)."""
-    tasks_file = run_dir / results.TASKS_FILE
+    """Poll until the run has checkpointed `n_tasks` tasks (or has exited).
+
+    The checkpoint, not tasks.parquet: the tables are written just before it, so a
+    signal sent when they appear could land before the checkpoint is saved.
+    """
+    checkpoint = run_dir / CHECKPOINT
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
-        if tasks_file.exists() and len(pd.read_parquet(tasks_file)) == n_tasks:
+        if checkpoint.exists() and len(torch.load(checkpoint, weights_only=True)["tasks"]) == n_tasks:
             return
         time.sleep(0.02)
 

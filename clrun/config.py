@@ -85,7 +85,7 @@ class PerTaskMethodConfig(MethodConfig):
 class ReplayPolicy(Enum):
     reservoir = "reservoir"  # every training image seen so far has the same chance to be in memory
     class_balanced = "class_balanced"  # the budget is split equally over the classes seen so far
-    herding = "herding"  # class_balanced, each class's images picked by iCaRL's herding on features (der only)
+    herding = "herding"  # class_balanced, images picked by iCaRL's herding on the method's features after the task
 
 
 @dataclass

@@ -18,9 +18,10 @@ from conftest import (
     task_inputs,
 )
 
+from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.ccgn import CCGN
-from clrun.methods.replay import Memory
+from clrun.methods.replay import Memory, herding
 
 TINY = [
     *TINY_STREAM,
@@ -86,13 +87,28 @@ def test_learns_split_mnist_above_chance(tmp_path):
     assert acc[0, 0] > 0.9 and acc[1, 1] > 0.8 and acc[1, 0] == acc[0, 0]  # chance 0.5; no forgetting
 
 
+def test_herding_memory_holds_each_class_picks_on_its_task_branch_features():
+    budget = 8
+    method, stream, _ = make(
+        "stream.scenario=class", "stream.n_tasks=2", "method.memory.policy=herding", f"method.memory.budget={budget}"
+    )
+    for task in stream.tasks:
+        method.learn(task, None)
+        images = prepare(task.train.x, stream.mean, stream.std, augment=False)  # as at test time
+        features = method.features(images, task.index)
+        quota = budget // (2 * (task.index + 1))  # two classes per task
+        for c in range(2):
+            index = torch.nonzero(task.train.y == c).squeeze(1)
+            picks = task.train.x[index[herding(features[index], quota)]]
+            stored = method.memory.x[(method.memory.t == task.index) & (method.memory.y == c)]
+            assert torch.equal(stored, picks)
+
+
 def test_task_classifier_opens_class_and_domain_and_task_id_still_replaces_it():
     assert CCGN.supported_scenarios(compose_config("method=ccgn").method) == ("task", "class", "domain")
     assert CCGN.supported_scenarios(compose_config("method=ccgn", "method.task_classifier=false").method) == ("task",)
     with pytest.raises(ClrunError, match="memory.budget"):
         make("stream.scenario=class", "method.memory.budget=0")
-    with pytest.raises(ClrunError, match="herding"):
-        make("stream.scenario=class", "method.memory.policy=herding")
     method, stream, _ = make("stream.scenario=class", "stream.n_tasks=2", "method.task_id=entropy")
     for task in stream.tasks:
         method.learn(task, None)

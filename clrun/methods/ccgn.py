@@ -41,6 +41,8 @@ Not implemented either: the re-initialisation of unused channels after each task
 warm-up (sparsity acts from the first step).
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -52,7 +54,7 @@ from clrun.data.stream import Task
 from clrun.errors import ClrunError
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
 from clrun.methods.hat import gradient_factors, restrict_gradients
-from clrun.methods.replay import Memory
+from clrun.methods.replay import Memory, embed
 from clrun.models.gating import GatedLayer, batch_norm_state, gated_layers
 from clrun.models.layers import Conv2d
 from clrun.train import fit
@@ -119,8 +121,6 @@ class CCGN(Method):
         self.classifying = cfg.task_classifier and cfg.task_id.value == "none" and stream.scenario != "task"
         if self.classifying and not cfg.memory.budget:
             raise ClrunError("method ccgn: the task classifier needs method.memory.budget > 0")
-        if cfg.memory.policy.value == "herding":
-            raise ClrunError("method ccgn: memory.policy herding is der's only; use class_balanced or reservoir")
         self.memory = Memory(cfg.memory.budget, cfg.memory.policy.value)  # filled only for the task classifier
         self.classifier: nn.Sequential | None = None  # the task classifier over the tasks learned so far
 
@@ -177,7 +177,7 @@ class CCGN(Method):
         row = {**stats.row(), "open": self.open_share(relevant)}
         if self.classifying:
             row["classifier_loss"] = self.train_classifier(task, progress)
-            self.memory.add(task)
+            self.memory.add(task, partial(self.branch_features, task=task.index))
         return row
 
     @torch.no_grad()
@@ -206,6 +206,10 @@ class CCGN(Method):
 
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self.model.heads(self.features(x, task), task)
+
+    def branch_features(self, images: torch.Tensor, task: int) -> torch.Tensor:
+        """Task `task`'s branch features of uint8 images (what the `herding` memory policy ranks)."""
+        return embed(partial(self.features, task=task), images, self.stream, self.hw, self.cfg.eval_batch_size)
 
     # ---- the task classifier -----------------------------------------------------------
     def new_classifier(self, n_tasks: int) -> nn.Sequential:

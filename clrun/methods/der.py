@@ -59,11 +59,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.data import iterate, prepare
+from clrun.data import prepare
 from clrun.data.stream import Task
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
 from clrun.methods.hat import COSH_CLAMP
-from clrun.methods.replay import Memory
+from clrun.methods.replay import Memory, embed
 from clrun.models import build_backbone
 from clrun.models.gating import GatedLayer, Gates, gated_layers
 from clrun.models.layers import Linear
@@ -240,8 +240,7 @@ class DER(Method):
         if self.class_scenario and k and cfg.rebalance and len(self.memory):
             self.rebalance(task, progress)
         if self.class_scenario and cfg.replay.budget:
-            herding = cfg.replay.policy.value == "herding"
-            self.memory.add(task, self.features(task.train.x) if herding else None)
+            self.memory.add(task, self.features)
         return row
 
     def balanced_subset(self, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,12 +286,8 @@ class DER(Method):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Every extractor's features (under its mask, eval mode) of uint8 images, without augmentation."""
         self.extractors.eval()
-        features = []
-        for (batch,) in iterate((images,), self.cfg.eval_batch_size, shuffle=False):
-            x = self.hw.to_input(prepare(batch, self.stream.mean, self.stream.std, augment=False))
-            with self.hw.autocast():
-                features.append(self.extractors(x, len(self.extractors.nets)).float())
-        return torch.cat(features)
+        n = len(self.extractors.nets)
+        return embed(lambda x: self.extractors(x, n), images, self.stream, self.hw, self.cfg.eval_batch_size)
 
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
         self.extractors.eval()

@@ -5,19 +5,20 @@ the run's device) with their labels and task indices. It is filled after each
 task: `reservoir` keeps every image seen so far with the same probability;
 `class_balanced` splits the budget equally over every (task, class) seen, the
 larger classes giving up images when a task adds classes; `herding` splits it
-the same way but picks a new class's images by iCaRL's herding on features the
-method passes in, and a class giving up images keeps its best-ranked ones (DER).
+the same way but picks a new class's images by iCaRL's herding on the features
+the method computes (its network after learning the task, in eval mode), and a
+class giving up images keeps its best-ranked ones (iCaRL, DER).
 Batches mix the current task and the memory as van de Ven et al. do:
 loss = (1/t) current + (1 - 1/t) replay, t the number of tasks so far.
 """
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
-from clrun.data import prepare
+from clrun.data import iterate, prepare
 from clrun.data.stream import Stream, Task
-from clrun.errors import ClrunError
 from clrun.hardware import Hardware
 from clrun.methods.base import Footprint, SharedModelMethod, mixed_task_loss
 from clrun.models import TaskModel
@@ -41,6 +42,17 @@ def herding(features: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor(picks, dtype=torch.long, device=features.device)
 
 
+def embed(forward, images: torch.Tensor, stream: Stream, hw: Hardware, batch_size: int) -> torch.Tensor:
+    """`forward`'s fp32 features of uint8 `images`, prepared without augmentation, in batches, without gradients."""
+    features = []
+    with torch.no_grad():
+        for (batch,) in iterate((images,), batch_size, shuffle=False):
+            x = hw.to_input(prepare(batch, stream.mean, stream.std, augment=False))
+            with hw.autocast():
+                features.append(forward(x).float())
+    return torch.cat(features)
+
+
 class Memory:
     """At most `budget` stored images with labels `y` (local to their task) and task indices `t`."""
 
@@ -53,9 +65,9 @@ class Memory:
     def __len__(self) -> int:
         return 0 if self.y is None else len(self.y)
 
-    def add(self, task: Task, features: torch.Tensor | None = None) -> None:
+    def add(self, task: Task, features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Offer the task's training images to the memory (`reservoir`, `class_balanced`: draws from torch's global
-        RNG); `herding` needs `features`, one row per training image (the model's, after learning the task)."""
+        RNG); `herding` needs `features`, mapping uint8 images to one feature row each (called only by it)."""
         x, y = task.train.x, task.train.y
         t = torch.full_like(y, task.index)
         if self.policy == "reservoir":
@@ -63,7 +75,7 @@ class Memory:
         elif self.policy == "herding":
             if features is None:
                 raise ValueError("the herding memory needs the features of the task's training images")
-            self._balance(x, y, t, self._herd(y, t, features))
+            self._balance(x, y, t, self._herd(y, t, features(x)))
         else:
             self._balance(x, y, t, torch.randperm(len(y)).to(y.device))
 
@@ -158,8 +170,6 @@ class Replaying(SharedModelMethod):
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
-        if cfg.replay.policy.value == "herding":
-            raise ClrunError(f"method {cfg.name}: replay.policy herding is der's only; use class_balanced or reservoir")
         self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
 
     def replayed(self, loss_fn, task: int):
@@ -175,7 +185,12 @@ class Replaying(SharedModelMethod):
     def remember(self, task: Task) -> None:
         """After learning `task`: offer its images to the memory (no RNG draw without replay)."""
         if self.cfg.replay.budget:
-            self.memory.add(task)
+            self.memory.add(task, self.image_features)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's features (eval mode) of uint8 images: what the `herding` policy ranks."""
+        self.model.eval()
+        return embed(self.model.features, images, self.stream, self.hw, self.cfg.eval_batch_size)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "memory": self.memory.state_dict()}

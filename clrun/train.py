@@ -149,10 +149,23 @@ def fit(
     return FitStats(epochs=epochs_done, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
 
 
-def _test_batches(split: Split, stream: Stream, hw: Hardware, batch_size: int):
-    """(prepared images, labels) of a split in order, without augmentation."""
-    for x, y in iterate((split.x, split.y), batch_size, shuffle=False):
-        yield hw.to_input(prepare(x, stream.mean, stream.std, augment=False)), y
+def eval_batches(tensors: tuple[torch.Tensor, ...], stream: Stream, hw: Hardware, batch_size: int):
+    """Batches of `tensors` (uint8 images first, then any aligned rows) in order, the images prepared as at
+    test time (no augmentation)."""
+    for x, *rest in iterate(tensors, batch_size, shuffle=False):
+        yield hw.to_input(prepare(x, stream.mean, stream.std, augment=False)), *rest
+
+
+@torch.no_grad()
+def embed(
+    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, stream: Stream, hw: Hardware, batch_size: int
+) -> torch.Tensor:
+    """`forward`'s fp32 outputs (e.g. features) for uint8 `images` prepared as at test time, in batches."""
+    rows = []
+    for (x,) in eval_batches((images,), stream, hw, batch_size):
+        with hw.autocast():
+            rows.append(forward(x).float())
+    return torch.cat(rows)
 
 
 @torch.inference_mode()
@@ -161,7 +174,7 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy of `predict` (float images -> logits) on a split."""
     correct = torch.zeros((), dtype=torch.long, device=split.y.device)
-    for x, y in _test_batches(split, stream, hw, batch_size):
+    for x, y in eval_batches((split.x, split.y), stream, hw, batch_size):
         with hw.autocast():
             logits = predict(x)
         correct += (logits.argmax(1) == y).sum()
@@ -183,7 +196,7 @@ def agnostic_accuracy(
     correct = torch.zeros((), dtype=torch.long, device=split.y.device)
     right_task = torch.zeros((), dtype=torch.long, device=split.y.device)
     inferring = False
-    for x, y in _test_batches(split, stream, hw, batch_size):
+    for x, y in eval_batches((split.x, split.y), stream, hw, batch_size):
         with hw.autocast():
             logits, inferred = predict(x)
         correct += (logits.argmax(1) == stream.targets(y, task)).sum()

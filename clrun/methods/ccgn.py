@@ -54,10 +54,10 @@ from clrun.data.stream import Task
 from clrun.errors import ClrunError
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
 from clrun.methods.hat import gradient_factors, restrict_gradients
-from clrun.methods.replay import Memory, embed
+from clrun.methods.replay import Memory
 from clrun.models.gating import GatedLayer, batch_norm_state, gated_layers
 from clrun.models.layers import Conv2d
-from clrun.train import fit
+from clrun.train import embed, fit
 
 
 def gate_inputs(layer: nn.Module) -> int:

@@ -63,11 +63,11 @@ from clrun.data import prepare
 from clrun.data.stream import Task
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
 from clrun.methods.hat import COSH_CLAMP
-from clrun.methods.replay import Memory, embed
+from clrun.methods.replay import Memory
 from clrun.models import build_backbone
 from clrun.models.gating import GatedLayer, Gates, gated_layers
 from clrun.models.layers import Linear
-from clrun.train import fit
+from clrun.train import embed, fit
 
 EMBEDDING_CLAMP = 6.0  # gate embeddings stay in [-6, 6] (HAT's thres_emb)
 EMBEDDING_INIT = 0.1  # gate embeddings start here: sigmoid(s_max 0.1) = 1, every channel open

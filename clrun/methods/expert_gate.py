@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clrun.data import prepare
 from clrun.data.stream import Task
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
 from clrun.models.layers import Linear
-from clrun.train import fit
+from clrun.train import eval_batches, fit
 
 
 class Autoencoder(nn.Module):
@@ -71,12 +70,8 @@ class ExpertGate(Method):
 
     def mean_errors(self, task: Task) -> torch.Tensor:
         """Every gate's mean reconstruction error over `task`'s training images, (tasks,)."""
-        total = 0
-        for start in range(0, len(task.train), self.cfg.eval_batch_size):
-            images = task.train.x[start : start + self.cfg.eval_batch_size]
-            x = self.hw.to_input(prepare(images, self.stream.mean, self.stream.std, augment=False))
-            total = total + self.gate_errors(x).sum(1)
-        return total / len(task.train)
+        batches = eval_batches((task.train.x,), self.stream, self.hw, self.cfg.eval_batch_size)
+        return sum(self.gate_errors(x).sum(1) for (x,) in batches) / len(task.train)
 
     def learn(self, task: Task, progress) -> dict:
         gate = self.new_gate()

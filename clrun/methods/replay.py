@@ -17,11 +17,12 @@ from dataclasses import replace
 
 import torch
 
-from clrun.data import iterate, prepare
+from clrun.data import prepare
 from clrun.data.stream import Stream, Task
 from clrun.hardware import Hardware
 from clrun.methods.base import Footprint, SharedModelMethod, mixed_task_loss
 from clrun.models import TaskModel
+from clrun.train import embed
 
 
 def herding(features: torch.Tensor, n: int) -> torch.Tensor:
@@ -40,17 +41,6 @@ def herding(features: torch.Tensor, n: int) -> torch.Tensor:
         free[pick] = False
         target += mean - rows[pick]
     return torch.tensor(picks, dtype=torch.long, device=features.device)
-
-
-def embed(forward, images: torch.Tensor, stream: Stream, hw: Hardware, batch_size: int) -> torch.Tensor:
-    """`forward`'s fp32 features of uint8 `images`, prepared without augmentation, in batches, without gradients."""
-    features = []
-    with torch.no_grad():
-        for (batch,) in iterate((images,), batch_size, shuffle=False):
-            x = hw.to_input(prepare(batch, stream.mean, stream.std, augment=False))
-            with hw.autocast():
-                features.append(forward(x).float())
-    return torch.cat(features)
 
 
 class Memory:

@@ -410,9 +410,8 @@ class DENConfig(PerTaskMethodConfig):
     # train.epochs / train.iterations; the code's 0.95 lr decay per epoch and its l2 weight decay 1e-4 are not used
     train: TrainConfig = field(default_factory=lambda: _train(epochs=2, batch_size=256, lr=0.001))
     mu: float = 1e-5  # L1 weight, applied as a proximal soft-threshold lr*mu after each step (code's l1_lambda)
-    drift: float = (
-        0.5  # lambda in lambda ||W_S - W_S^{t-1}||^2 of selective retraining and splitting (code's l2_lambda)
-    )
+    # lambda in lambda ||W_S - W_S^{t-1}||^2 of selective retraining and splitting (code's l2_lambda)
+    drift: float = 0.5
     group_lasso: float = 1e-3  # group lasso weight on the new units' incoming weights, proximal (code's gl_lambda)
     k: int = 10  # units added per layer by expansion; most units split per layer (code's ex_k)
     tau: float = 0.01  # expand when the selective-retraining loss stays above tau (code's loss_thr)
@@ -425,18 +424,16 @@ class CCGNConfig(PerTaskMethodConfig):
 
     sparsity: float = 0.5  # lambda_s on the mean gate activation (ChannelGatedCL port: 0.5)
     gate_hidden: int = 16  # hidden units of each gating MLP (paper: 16 [unverified])
-    temperature: float = (
-        0.6666666666666666  # Gumbel-sigmoid temperature while training (a common choice; not from the paper)
-    )
+    # Gumbel-sigmoid temperature while training (a common choice; not from the paper)
+    temperature: float = 0.6666666666666666
     relevance: float = 0.0  # a channel is relevant (frozen afterwards) when its gate fires on more than this share
     # of the task's training images (0: ever fires, which makes earlier tasks' logits exact; port: 0.8 probability)
     task_classifier: bool = True  # class/domain scenarios with task_id none: the paper's task classifier picks the task
     classifier_hidden: int = 64  # hidden units of the task classifier's MLP (ChannelGatedCL port: 64)
     classifier_train: TrainConfig = field(default_factory=TrainConfig)  # the task classifier's training after each
     # task, the gated network frozen (defaults Adam 1e-3, batch 128, 2 epochs: not from the paper)
-    memory: ReplayConfig = field(
-        default_factory=lambda: ReplayConfig(budget=1000)
-    )  # episodic memory of earlier tasks' images for the task classifier (budget: not from the paper)
+    # episodic memory of earlier tasks' images for the task classifier (budget: not from the paper)
+    memory: ReplayConfig = field(default_factory=lambda: ReplayConfig(budget=1000))
 
 
 class SplitRule(Enum):

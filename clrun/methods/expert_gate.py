@@ -19,6 +19,8 @@ anyway and the LwF variant only shapes the new expert (methods.md §12).
 Every scenario; any backbone. Footprint: every expert and every autoencoder.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,10 +59,7 @@ class ExpertGate(Method):
         return ("task", "class", "domain")
 
     def new_gate(self) -> Autoencoder:
-        n_inputs = 1
-        for size in self.stream.input_shape:
-            n_inputs *= size
-        return self.hw.prepare_model(Autoencoder(n_inputs, self.cfg.latent))
+        return self.hw.prepare_model(Autoencoder(math.prod(self.stream.input_shape), self.cfg.latent))
 
     @torch.no_grad()
     def gate_errors(self, x: torch.Tensor) -> torch.Tensor:

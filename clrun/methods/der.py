@@ -62,7 +62,7 @@ from torch import nn
 from clrun.data import prepare
 from clrun.data.stream import Task
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
-from clrun.methods.hat import COSH_CLAMP
+from clrun.methods.hat import compensate, steepness
 from clrun.methods.replay import Memory
 from clrun.models import build_backbone
 from clrun.models.gating import GatedLayer, Gates, gated_layers
@@ -71,15 +71,6 @@ from clrun.train import embed, fit
 
 EMBEDDING_CLAMP = 6.0  # gate embeddings stay in [-6, 6] (HAT's thres_emb)
 EMBEDDING_INIT = 0.1  # gate embeddings start here: sigmoid(s_max 0.1) = 1, every channel open
-
-
-def compensate(embeddings: list[nn.Parameter], s: float, s_max: float) -> None:
-    """HAT's gradient compensation of gate embeddings: times s_max (cosh(clamp(s e)) + 1) / (s (cosh(e) + 1)), so
-    they keep learning while s is small or large."""
-    for e in embeddings:
-        value = e.detach()
-        e.grad.mul_(s_max / s * (torch.cosh((s * value).clamp(-COSH_CLAMP, COSH_CLAMP)) + 1))
-        e.grad.div_(torch.cosh(value) + 1)
 
 
 def kept_weight_share(layers: list[GatedLayer], masks: list[torch.Tensor]) -> torch.Tensor:
@@ -173,11 +164,6 @@ class DER(Method):
                 head.bias[: old.out_features] = old.bias
         self.heads = nn.ModuleList([head])
 
-    def anneal(self, batch: int, batches: int) -> float:
-        """s for batch `batch` (0-based) of an epoch of `batches`: 1/s_max to s_max."""
-        s_max = self.cfg.s_max
-        return 1 / s_max + (s_max - 1 / s_max) * (batch / (batches - 1) if batches > 1 else 1.0)
-
     def learn(self, task: Task, progress) -> dict:
         cfg, k = self.cfg, task.index
         self.add_task(task)
@@ -194,7 +180,8 @@ class DER(Method):
         offset = self.stream.class_offset(k) if self.class_scenario else 0
 
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            s = self.anneal(current["step"] % batches, batches)
+            batch = current["step"] % batches
+            s = steepness(cfg.s_max, batch / (batches - 1) if batches > 1 else 1.0)  # 1/s_max to s_max over an epoch
             current["step"] += 1
             current["s"] = s
             soft = [torch.sigmoid(s * e) for e in embeddings]
@@ -282,7 +269,6 @@ class DER(Method):
             f"task {task.index} re-balancing",
         )
 
-    @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Every extractor's features (under its mask, eval mode) of uint8 images, without augmentation."""
         self.extractors.eval()

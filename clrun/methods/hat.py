@@ -86,6 +86,20 @@ def restrict_gradients(
                 gated.layer.bias.grad.mul_(bias_factor)
 
 
+def compensate(embeddings: list[nn.Parameter], s: float, s_max: float) -> None:
+    """HAT's gradient compensation of gate embeddings: times s_max (cosh(clamp(s e)) + 1) / (s (cosh(e) + 1)), so
+    they keep learning while s is small or large."""
+    for e in embeddings:
+        value = e.detach()
+        e.grad.mul_(s_max / s * (torch.cosh((s * value).clamp(-COSH_CLAMP, COSH_CLAMP)) + 1))
+        e.grad.div_(torch.cosh(value) + 1)
+
+
+def steepness(s_max: float, progress: float) -> float:
+    """The gate steepness s at `progress` (0 to 1) through an epoch: 1/s_max to s_max, linearly."""
+    return 1 / s_max + (s_max - 1 / s_max) * progress
+
+
 class HAT(Method):
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
@@ -105,9 +119,8 @@ class HAT(Method):
 
     def anneal(self, batch: int, batches: int, n: int, batch_size: int) -> float:
         """s for batch `batch` (0-based) of an epoch of `batches` batches over `n` images."""
-        s_max = self.cfg.s_max
         progress = (batch / (batches - 1) if batches > 1 else 1.0) if self.cfg.paper_anneal else batch * batch_size / n
-        return 1 / s_max + (s_max - 1 / s_max) * progress
+        return steepness(self.cfg.s_max, progress)
 
     def attention_penalty(self, gates: list[torch.Tensor]) -> torch.Tensor:
         """R = sum a^t (1 - a^{<t}) / sum (1 - a^{<t}) over every gated unit (the mean gate for the first task)."""
@@ -138,11 +151,7 @@ class HAT(Method):
 
         def after_backward(_) -> None:
             restrict_gradients(params, cfg.train.weight_decay, self.layers, factors)
-            s = current["s"]
-            for e in embeddings:
-                value = e.detach()
-                e.grad.mul_(cfg.s_max / s * (torch.cosh((s * value).clamp(-COSH_CLAMP, COSH_CLAMP)) + 1))
-                e.grad.div_(torch.cosh(value) + 1)
+            compensate(embeddings, current["s"], cfg.s_max)
             if cfg.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params + embeddings, cfg.clip_grad_norm)
 

@@ -49,7 +49,6 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
 
-from clrun.data import prepare
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
@@ -57,7 +56,7 @@ from clrun.methods.hat import gradient_factors, restrict_gradients
 from clrun.methods.replay import Memory
 from clrun.models.gating import GatedLayer, batch_norm_state, gated_layers
 from clrun.models.layers import Conv2d
-from clrun.train import embed, fit
+from clrun.train import embed, eval_batches, fit
 
 
 def gate_inputs(layer: nn.Module) -> int:
@@ -185,16 +184,12 @@ class CCGN(Method):
         """Per layer, the share of the task's training images on which each test-mode gate fires."""
         self.model.eval()
         counts = [torch.zeros(g.units, device=self.hw.device) for g in self.layers]
-        x_all = task.train.x
-        for start in range(0, len(x_all), self.cfg.eval_batch_size):
-            x = self.hw.to_input(
-                prepare(x_all[start : start + self.cfg.eval_batch_size], self.stream.mean, self.stream.std, False)
-            )
+        for (x,) in eval_batches((task.train.x,), self.stream, self.hw, self.cfg.eval_batch_size):
             self.gates.use(gaters)
             self.model.backbone(x)
             self.gates.off()
             counts = [c + g.sum(0) for c, g in zip(counts, self.gates.record, strict=True)]
-        return [c / len(x_all) for c in counts]
+        return [c / len(task.train) for c in counts]
 
     def features(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """The backbone's features of a batch of prepared images through task `task`'s gated branch."""
@@ -236,8 +231,7 @@ class CCGN(Method):
         current_weight = 1 / n_tasks
 
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            images, _, tasks = self.memory.sample(batch_size)
-            replayed = self.hw.to_input(prepare(images, stream.mean, stream.std, stream.augment))
+            replayed, _, tasks = self.memory.sample(batch_size, stream, self.hw)
             logits = self.classifier(self.candidates(torch.cat([x, replayed]), n_tasks))
             targets = torch.cat([torch.full_like(y, task.index), tasks])
             per_sample = F.cross_entropy(logits, targets, reduction="none")

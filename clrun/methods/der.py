@@ -59,7 +59,6 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.data import prepare
 from clrun.data.stream import Task
 from clrun.methods.base import Footprint, Method, count_params, module_bytes
 from clrun.methods.hat import compensate, steepness
@@ -187,8 +186,7 @@ class DER(Method):
             soft = [torch.sigmoid(s * e) for e in embeddings]
             targets, aux_targets = y + offset, y
             if replay:
-                images, y_old, t_old = self.memory.sample(replay_size)
-                old = self.hw.to_input(prepare(images, self.stream.mean, self.stream.std, self.stream.augment))
+                old, y_old, t_old = self.memory.sample(replay_size, self.stream, self.hw)
                 x = torch.cat([x, old])
                 targets = torch.cat([targets, self.stream.targets(y_old, t_old)])
                 aux_targets = torch.cat([aux_targets, torch.full_like(y_old, task.n_classes)])

@@ -120,10 +120,12 @@ class Memory:
         else:
             self.x, self.y, self.t = torch.cat([self.x, x]), torch.cat([self.y, y]), torch.cat([self.t, t])
 
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`n` stored (images, labels, tasks), drawn uniformly with replacement."""
+    def sample(self, n: int, stream: Stream, hw: Hardware) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`n` stored images, drawn uniformly with replacement and prepared for training (augmented when the
+        stream is), with their labels and tasks."""
         index = torch.randint(len(self), (n,)).to(self.y.device)
-        return self.x[index], self.y[index], self.t[index]
+        x = hw.to_input(prepare(self.x[index], stream.mean, stream.std, stream.augment))
+        return x, self.y[index], self.t[index]
 
     def add_to(self, footprint: Footprint) -> Footprint:
         """A method's footprint plus the stored images, labels and tasks (bytes, not parameters)."""
@@ -147,8 +149,7 @@ def with_replay(loss_fn, memory: Memory, model: TaskModel, stream: Stream, hw: H
     current_weight = 1 / (task + 1)
 
     def loss(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        images, y, t = memory.sample(batch_size)
-        replayed = hw.to_input(prepare(images, stream.mean, stream.std, stream.augment))
+        replayed, y, t = memory.sample(batch_size, stream, hw)
         return current_weight * loss_fn(x, *rest) + (1 - current_weight) * replay_loss(replayed, y, t)
 
     return loss

@@ -26,6 +26,16 @@ class FitStats:
     seconds: float
     loss: float  # mean loss of the last epoch
 
+    @classmethod
+    def total(cls, phases: list["FitStats"]) -> "FitStats":
+        """Several phases of one task as one: epochs, images and seconds summed, the last phase's loss."""
+        return cls(
+            epochs=sum(s.epochs for s in phases),
+            images=sum(s.images for s in phases),
+            seconds=sum(s.seconds for s in phases),
+            loss=phases[-1].loss,
+        )
+
     def row(self) -> dict:
         """The figures that go into `tasks.parquet`."""
         images_per_s = self.images / self.seconds if self.seconds > 0 else float("nan")

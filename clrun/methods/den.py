@@ -48,7 +48,7 @@ from clrun.methods.base import Footprint, Method, count_params
 from clrun.models import build_backbone
 from clrun.models.columns import cut_stages, layer_sequence
 from clrun.models.gating import CHAIN_BACKBONES
-from clrun.train import fit
+from clrun.train import FitStats, fit
 
 Norm = list[torch.Tensor] | None  # one layer's batch norm for one task: weight, bias, running mean, running var
 
@@ -334,14 +334,7 @@ class DEN(Method):
             event["split"] = self.split(task, old_weights, old_biases, old)
         self.widths.append([len(w) for w in self.weights])
         self.events.append(event)
-        seconds = sum(s.seconds for s in self.stats)
-        row = {
-            "epochs": sum(s.epochs for s in self.stats),
-            "train_s": seconds,
-            "images_per_s": sum(s.images for s in self.stats) / seconds if seconds > 0 else float("nan"),
-            "train_loss": self.stats[-1].loss,
-        }
-        return {**row, **event}
+        return {**FitStats.total(self.stats).row(), **event}
 
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self.forward(x, self.weights, self.biases, self.norms[task], self.heads[task], self.widths[task])

@@ -106,12 +106,7 @@ class LwF(Replaying):
             stats.append(self._fit(new_head, new_head.parameters(), loss, task, warmup, progress, "warm-up"))
         stats.append(self._fit(self.model, self.model.parameters(), loss, task, self.cfg.train, progress, ""))
         self.remember(task)
-        return FitStats(
-            epochs=sum(s.epochs for s in stats),
-            images=sum(s.images for s in stats),
-            seconds=sum(s.seconds for s in stats),
-            loss=stats[-1].loss,
-        ).row()
+        return FitStats.total(stats).row()
 
     def _fit(self, module, params, loss, task: Task, train, progress, phase: str) -> FitStats:
         label = f"task {task.index} {task.name}" + (f" {phase}" if phase else "")

@@ -5,7 +5,7 @@
 - `composed`: the composed config of every method under every experiment preset (and under none),
 - `runs`: tiny CPU runs (3 synthetic tasks, MLP at a quarter width, 8 iterations, one thread) of every method in
   each scenario, also with `method.task_id=entropy` where the method has that key: the accuracy rows
-  (the whole matrix, bit for bit), the per-task parameter counts and sizes, and the summary without timings;
+  (the whole matrix, bit for bit), the per-task table and the summary without timings, and the tables' columns;
   a run that is refused records its one-line error instead,
 - `table1_smoke`: the accuracy matrices of `reproduce_table1.py --scale smoke` on the CIFAR-100 subset.
 `compare` prints every difference between two such files and exits 1 if there is one.
@@ -16,8 +16,8 @@
 
 import argparse
 import json
-import multiprocessing
 import math
+import multiprocessing
 import subprocess
 import sys
 import tempfile
@@ -62,7 +62,7 @@ EXTRA = {
         for name in ("cpg", "pae")
     },
 }
-TIMING = ("wall_s", "train_s", "images_per_s", "clrun_version", "run_id")
+TIMING = ("wall_s", "train_s", "images_per_s", "clrun_version", "run_id")  # and the *_phase_s columns
 
 
 def options(group: str) -> list[str]:
@@ -112,7 +112,8 @@ def tiny_runs() -> list[list[str]]:
 
 def _rows(frame: pd.DataFrame) -> list[dict]:
     """A table's rows without timings, as JSON values (floats exact)."""
-    records = frame.drop(columns=[c for c in TIMING if c in frame]).to_dict(orient="records")
+    timings = [c for c in frame if c in TIMING or c.endswith("_phase_s")]
+    records = frame.drop(columns=timings).to_dict(orient="records")
     return json.loads(json.dumps(records, default=lambda value: value.item()))
 
 
@@ -131,9 +132,11 @@ def tiny_run(overrides: list[str]) -> dict:
         except Exception as error:  # composition errors (a key the method lacks)
             return {"error": f"{type(error).__name__}: {' '.join(str(error).split())}"}
         run_dir = Path(folder) / "run"
-        found = {name: _rows(pd.read_parquet(run_dir / f"{name}.parquet")) for name in ("accuracy", "summary")}
-        tasks = pd.read_parquet(run_dir / "tasks.parquet")
-        found["tasks"] = _rows(tasks[["task", "epochs", "params", "model_mb", "train_loss"]])
+        found = {}
+        for name in ("accuracy", "tasks", "summary"):
+            table = pd.read_parquet(run_dir / f"{name}.parquet")
+            found[name] = _rows(table)
+            found[f"{name}_columns"] = list(table.columns)
         return found
 
 
@@ -145,7 +148,8 @@ def table1_smoke(data_root: Path) -> dict:
         found = {}
         for run_dir in sorted(Path(folder).glob("*-seed*")):
             method = pd.read_parquet(run_dir / "summary.parquet")["method"].iloc[0]
-            found[method] = _rows(pd.read_parquet(run_dir / "accuracy.parquet"))
+            accuracy = pd.read_parquet(run_dir / "accuracy.parquet")
+            found[method] = _rows(accuracy.drop(columns="config_id"))  # it hashes the goals' temporary folder
         return found
 
 
@@ -187,7 +191,8 @@ def differences(before, after, path: str = "") -> list[str]:
                 found += differences(before[key], after[key], where)
         return found
     if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
-        return [d for i, (a, b) in enumerate(zip(before, after, strict=True)) for d in differences(a, b, f"{path}[{i}]")]
+        pairs = enumerate(zip(before, after, strict=True))
+        return [line for i, (a, b) in pairs for line in differences(a, b, f"{path}[{i}]")]
     return [] if _same(before, after) else [f"{path}: {str(before)[:200]!r} != {str(after)[:200]!r}"]
 
 

@@ -89,19 +89,9 @@ def preset(method: str, scale: str) -> str:
     return f"table1_{method}" if scale == "full" else f"table1_smoke_{method}"
 
 
-def compose(overrides: list[str]):
-    """The config `clrun <overrides>` runs (Hydra keys left out)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import clrun.cli  # noqa: F401  (registers the schemas and the run-name resolver)
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
-
-
 def run_folder(overrides: list[str], runs_dir: Path) -> Path:
     """The folder clrun gives the run of `overrides`: <runs_dir>/<method>-<stream>-<backbone>-seed<seed>-<hash>."""
+    from clrun.cli import compose
     from clrun.run import run_name
 
     return runs_dir / run_name(compose(overrides))

@@ -74,19 +74,10 @@ def clrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
 
 
-def compose(overrides: list[str]):
-    """The config `clrun <overrides>` runs (Hydra's own keys left out)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import clrun.cli  # noqa: F401  (registers the schemas and the run-name resolver)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
-
-
 def composed_configs() -> dict[str, str]:
     from omegaconf import OmegaConf
+
+    from clrun.cli import compose
 
     found = {}
     for experiment in [None, *options("experiment")]:
@@ -121,6 +112,7 @@ def tiny_run(overrides: list[str]) -> dict:
     """One tiny run in a temporary folder: its results without timings, or its refusal."""
     from rich.console import Console
 
+    from clrun.cli import compose
     from clrun.errors import ClrunError
     from clrun.run import Run
 
@@ -144,7 +136,9 @@ def table1_smoke(data_root: Path) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, str(ROOT / "benchmarks" / "reproduce_table1.py"), "--scale", "smoke"]
         command += ["--data-root", str(data_root), "--runs-dir", folder, "--out", str(Path(folder) / "table.csv")]
-        subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
         found = {}
         for run_dir in sorted(Path(folder).glob("*-seed*")):
             method = pd.read_parquet(run_dir / "summary.parquet")["method"].iloc[0]

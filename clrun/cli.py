@@ -1,4 +1,4 @@
-"""The `clrun` command: Hydra composes the config, `Run` executes it."""
+"""The `clrun` command: Hydra composes the config from the package's `clrun.conf`, `Run` executes it."""
 
 import logging
 import shutil
@@ -7,19 +7,36 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.logging import RichHandler
 
-from clrun.config import register_configs
+from clrun import methods
+from clrun.config import register_schemas
 from clrun.errors import ClrunError
 from clrun.run import CHECKPOINT, Run, run_name
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"  # the checkout's conf/ (clrun installs editable)
+CONFIG_PATH = "pkg://clrun.conf"  # conf/ in the checkout, shipped in the package (pyproject.toml's package-dir)
 
-register_configs()
-OmegaConf.register_new_resolver("clrun_run_name", lambda *, _root_: run_name(_root_), use_cache=False)
+
+def setup() -> None:
+    """What Hydra needs before it composes: the schemas (run-level and every built-in method's) in the
+    ConfigStore, and the resolvers the configs use (`clrun_run_name`, `clrun_methods` for --help)."""
+    store = ConfigStore.instance()
+    register_schemas(store)
+    methods.register(store)
+    OmegaConf.register_new_resolver("clrun_run_name", lambda *, _root_: run_name(_root_), use_cache=False, replace=True)
+    OmegaConf.register_new_resolver("clrun_methods", methods.describe, replace=True)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config `clrun <overrides>` runs (Hydra's own `hydra.*` keys aside), for scripts, notebooks and tests."""
+    setup()
+    with initialize_config_module("clrun.conf", version_base="1.3"):
+        return hydra.compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
 
 
 def _discard_unstarted(run_dir: Path) -> None:
@@ -35,8 +52,8 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (SLURM preemption, `timeout`) stops like Ctrl-C
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def _run(cfg: DictConfig) -> float:
     """Run one continual-learning experiment; return its final average accuracy (for sweepers)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
     signal.signal(signal.SIGTERM, _interrupt)
@@ -53,3 +70,9 @@ def main(cfg: DictConfig) -> float:
         sys.exit(130)
     finally:
         _discard_unstarted(run_dir)
+
+
+def main() -> None:
+    """The `clrun` console script."""
+    setup()
+    _run()

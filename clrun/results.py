@@ -1,4 +1,4 @@
-"""Writing one run's results: parquet tables, plots and the console report.
+"""Writing one run's results: model-size accounting, parquet tables, plots and the console report.
 
 Every file is written to a temporary name in the same folder and renamed, so a
 crash never leaves a half-written result.
@@ -7,8 +7,9 @@ crash never leaves a half-written result.
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import matplotlib
 
@@ -16,17 +17,45 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from clrun import metrics  # noqa: E402
-from clrun.methods.base import Footprint  # noqa: E402
 
 ACCURACY_FILE = "accuracy.parquet"
 SUMMARY_FILE = "summary.parquet"
 TASKS_FILE = "tasks.parquet"
 MATRIX_PLOT = "accuracy_matrix.png"
 CURVES_PLOT = "accuracy_curves.png"
+
+
+@dataclass
+class Footprint:
+    """What a method must store to predict every task learned so far."""
+
+    params: int  # parameters stored
+    bytes: int  # bytes stored: parameters, buffers, masks
+    base_params: int  # parameters of one backbone with one head (the expansion ratio's denominator)
+
+    def plus(self, stored_bytes: int) -> "Footprint":
+        """This footprint with `stored_bytes` more (masks, memories, importance: bytes, not parameters)."""
+        return Footprint(self.params, self.bytes + stored_bytes, self.base_params)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of some tensors."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return tensor_bytes([*module.parameters(), *module.buffers()])
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Number of parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

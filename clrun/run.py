@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra.utils import get_class
 from omegaconf import OmegaConf
 from rich.console import Console
 
@@ -36,7 +35,8 @@ def _digest(value: dict) -> str:
 
 def run_name(cfg) -> str:
     """The run's folder name and id: method, stream, backbone, seed and a hash of the whole identity."""
-    return f"{cfg.method.name}-{cfg.stream.name}-{cfg.backbone.name}-seed{cfg.seed}-{_digest(identity(cfg))}"
+    method = OmegaConf.select(cfg, "method.name", default=None, throw_on_missing=False) or "method"
+    return f"{method}-{cfg.stream.name}-{cfg.backbone.name}-seed{cfg.seed}-{_digest(identity(cfg))}"
 
 
 def config_id(cfg) -> str:
@@ -52,6 +52,12 @@ class Run:
         self.run_dir = Path(run_dir)
         self.console = console or Console()
         self.run_id = self.run_dir.name
+        self.labels: dict = {}  # the columns that identify the run in every table, once the config is checked
+
+    def execute(self) -> dict:
+        """Learn every remaining task, write the results, return the summary row."""
+        cfg = self.cfg
+        method_class = check_config(cfg)
         self.labels = {
             "run_id": self.run_id,
             "method": cfg.method.name,
@@ -61,10 +67,6 @@ class Run:
             "seed": cfg.seed,
             "config_id": config_id(cfg),
         }
-
-    def execute(self) -> dict:
-        """Learn every remaining task, write the results, return the summary row."""
-        check_config(self.cfg)
         lock_path = self.run_dir / CHECKPOINT.parent / "lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(lock_path, "w") as lock:
@@ -74,11 +76,10 @@ class Run:
                 raise ClrunError(
                     f"another clrun process is running in {self.run_dir}; wait for it or stop it"
                 ) from None
-            return self._execute()
+            return self._execute(method_class)
 
-    def _execute(self) -> dict:
+    def _execute(self, method_class: type) -> dict:
         cfg = self.cfg
-        method_class = self._method_class()
         hw = resolve_hardware(cfg.hardware)
         torch.manual_seed(cfg.seed)
         stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
@@ -97,9 +98,10 @@ class Run:
                 f"[bold]{self.run_id}[/]: tasks {remaining[0].index}..{len(stream) - 1} of {len(stream)} on {hw.device}"
             )
         with make_progress() as progress:
+            method.trainer.progress = progress
             for task in remaining:
                 start = time.perf_counter()
-                stats = method.learn(task, progress)
+                stats = method.learn(task)
                 accuracy_rows += self._evaluate(method, stream, hw, task.index)
                 footprint = method.footprint()
                 task_rows.append(
@@ -131,26 +133,6 @@ class Run:
         results.save_plots(R, names, self.run_dir, self.run_id)
         results.print_report(self.console, R, names, metrics, self.run_dir)
         return summary
-
-    def _method_class(self) -> type:
-        """The configured method's class, once the stream's scenario is known to be one it supports."""
-        cfg = self.cfg
-        try:
-            method_class = get_class(cfg.method._target_)
-        except Exception as error:
-            raise ClrunError(
-                f"method._target_={cfg.method._target_} cannot be imported; "
-                "it must name a method class such as clrun.methods.finetune.Finetune"
-            ) from error
-        supported = method_class.supported_scenarios(cfg.method)
-        scenario = cfg.stream.scenario.value
-        if scenario not in supported:
-            hint = "" if "task_id" not in cfg.method else "; method.task_id=confidence|entropy adds class and domain"
-            raise ClrunError(
-                f"method {cfg.method.name} does not support stream.scenario={scenario}; "
-                f"it supports {', '.join(supported)}{hint}"
-            )
-        return method_class
 
     def _evaluate(self, method, stream, hw, train_task: int) -> list[dict]:
         """Accuracy rows after learning tasks 0..train_task (-1: before the first task).

@@ -1,20 +1,80 @@
-"""Shared training and evaluation loops that every method calls.
+"""The training recipe and loop every method trains through, and the evaluation passes.
 
-A method supplies what makes it that method (which parameters train, the loss);
-this module owns the optimizer, schedule, batching, autocast and progress.
+A method supplies what makes it that method (which parameters train, the loss, hooks);
+`Trainer.fit` owns the optimizer, schedule, batching, augmentation, autocast and progress.
 """
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from clrun.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, NULL_OR_AT_LEAST_1, POSITIVE, Rule, checked
 from clrun.data import iterate, prepare
 from clrun.data.stream import Split, Stream
 from clrun.hardware import Hardware
+
+
+class Optimizer(Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Schedule(Enum):
+    constant = "constant"
+    multistep = "multistep"
+    cosine = "cosine"
+
+
+@dataclass
+class OptimizerConfig:
+    """An optimizer and its per-epoch learning-rate schedule (for a second parameter group, e.g. masks)."""
+
+    optimizer: Optimizer = Optimizer.adam
+    lr: float = checked(NON_NEGATIVE, 0.001)  # 0: the group does not move
+    momentum: float = checked(FRACTION, 0.9)  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = checked(NON_NEGATIVE, 0.0)
+    schedule: Schedule = Schedule.constant
+    milestones: list[int] = field(default_factory=list)  # epochs where multistep multiplies lr by gamma
+    gamma: float = checked(POSITIVE, 0.1)
+    # multistep: a factor per milestone instead of gamma
+    gammas: list[float] = checked(
+        Rule(lambda v: all(g >= 0 for g in v), "a list of non-negative factors"), factory=list
+    )
+
+
+@dataclass
+class TrainConfig(OptimizerConfig):
+    """One training phase: optimizer, learning-rate schedule, epochs, batch size."""
+
+    epochs: int = checked(AT_LEAST_1, 2)
+    batch_size: int = checked(AT_LEAST_1, 128)
+    # train exactly this many steps instead (epochs then follow from it)
+    iterations: Optional[int] = checked(NULL_OR_AT_LEAST_1, None)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a training phase is when it trains a batch (what loss functions and hooks are handed)."""
+
+    number: int  # steps done before this one in the phase
+    epoch: int  # 0-based
+    batch: int  # the batch's index within its epoch, 0-based
+    batches: int  # batches per full epoch
+    offset: int  # images of the epoch before this batch
+    images: int  # images per epoch
+
+    @property
+    def epoch_progress(self) -> float:
+        """How far through its epoch the batch is by batch number: 0 for the first batch, 1 for the last."""
+        return self.batch / (self.batches - 1) if self.batches > 1 else 1.0
 
 
 @dataclass
@@ -27,13 +87,14 @@ class FitStats:
     loss: float  # mean loss of the last epoch
 
     @classmethod
-    def total(cls, phases: list["FitStats"]) -> "FitStats":
-        """Several phases of one task as one: epochs, images and seconds summed, the last phase's loss."""
+    def total(cls, phases: Sequence["FitStats"]) -> "FitStats":
+        """Several phases of one task as one: epochs, images and seconds summed, the last phase's loss
+        (no phase: zeros and a NaN loss)."""
         return cls(
             epochs=sum(s.epochs for s in phases),
             images=sum(s.images for s in phases),
             seconds=sum(s.seconds for s in phases),
-            loss=phases[-1].loss,
+            loss=phases[-1].loss if phases else math.nan,
         )
 
     def row(self) -> dict:
@@ -83,80 +144,94 @@ def make_schedule(optimizer: torch.optim.Optimizer, cfg, epochs: int) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-def fit(
-    module: torch.nn.Module,
-    params: Iterable[torch.nn.Parameter],
-    loss_fn: Callable[..., torch.Tensor],
-    tensors: tuple[torch.Tensor, ...],
-    cfg,
-    stream: Stream,
-    hw: Hardware,
-    progress: Progress | None,
-    label: str,
-    extra_groups: Sequence[tuple[Iterable[torch.nn.Parameter], object]] = (),
-    after_backward: Callable[[list[torch.optim.Optimizer]], None] | None = None,
-    after_step: Callable[[int], None] | None = None,
-    after_epoch: Callable[[int], bool] | None = None,
-) -> FitStats:
-    """Train `params` of `module` for `cfg.epochs` on `tensors` (uint8 images first), or for exactly
-    `cfg.iterations` steps when that is set (the last epoch then stops part way).
+Loss = Callable[..., torch.Tensor]  # loss(x, *other tensors of the batch, step) -> scalar
+Groups = Sequence[tuple[Iterable[torch.nn.Parameter], OptimizerConfig]]
 
-    Each batch's images are augmented and normalised on the device; `loss_fn`
-    receives the float images followed by the batch's other tensors.
-    `extra_groups` are (params, OptimizerConfig) pairs with an optimizer and schedule
-    of their own (e.g. masks under Adam beside weights under SGD); epochs and
-    batch size come from `cfg`. `after_backward(optimizers)` runs before the optimizers
-    step (e.g. to mask gradients; `optimizers[0]` holds `params`), `after_step(step)` after them, and
-    `after_epoch(epochs_done)` after each epoch: returning True stops training.
-    """
-    n = len(tensors[0])
-    steps_per_epoch = -(-n // cfg.batch_size)
-    iterations = cfg.get("iterations")
-    epochs = -(-iterations // steps_per_epoch) if iterations else cfg.epochs
-    total_steps = iterations or epochs * steps_per_epoch
-    groups = [(params, cfg), *extra_groups]
-    optimizers = [make_optimizer(group, group_cfg, hw) for group, group_cfg in groups]
-    schedules = [make_schedule(opt, group_cfg, epochs) for opt, (_, group_cfg) in zip(optimizers, groups, strict=True)]
-    bar = None
-    if progress is not None:
-        bar = progress.add_task(label, total=total_steps, epoch=f"0/{epochs}", loss=float("nan"), ips=0.0)
-    hw.compile(module)
-    module.train()
-    start, images, mean_loss, step, epochs_done = time.perf_counter(), 0, float("nan"), 0, 0
-    for epoch in range(epochs):
-        loss_sum = torch.zeros((), device=hw.device)
-        seen = 0
-        for batch in iterate(tensors, cfg.batch_size, shuffle=True):
-            if step == total_steps:
-                break
-            x = hw.to_input(prepare(batch[0], stream.mean, stream.std, stream.augment))
-            with hw.autocast():
-                loss = loss_fn(x, *batch[1:])
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if after_backward is not None:
-                after_backward(optimizers)
-            for optimizer in optimizers:
-                optimizer.step()
-            step += 1
-            if after_step is not None:
-                after_step(step)
-            loss_sum += loss.detach().float() * len(x)
-            seen += len(x)
+
+class Trainer:
+    """Trains on a stream's images on one hardware; shows each phase in `progress` (set by the run; None: no
+    display)."""
+
+    def __init__(self, stream: Stream, hw: Hardware):
+        self.stream = stream
+        self.hw = hw
+        self.progress: Progress | None = None
+
+    def fit(
+        self,
+        module: torch.nn.Module,
+        recipe,
+        params: Iterable[torch.nn.Parameter],
+        loss: Loss,
+        data: tuple[torch.Tensor, ...],
+        label: str,
+        groups: Groups = (),
+        after_backward: Callable[[Step, list[torch.optim.Optimizer]], None] | None = None,
+        after_step: Callable[[Step], None] | None = None,
+        after_epoch: Callable[[int], bool] | None = None,
+    ) -> FitStats:
+        """Train `params` of `module` under `recipe` (a `TrainConfig`: `epochs`, or exactly `iterations` steps,
+        the last epoch then stopping part way) on `data` (uint8 images first, then aligned tensors, e.g. labels).
+
+        Each batch's images are augmented (when the stream is) and normalised on the device; `loss` is handed the
+        float images, the batch's other tensors and the `Step`. `groups` are (params, OptimizerConfig) pairs with
+        an optimizer and schedule of their own (e.g. masks under Adam beside weights under SGD). Hooks:
+        `after_backward(step, optimizers)` before the optimizers step (e.g. to mask gradients; `optimizers[0]`
+        holds `params`), `after_step(step)` after them, `after_epoch(epochs_done)` after each epoch (True stops).
+        """
+        hw = self.hw
+        n = len(data[0])
+        batches = -(-n // recipe.batch_size)
+        iterations = recipe.get("iterations")
+        epochs = -(-iterations // batches) if iterations else recipe.epochs
+        total_steps = iterations or epochs * batches
+        pairs = [(params, recipe), *groups]
+        optimizers = [make_optimizer(group, group_cfg, hw) for group, group_cfg in pairs]
+        schedules = [
+            make_schedule(opt, group_cfg, epochs) for opt, (_, group_cfg) in zip(optimizers, pairs, strict=True)
+        ]
+        progress = self.progress
+        bar = None
+        if progress is not None:
+            bar = progress.add_task(label, total=total_steps, epoch=f"0/{epochs}", loss=float("nan"), ips=0.0)
+        hw.compile(module)
+        module.train()
+        start, images, mean_loss, number, epochs_done = time.perf_counter(), 0, float("nan"), 0, 0
+        for epoch in range(epochs):
+            loss_sum = torch.zeros((), device=hw.device)
+            seen = 0
+            for batch_index, batch in enumerate(iterate(data, recipe.batch_size, shuffle=True)):
+                if number == total_steps:
+                    break
+                step = Step(number, epoch, batch_index, batches, seen, n)
+                x = hw.to_input(prepare(batch[0], self.stream.mean, self.stream.std, self.stream.augment))
+                with hw.autocast():
+                    value = loss(x, *batch[1:], step)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                if after_backward is not None:
+                    after_backward(step, optimizers)
+                for optimizer in optimizers:
+                    optimizer.step()
+                number += 1
+                if after_step is not None:
+                    after_step(step)
+                loss_sum += value.detach().float() * len(x)
+                seen += len(x)
+                if bar is not None:
+                    progress.advance(bar)
+            for schedule in schedules:
+                schedule.step()
+            images += seen
+            mean_loss = loss_sum.item() / seen
             if bar is not None:
-                progress.advance(bar)
-        for schedule in schedules:
-            schedule.step()
-        images += seen
-        mean_loss = loss_sum.item() / seen
-        if bar is not None:
-            ips = images / (time.perf_counter() - start)
-            progress.update(bar, epoch=f"{epoch + 1}/{epochs}", loss=mean_loss, ips=ips)
-        epochs_done = epoch + 1
-        if after_epoch is not None and after_epoch(epochs_done):
-            break
-    return FitStats(epochs=epochs_done, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
+                ips = images / (time.perf_counter() - start)
+                progress.update(bar, epoch=f"{epoch + 1}/{epochs}", loss=mean_loss, ips=ips)
+            epochs_done = epoch + 1
+            if after_epoch is not None and after_epoch(epochs_done):
+                break
+        return FitStats(epochs=epochs_done, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
 
 
 def eval_batches(tensors: tuple[torch.Tensor, ...], stream: Stream, hw: Hardware, batch_size: int):

@@ -7,12 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import get_class
 from rich.console import Console
 
-import clrun.cli  # noqa: F401  (registers the schemas and the run-name resolver)
 from clrun import results
+from clrun.cli import compose
+from clrun.config import check_config
 from clrun.data import build_stream, prepare
 from clrun.hardware import resolve_hardware
 from clrun.run import Run
@@ -34,19 +33,19 @@ TINY_STREAM = [
 
 def compose_config(*overrides: str):
     """The config `clrun <overrides>` would run."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(overrides)
 
 
 def build_method(method_class, *overrides: str):
-    """The method `clrun <overrides>` would run, built in-process as Run builds it (torch seeded with cfg.seed,
-    then the stream, then the method), with its stream and config; no run folder. `method_class` None: the
-    class cfg.method._target_ names."""
+    """The method `clrun <overrides>` would run, built in-process as Run builds it (the config checked, torch
+    seeded with cfg.seed, then the stream, then the method), with its stream and config; no run folder.
+    `method_class` None: the class cfg.method._target_ names."""
     cfg = compose_config(*overrides)
+    configured = check_config(cfg)
     hw = resolve_hardware(cfg.hardware)
     torch.manual_seed(cfg.seed)
     stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
-    method_class = method_class or get_class(cfg.method._target_)
+    method_class = method_class or configured
     return method_class(cfg.method, cfg.backbone, stream, hw), stream, cfg
 
 

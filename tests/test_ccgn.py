@@ -21,7 +21,7 @@ from conftest import (
 from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.ccgn import CCGN
-from clrun.methods.replay import Memory, herding
+from clrun.methods.parts.replay import Memory, herding
 
 TINY = [
     *TINY_STREAM,
@@ -48,13 +48,13 @@ def open_share(method, x, task) -> float:
 )
 def test_test_gates_are_binary_and_earlier_tasks_logits_stay_bit_identical(overrides):
     method, stream, _ = make(*overrides)
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     x = task_inputs(stream, 0)
     before = method.predict(x, 0)
     gates = torch.cat([g.flatten() for g in method.gates.record])
     assert ((gates == 0) | (gates == 1)).all() and 0 < gates.mean() < 1
     for task in stream.tasks[1:]:
-        method.learn(task, None)
+        method.learn(task)
     assert torch.equal(method.predict(x, 0), before)
 
 
@@ -62,7 +62,7 @@ def test_sparsity_objective_lowers_the_open_share():
     shares = []
     for weight in (0.0, 20.0):
         method, stream, _ = make(f"method.sparsity={weight}", "stream.n_tasks=1", "method.train.iterations=40")
-        method.learn(stream.tasks[0], None)
+        method.learn(stream.tasks[0])
         shares.append(open_share(method, task_inputs(stream, 0), 0))
     assert shares[1] < shares[0] - 0.2
 
@@ -70,7 +70,7 @@ def test_sparsity_objective_lowers_the_open_share():
 def test_footprint_counts_shared_weights_once_and_gating_modules_per_task():
     method, stream, _ = make("stream.n_tasks=2")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     d = method.layers[0].layer.in_features
     shared = d * 100 + 100 + 100 * 100 + 100
     gaters = (d * 16 + 16 + 16 * 100 + 100) + (100 * 16 + 16 + 16 * 100 + 100)  # per task, by hand
@@ -93,7 +93,7 @@ def test_herding_memory_holds_each_class_picks_on_its_task_branch_features():
         "stream.scenario=class", "stream.n_tasks=2", "method.memory.policy=herding", f"method.memory.budget={budget}"
     )
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
         images = prepare(task.train.x, stream.mean, stream.std, augment=False)  # as at test time
         features = method.features(images, task.index)
         quota = budget // (2 * (task.index + 1))  # two classes per task
@@ -111,11 +111,11 @@ def test_task_classifier_opens_class_and_domain_and_task_id_still_replaces_it():
         make("stream.scenario=class", "method.memory.budget=0")
     method, stream, _ = make("stream.scenario=class", "stream.n_tasks=2", "method.task_id=entropy")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     assert method.classifier is None and len(method.memory) == 0  # the entropy rule instead: no classifier, no memory
     method, stream, _ = make("stream.n_tasks=2")  # the task scenario needs neither
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     assert method.classifier is None and len(method.memory) == 0
 
 
@@ -128,12 +128,12 @@ def test_training_the_task_classifier_leaves_the_gated_network_bit_identical():
     )
     method, stream, _ = make(*overrides)  # convnet: batch norm too
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     inputs = [task_inputs(stream, k) for k in range(2)]
     before = [method.predict(x, k) for k, x in enumerate(inputs)]
     network = [t.clone() for t in [*method.model.state_dict().values(), *method.gaters.state_dict().values()]]
     old_classifier = [p.clone() for p in method.classifier.parameters()]
-    loss = method.train_classifier(stream.tasks[1], None)
+    loss = method.train_classifier(stream.tasks[1])
     assert math.isfinite(loss) and not all(
         torch.equal(a, b) for a, b in zip(old_classifier, method.classifier.parameters(), strict=True)
     )
@@ -145,7 +145,7 @@ def test_training_the_task_classifier_leaves_the_gated_network_bit_identical():
 def test_footprint_counts_the_task_classifier_and_the_memory():
     method, stream, _ = make("stream.scenario=class", "stream.n_tasks=2", "method.classifier_train.iterations=2")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     full = method.footprint()
     classifier = 2 * 100 * 64 + 64 + 64 * 2 + 2  # two branches of 100 features -> 64 hidden -> 2 tasks, by hand
     images = 2 * 64  # both tasks' 64 training images fit the budget of 1000
@@ -189,7 +189,7 @@ def test_state_dict_restores_the_task_classifier_and_the_memory():
     overrides = ("stream.scenario=class", "stream.n_tasks=2", "method.classifier_train.iterations=10")
     method, stream, _ = make(*overrides)
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     restored, _, _ = make(*overrides)
     restored.load_state_dict(method.state_dict())
     x = torch.cat([task_inputs(stream, k) for k in range(2)])

@@ -2,6 +2,7 @@
 
 import pytest
 from conftest import CONF, compose_config
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from clrun.config import check_config, check_known_keys
@@ -123,11 +124,17 @@ VDV_PRESETS = [f"vdv_{p}_{s}" for p in ("split_mnist", "permuted_mnist") for s i
 
 @pytest.mark.parametrize("preset", VDV_PRESETS)
 def test_every_method_composes_with_the_scenario_presets(preset):
+    scenario = preset.rsplit("_", 1)[1]
     for method in options("method"):
         cfg = compose_config(f"experiment={preset}", f"method={method}")
-        check_config(cfg)
         assert cfg.method.train.iterations == (2000 if "split" in preset else 5000)
-        assert cfg.stream.scenario.value == preset.rsplit("_", 1)[1]
+        assert cfg.stream.scenario.value == scenario
+        method_class = get_class(cfg.method._target_)
+        if scenario in method_class.supported_scenarios(cfg.method):
+            assert check_config(cfg) is method_class
+        else:  # e.g. cpg in the class scenario: refused before any work
+            with pytest.raises(ClrunError, match=f"method {method} does not support stream.scenario={scenario}"):
+                check_config(cfg)
 
 
 def test_tuning_files_name_a_method_and_a_preset_and_apply():

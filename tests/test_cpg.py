@@ -13,8 +13,8 @@ from clrun import results
 from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.cpg import CPG, cubic_sparsity, forced_sparsity
-from clrun.methods.goals import load_goals
-from clrun.models.sharing import shared_layers
+from clrun.methods.parts.goals import load_goals
+from clrun.models.shared_net import shared_layers
 
 # a tiny recipe: MLP 3072 -> 100 -> 100, 160 images per task, 1 epoch per phase, two sparsity steps
 TINY = [
@@ -60,7 +60,7 @@ def learn_all(method: CPG) -> tuple[list[dict], list[torch.Tensor], list[torch.T
     rows, first = [], []
     for task in method.stream.tasks:
         with torch.enable_grad():
-            rows.append(method.learn(task, None))
+            rows.append(method.learn(task))
         first.append(method.predict(inputs(method, task.index), task.index).clone())
     last = [method.predict(inputs(method, j), j) for j in range(len(method.stream))]
     return rows, first, last
@@ -90,10 +90,10 @@ def test_each_pruning_step_reaches_its_target_in_every_layer():
     step = method._prune_step
     reached = []
 
-    def checked(task, progress, initial, target, phase):
+    def checked(task, initial, target, phase):
         tag = task.index + 1
         owners = [layer.owner.clone() for layer in shared_layers(method.net.backbone).values()]
-        out = step(task, progress, initial, target, phase)
+        out = step(task, initial, target, phase)
         for before, layer in zip(owners, shared_layers(method.net.backbone).values(), strict=True):
             pool = int(((layer.owner == tag) | (layer.owner == 0)).sum())
             assert int((layer.owner == 0).sum()) == round(target * pool)  # exactly the target share of the pool
@@ -118,15 +118,15 @@ def test_a_step_that_misses_the_goal_is_rolled_back():
     step = method._prune_step
     kept = {}
 
-    def second_step_misses(task, progress, initial, target, phase):
-        train_acc, acc = step(task, progress, initial, target, phase)
+    def second_step_misses(task, initial, target, phase):
+        train_acc, acc = step(task, initial, target, phase)
         if target == 0.3:
             kept.update(method._state())
             return train_acc, acc
         return train_acc, -1.0  # below any goal
 
     method._prune_step = second_step_misses
-    row = method.learn(method.stream.tasks[0], None)
+    row = method.learn(method.stream.tasks[0])
     assert row["prune_steps"] == 2 and row["sparsity"] == 0.3
     for layer in shared_layers(method.net.backbone).values():
         assert int((layer.owner == 0).sum()) == round(0.3 * layer.owner.numel())
@@ -160,7 +160,7 @@ def test_earlier_tasks_logits_are_bit_identical(name):
 
 def test_picks_start_at_mask_init_all_on_and_threshold_binarises():
     method = make_method("method=cpg", "stream.n_tasks=2", "method.goals=0.0")
-    method.learn(method.stream.tasks[0], None)
+    method.learn(method.stream.tasks[0])
     net = method.net
     net.begin_task(2, picking=True, mask_init=0.01, threshold=0.005)
     layers = shared_layers(net.backbone).values()
@@ -173,7 +173,7 @@ def test_picks_start_at_mask_init_all_on_and_threshold_binarises():
         assert torch.equal(layer.effective_weight(), layer.weight * (layer.owner == 2))
 
     pae = make_method("method=pae", "stream.n_tasks=2", "method.goals=0.0")
-    pae.learn(pae.stream.tasks[0], None)
+    pae.learn(pae.stream.tasks[0])
     pae.net.begin_task(2, picking=pae.cfg.picking)
     assert pae.net.picks() == []
 
@@ -182,9 +182,9 @@ def test_retrain_pass_is_kept_only_when_an_epoch_beats_the_reset_masks():
     method = make_method(
         "method=cpg", "stream.n_tasks=2", "method.goals=0.0", "method.retrain.epochs=4", "method.retrain_patience=2"
     )
-    method.learn(method.stream.tasks[0], None)
+    method.learn(method.stream.tasks[0])
     task = method.stream.tasks[1]
-    method._train(task, None, [])
+    method._train(task, [])
     with torch.no_grad():
         for pick in method.net.picks():
             pick.uniform_(0.0, 0.02)  # picks learned in the training phase, different from mask_init
@@ -196,15 +196,15 @@ def test_retrain_pass_is_kept_only_when_an_epoch_beats_the_reset_masks():
 
     scripted([0.5, 0.4, 0.45])  # reset baseline 0.5, then no epoch beats it: patience 2 stops after 2 epochs
     phase = []
-    assert method._retrain(task, None, 0.7, phase) == (False, 0.7)
-    assert sum(row["epochs"] for row in phase) == 2
+    assert method._retrain(task, 0.7, phase) == (False, 0.7)
+    assert sum(stats.epochs for stats in phase) == 2
     after = method._state()
     assert all(torch.equal(before[k], after[k]) for k in before)  # everything restored, picks included
 
     scripted([0.5, 0.6, 0.55, 0.58])  # epoch 1 beats the baseline; patience 2 ends after epoch 3
     phase = []
-    assert method._retrain(task, None, 0.7, phase) == (True, 0.6)
-    assert sum(row["epochs"] for row in phase) == 3
+    assert method._retrain(task, 0.7, phase) == (True, 0.6)
+    assert sum(stats.epochs for stats in phase) == 3
     assert not all(torch.equal(before[k], method._state()[k]) for k in before)
 
 
@@ -240,7 +240,7 @@ def test_first_task_regrows_from_scratch():
         seen.append((multiplier, first, new.shape[0], torch.equal(new[: old.shape[0]], old)))
 
     method._grow = checked
-    row = method.learn(method.stream.tasks[0], None)
+    row = method.learn(method.stream.tasks[0])
     assert seen == [(1.5, True, round(100 * 1.5**0.5), False)]  # a fresh network, not the old one copied in
     assert row["growths"] == 1 and row["width_multiplier"] == 1.5
     assert row["least_sparsity"] == 0.0 and row["sparsity"] == 0.0  # the last task keeps all its weights

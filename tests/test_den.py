@@ -31,7 +31,7 @@ def make(*overrides):
 def test_expansion_adds_k_units_and_task_0_uses_only_its_units():
     method, stream, _ = make("method.k=3", "method.tau=0", "method.sigma=1e9", "method.group_lasso=0")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     assert method.widths == [[100, 100], [103, 103]]
     assert method.events[1] == {"added": 6, "pruned": 0, "split": 0}
     x = task_inputs(stream, 0)
@@ -53,7 +53,7 @@ def test_expansion_adds_k_units_and_task_0_uses_only_its_units():
 def test_group_lasso_zeroes_and_deletes_the_new_units():
     method, stream, _ = make("method.k=3", "method.tau=0", "method.sigma=1e9", "method.group_lasso=100")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     assert method.events[1] == {"added": 6, "pruned": 6, "split": 0}  # lr * group_lasso = 0.1 per step beats their norm
     assert method.widths == [[100, 100], [100, 100]]
 
@@ -62,11 +62,11 @@ def test_split_restores_old_units_for_old_tasks():
     """With sigma 0 and k covering the layer, every drifted unit is split: task 0's units get their old weights
     back, so its logits are bit-identical; the copies carry the new weights."""
     method, stream, _ = make("method.k=1000", "method.tau=1e9", "method.sigma=0")
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     x = task_inputs(stream, 0)
     before = method.predict(x, 0)
     old = [w.clone() for w in method.weights]
-    method.learn(stream.tasks[1], None)
+    method.learn(stream.tasks[1])
     split = method.events[1]["split"]
     assert split > 0 and sum(method.widths[1]) == 200 + split
     assert torch.equal(method.predict(x, 0), before)
@@ -95,7 +95,7 @@ def garble_later_units(method, task: int) -> None:
 def test_conv_expansion_adds_k_channels_and_task_0_uses_only_its_channels():
     method, stream, _ = make(*CONV, "method.k=3", "method.tau=0", "method.sigma=1e9", "method.group_lasso=0")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     assert method.widths == [[8, 16, 32], [11, 19, 35]]
     assert method.events[1] == {"added": 9, "pruned": 0, "split": 0}
     assert [w.shape for w in method.weights] == [(11, 3, 3, 3), (19, 11, 3, 3), (35, 19, 3, 3)]
@@ -117,7 +117,7 @@ def test_conv_expansion_adds_k_channels_and_task_0_uses_only_its_channels():
 def test_conv_group_lasso_deletes_the_new_channels():
     method, stream, _ = make(*CONV, "method.k=3", "method.tau=0", "method.sigma=1e9", "method.group_lasso=100")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     assert method.events[1] == {"added": 9, "pruned": 9, "split": 0}
     assert method.widths[1] == [8, 16, 32] and [len(n[0]) for n in method.norms[1]] == [8, 16, 32]
 
@@ -126,12 +126,12 @@ def test_conv_split_channels_old_copy_serves_the_old_task():
     """Every drifted channel is split: its filter gets task 0's values back and task 0's batch norm is its own, so
     task 0's logits are bit-identical; the copies carry the new filters."""
     method, stream, _ = make(*CONV, "method.k=1000", "method.tau=1e9", "method.sigma=0")
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     x = task_inputs(stream, 0)
     before = method.predict(x, 0)
     old = [w.clone() for w in method.weights]
     norms = [[t.clone() for t in n] for n in method.norms[0]]
-    method.learn(stream.tasks[1], None)
+    method.learn(stream.tasks[1])
     assert method.events[1]["split"] == 8 + 16 + 32 and method.widths[1] == [16, 32, 64]
     assert torch.equal(method.predict(x, 0), before)
     assert all(
@@ -168,7 +168,7 @@ def test_vgg16_bn_flatten_gives_each_channel_its_positions():
     method = DEN(cfg.method, cfg.backbone, stream, method.hw)
     assert [layer.repeat for layer in method.layers[-3:]] == [1, 4, 1] and method.weights[13].shape[1] == 64 * 4
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     split = method.events[1]["split"]
     assert method.events[1]["added"] == 2 * 15 and 0 < split <= 2 * 15
     assert all(old + 2 <= new <= old + 4 for old, new in zip(method.widths[0], method.widths[1], strict=True))

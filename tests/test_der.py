@@ -18,7 +18,7 @@ from conftest import (
 )
 
 from clrun.methods.der import DER, kept_weight_share
-from clrun.methods.replay import herding
+from clrun.methods.parts.replay import herding
 
 TINY = [
     *TINY_STREAM,
@@ -49,7 +49,7 @@ def test_earlier_extractors_are_frozen_and_their_features_bit_identical(backbone
     method, stream = make(*backbone, f"stream.scenario={scenario}")
     x, features, logits = task_inputs(stream, 0), [], []
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
         method.extractors.eval()
         for j in range(task.index):
             with torch.no_grad():
@@ -65,7 +65,7 @@ def test_earlier_extractors_are_frozen_and_their_features_bit_identical(backbone
 
 def test_class_classifier_grows_over_all_features_keeping_old_weights():
     method, stream = make(*MLP, "stream.scenario=class")
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     old = method.heads[0]
     method.add_task(stream.tasks[1])
     new = method.heads[0]
@@ -101,7 +101,7 @@ def test_pruning_at_the_defaults_zeroes_channels_and_keeps_earlier_predictions()
     x = task_inputs(stream, 0)
     logits = []
     for task in stream.tasks:
-        row = method.learn(task, None)
+        row = method.learn(task)
         k = task.index
         masks = method.extractors.masks[k]
         values = torch.cat(masks)
@@ -131,7 +131,7 @@ def test_rebalancing_trains_only_the_classifier_on_a_class_balanced_subset(monke
     stages = []
     rebalance = DER.rebalance
 
-    def watched(self, task, progress):
+    def watched(self, task):
         extractors, masks, memory = state_copy(self.extractors), copy.deepcopy(self.extractors.masks), self.memory.x
         head = state_copy(self.heads[0])
         x, y = self.balanced_subset(task)
@@ -139,7 +139,7 @@ def test_rebalancing_trains_only_the_classifier_on_a_class_balanced_subset(monke
         labels = torch.cat([self.stream.targets(self.memory.y, self.memory.t), task.train.y + 2 * task.index])
         found = (x.flatten(1)[:, None] == pool[None]).all(2)  # subset image i is pool image j
         assert (found & (y[:, None] == labels[None])).any(1).all()  # every subset image is in the pool, same label
-        rebalance(self, task, progress)
+        rebalance(self, task)
         assert same_state(state_copy(self.extractors), extractors)  # weights and batch-norm statistics
         assert all(torch.equal(a, b) for a, b in zip(sum(self.extractors.masks, []), sum(masks, []), strict=True))
         assert self.memory.x is memory
@@ -148,7 +148,7 @@ def test_rebalancing_trains_only_the_classifier_on_a_class_balanced_subset(monke
 
     monkeypatch.setattr(DER, "rebalance", watched)
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     assert [index for index, _ in stages] == [1, 2]  # not after the first task
     for index, y in stages:
         counts = y.bincount()
@@ -158,18 +158,18 @@ def test_rebalancing_trains_only_the_classifier_on_a_class_balanced_subset(monke
 
 def test_rebalancing_can_be_switched_off_and_never_runs_in_the_task_scenario(monkeypatch):
     calls = []
-    monkeypatch.setattr(DER, "rebalance", lambda self, task, progress: calls.append(task.index))
+    monkeypatch.setattr(DER, "rebalance", lambda self, task: calls.append(task.index))
     for overrides in (["stream.scenario=class", "method.rebalance=false"], ["stream.scenario=task"]):
         method, stream = make(*MLP, *overrides)
         for task in stream.tasks:
-            method.learn(task, None)
+            method.learn(task)
     assert calls == []
 
 
 def test_memory_holds_each_class_herding_picks_on_every_extractors_features():
     method, stream = make(*MLP, "stream.scenario=class")
     for task in stream.tasks[:2]:
-        method.learn(task, None)
+        method.learn(task)
         features = method.features(task.train.x)  # after learning the task, every extractor's features
         quota = 24 // (2 * (task.index + 1))
         for c in range(2):
@@ -183,7 +183,7 @@ def test_footprint_counts_every_extractor_its_masks_the_classifier_and_the_memor
     method, stream = make(*MLP, "stream.scenario=class")
     extractor = 3072 * 16 + 16 + 16 * 12 + 12
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
         n = task.index + 1
         classifier = (12 * n + 1) * 2 * n
         memory = 24 * (3 * 32 * 32 + 8 + 8)  # uint8 images, int64 labels and tasks

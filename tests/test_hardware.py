@@ -24,7 +24,7 @@ OPTIMISED = ["hardware.channels_last=true", "hardware.compile=true"]
 def learned(*overrides: str):
     """PackNet (train, prune, retrain) on task 0 of the synthetic stream: the method and its test logits."""
     method, stream, _ = build_method(None, "method=packnet", "hardware=cpu", *SMALL, *overrides)
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     with torch.inference_mode():
         return method, method.predict(task_inputs(stream, 0), 0)
 
@@ -39,7 +39,7 @@ def test_compiled_channels_last_path_matches_plain_fp32_on_cpu():
 
 def test_bf16_autocast_stays_close_to_fp32():
     method, stream, _ = build_method(None, "hardware=cpu", *SMALL)
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     x = task_inputs(stream, 0)
     with torch.inference_mode():
         fp32 = method.predict(x, 0)

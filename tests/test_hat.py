@@ -16,9 +16,10 @@ from conftest import (
 )
 
 from clrun.errors import ClrunError
-from clrun.methods.hat import gradient_factors
+from clrun.methods.parts.gate_training import gradient_factors
 from clrun.models.backbones import VGG16BN
 from clrun.models.gating import gated_layers
+from clrun.train import Step
 
 TINY = [
     *TINY_STREAM,
@@ -47,7 +48,7 @@ def test_binarized_gates_keep_earlier_logits_bit_identical(overrides):
     method, stream, _ = make("method.binarize=true", *overrides)
     logits, masks = [], []
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
         for j, before in enumerate(logits):
             assert torch.equal(method.predict(task_inputs(stream, j), j), before), f"task {j} after task {task.index}"
         logits.append(method.predict(task_inputs(stream, task.index), task.index).clone())
@@ -63,7 +64,7 @@ def test_binarized_gates_keep_earlier_logits_bit_identical(overrides):
 def test_sigmoid_gates_at_s_max_freeze_what_earlier_tasks_use():
     """Default (joansj/hat's test): gates sigmoid(s_max e); weights whose gradient factor is exactly 0 never move."""
     method, stream, _ = make()
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     for gate, embedding in zip(method.task_gates(0), method.embeddings[0], strict=True):
         assert torch.equal(gate, torch.sigmoid(400 * embedding))
     fractional = sum(int(((g > 0) & (g < 1)).sum()) for g in method.task_gates(0))
@@ -71,7 +72,7 @@ def test_sigmoid_gates_at_s_max_freeze_what_earlier_tasks_use():
     factors = gradient_factors(method.layers, method.cumulative)
     before = [(g.layer.weight.detach().clone(), g.layer.bias.detach().clone()) for g in method.layers]
     head = [p.detach().clone() for p in method.model.heads.heads[0].parameters()]
-    method.learn(stream.tasks[1], None)
+    method.learn(stream.tasks[1])
     for gated, (weight_factor, bias_factor), (weight, bias) in zip(method.layers, factors, before, strict=True):
         frozen = (weight_factor == 0).expand_as(weight)
         assert frozen.any() and (~frozen).any()
@@ -103,10 +104,11 @@ def test_gradient_factors_by_hand_with_the_flatten_expansion():
 
 def test_annealing_and_attention_penalty():
     method, _, _ = make()
-    assert method.anneal(0, 10, 640, 64) == pytest.approx(1 / 400)
-    assert method.anneal(9, 10, 640, 64) == pytest.approx(1 / 400 + (400 - 1 / 400) * 0.9)  # code: offset i/N
+    first, last = (Step(number=b, epoch=0, batch=b, batches=10, offset=64 * b, images=640) for b in (0, 9))
+    assert method.anneal(first) == pytest.approx(1 / 400)
+    assert method.anneal(last) == pytest.approx(1 / 400 + (400 - 1 / 400) * 0.9)  # code: offset i/N
     method.cfg.paper_anneal = True
-    assert method.anneal(9, 10, 640, 64) == pytest.approx(400)  # paper: reaches s_max at the last batch
+    assert method.anneal(last) == pytest.approx(400)  # paper: reaches s_max at the last batch
     gates = [torch.full((layer.units,), 0.25) for layer in method.layers]
     assert method.attention_penalty(gates).item() == pytest.approx(0.25)  # first task: the mean gate
     method.cumulative = [torch.zeros(layer.units) for layer in method.layers]
@@ -119,7 +121,7 @@ def test_annealing_and_attention_penalty():
 def test_footprint_counts_shared_weights_once_and_per_task_parts():
     method, stream, _ = make("backbone=convnet", "stream.n_tasks=2")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     convs = 3 * 8 * 9 + 8 * 16 * 9 + 16 * 32 * 9  # bias-free convs at width 0.25: 8, 16, 32 channels
     units = 8 + 16 + 32
     head = 32 * 2 + 2
@@ -133,7 +135,7 @@ def test_footprint_counts_shared_weights_once_and_per_task_parts():
 
 def test_capacity_is_the_share_of_units_with_cumulative_gate_above_half():
     method, stream, _ = make()
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     used = sum(int((method.task_gates(0)[i] > 0.5).sum()) for i in range(2))
     assert method.summary()["capacity"] == used / 200
 
@@ -177,7 +179,7 @@ def test_learns_split_mnist_with_next_to_no_forgetting():
     )
     accuracy = {}
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
         for j in range(task.index + 1):
             correct = method.predict(task_inputs(stream, j), j).argmax(1) == stream.tasks[j].test.y
             accuracy[task.index, j] = correct.float().mean().item()

@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
 
-import clrun.methods.pah as pah_module
 from clrun.data import prepare
 from clrun.errors import ClrunError
-from clrun.methods.base import count_params
 from clrun.methods.hn import HN, candidate_step
-from clrun.methods.hypernet import HyperNetwork
 from clrun.methods.pah import PAH, distillation
-from clrun.train import accuracy, fit, make_optimizer
+from clrun.models.hypernetwork import HyperNetwork
+from clrun.results import count_params
+from clrun.train import accuracy, make_optimizer
 
 # three split-MNIST tasks of 300 training images, MLP 784 -> 100 -> 100
 MNIST = [
@@ -97,7 +96,7 @@ def test_hn_regulariser_keeps_earlier_networks_and_accuracy():
         method, stream, _ = build_method(HN, *MNIST, *HN_SMALL, "method.train.iterations=150", f"method.beta={beta}")
         learned = []
         for task in stream.tasks:
-            method.learn(task, None)
+            method.learn(task)
             learned.append(task_accuracy(method, stream, task.index))
             if task.index == 0:
                 with torch.no_grad():
@@ -117,11 +116,11 @@ def test_hn_keeps_batch_norm_statistics_per_task():
     )
     norms = [name for name, m in method.target.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(f"{name}.weight" in method.model.hypernet.shapes for name in norms)  # generated affine
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     first = {name: b.clone() for name, b in method.buffers[0].items()}
     means = [name for name in first if name.endswith("running_mean")]
     assert means and all(first[name].abs().sum() > 0 for name in means)  # training updated task 0's statistics
-    method.learn(stream.tasks[1], None)
+    method.learn(stream.tasks[1])
     assert all(torch.equal(first[name], method.buffers[0][name]) for name in first)
     assert not torch.equal(first[means[0]], method.buffers[1][means[0]])
     assert method.footprint().params == count_params(method.model.hypernet) + 2 * method.cfg.embedding_dim
@@ -135,7 +134,7 @@ def test_hn_heads_target_generates_heads_on_a_trained_shared_backbone():
     assert method.model.hypernet.shapes == {"weight": (2, d), "bias": (2,)}
     before = [p.detach().clone() for p in backbone.parameters()]
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     assert any(not torch.equal(b, p) for b, p in zip(before, backbone.parameters(), strict=True))
     footprint = method.footprint()
     assert footprint.params == count_params(backbone) + count_params(method.model.hypernet) + 2 * 96
@@ -172,13 +171,15 @@ def test_pah_semantic_init_is_the_centre_crop_of_a_training_image_left_out(monke
     method, stream, _ = build_method(PAH, *MNIST, "method=pah", "method.train.iterations=2")
     seen = {}
 
-    def spy(module, params, loss_fn, tensors, *args, **kwargs):
-        seen["x"], seen["prototypes"] = tensors[0], method.model.prototypes[0].detach().clone()
-        return fit(module, params, loss_fn, tensors, *args, **kwargs)
+    fit = method.trainer.fit
 
-    monkeypatch.setattr(pah_module, "fit", spy)
+    def spy(module, recipe, params, loss, data, *args, **kwargs):
+        seen["x"], seen["prototypes"] = data[0], method.model.prototypes[0].detach().clone()
+        return fit(module, recipe, params, loss, data, *args, **kwargs)
+
+    monkeypatch.setattr(method.trainer, "fit", spy)
     task = stream.tasks[0]
-    method.learn(task, None)
+    method.learn(task)
     sources = method.sources[0]
     assert task.train.y[sources].tolist() == [0, 1]  # one image per class
     images = prepare(task.train.x[sources], stream.mean, stream.std, augment=False)
@@ -191,7 +192,7 @@ def test_pah_semantic_init_is_the_centre_crop_of_a_training_image_left_out(monke
 @needs_mnist
 def test_pah_prototype_step_moves_only_earlier_prototypes():
     method, stream, _ = build_method(PAH, *MNIST, "method=pah", "method.train.iterations=20")
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     method._add_prototypes(stream.tasks[1])
     teacher = method._teacher(1)
     model = method.model

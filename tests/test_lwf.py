@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA, TINY_STREAM, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
 
-import clrun.methods.lwf as lwf_module
-from clrun.methods.base import module_bytes
 from clrun.methods.lwf import LwF, distillation
+from clrun.results import module_bytes
 
 TINY = [
     *TINY_STREAM,
@@ -65,7 +64,7 @@ def test_lwf_loss_per_scenario(scenario):
             p.add_(0.3 * torch.randn_like(p))
     model.add_head(stream.tasks[2].n_classes)
     x, y = torch.randn(8, *stream.input_shape), torch.randint(0, 2, (8,))
-    got = method.lwf_loss(2, teacher)(x, y)
+    got = method.lwf_loss(2, teacher)(x, y, None)
     if scenario == "task":  # one KD per earlier head, each with its own softmax, summed
         ce = F.cross_entropy(model(x, 2), y)
         kd = sum(soft_ce(model(x, j), teacher(x, j), 3.0) for j in range(2))
@@ -80,18 +79,18 @@ def test_lwf_loss_per_scenario(scenario):
         ce = F.cross_entropy(model(x, None), y)
         kd = soft_ce(model(x, None), teacher(x, None), 3.0)
     assert got.item() == pytest.approx((ce + 0.7 * kd).item(), rel=1e-5)
-    assert method.lwf_loss(2, None)(x, y).item() == pytest.approx(ce.item(), rel=1e-5)
+    assert method.lwf_loss(2, None)(x, y, None).item() == pytest.approx(ce.item(), rel=1e-5)
     method.cfg.weight_by_tasks = True  # van de Ven 2019: third task, (1/3) CE + (2/3) lambda KD
-    assert method.lwf_loss(2, teacher)(x, y).item() == pytest.approx((ce / 3 + 2 / 3 * 0.7 * kd).item(), rel=1e-5)
+    assert method.lwf_loss(2, teacher)(x, y, None).item() == pytest.approx((ce / 3 + 2 / 3 * 0.7 * kd).item(), rel=1e-5)
 
 
 def test_teacher_is_frozen_in_eval_mode_and_warmup_trains_the_new_head_only(monkeypatch):
     # convnet: batch norm, whose running statistics move if the teacher ran in train mode
     method, stream = make_lwf("backbone=convnet", "backbone.width=0.25", "method.warmup_epochs=1")
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     before = copy.deepcopy(method.model.state_dict())
     teachers, phases = [], []
-    make_teacher, fit = LwF.make_teacher, lwf_module.fit
+    make_teacher, fit = LwF.make_teacher, method.trainer.fit
 
     def capture_teacher(self):
         teachers.append(make_teacher(self))
@@ -104,8 +103,8 @@ def test_teacher_is_frozen_in_eval_mode_and_warmup_trains_the_new_head_only(monk
         return stats
 
     monkeypatch.setattr(LwF, "make_teacher", capture_teacher)
-    monkeypatch.setattr(lwf_module, "fit", fit_and_snapshot)
-    method.learn(stream.tasks[1], None)
+    monkeypatch.setattr(method.trainer, "fit", fit_and_snapshot)
+    method.learn(stream.tasks[1])
 
     (teacher,) = teachers
     assert not any(m.training for m in teacher.modules())
@@ -149,7 +148,7 @@ def test_resume_with_replay_equals_the_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(matrix(resumed), matrix(uninterrupted))
     method, stream = make_lwf(*overrides[len(TINY) :])
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     assert len(method.memory) == 20
     memory_bytes = sum(v.numel() * v.element_size() for v in (method.memory.x, method.memory.y, method.memory.t))
     assert method.footprint().bytes == module_bytes(method.model) + memory_bytes

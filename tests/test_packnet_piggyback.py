@@ -13,7 +13,7 @@ from clrun import results
 from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.packnet import prune_fraction
-from clrun.models.sharing import shared_layers
+from clrun.models.shared_net import shared_layers
 from clrun.run import CHECKPOINT
 
 TINY = [
@@ -75,7 +75,7 @@ def test_earlier_tasks_logits_stay_bit_identical(overrides):
     inputs = probe(stream)
     learned = []
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
         with torch.no_grad():
             learned.append(method.predict(inputs[task.index], task.index))
             for j in range(task.index + 1):
@@ -154,7 +154,7 @@ def test_footprint_counts_weights_owner_map_pick_bits_private_tensors_and_heads(
     width = ["backbone.hidden=[8,6]", "backbone.width=1.0"] if backbone == "mlp" else ["backbone.width=0.25"]
     method, stream = build(*TINY, *RECIPES[name], f"backbone={backbone}", *width, "stream.train_per_task=32")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     footprint = method.footprint()
     assert (footprint.params, footprint.bytes) == (params, size)
     first = (MLP_WEIGHTS + MLP_PRIVATE + 14) if backbone == "mlp" else (CONV_WEIGHTS + CONV_AFFINE + 66)
@@ -181,7 +181,7 @@ def test_packnet_task_keeps_its_share_of_what_it_claimed_and_released_weights_ar
         tag = task.index + 1
         free = {name: int((layer.owner == 0).sum()) for name, layer in layers.items()}
         older = {name: (layer.owner.clone(), layer.weight.detach().clone()) for name, layer in layers.items()}
-        row = method.learn(task, None)
+        row = method.learn(task)
         for name, layer in layers.items():
             owned = int((layer.owner == tag).sum())
             assert owned == free[name] - round(0.7 * free[name]), (tag, name)
@@ -197,7 +197,7 @@ def test_packnet_task_keeps_its_share_of_what_it_claimed_and_released_weights_ar
 
 def test_packnet_equal_share_gives_every_task_the_same_share():
     method, stream = build(*TINY, *PACKNET, "method.prune_schedule=equal_share")
-    rows = [method.learn(task, None) for task in stream.tasks]
+    rows = [method.learn(task) for task in stream.tasks]
     n_layers = len(shared_layers(method.net.backbone))
     counts = method.net.owner_counts()[:4]
     assert counts[0] == 0  # the last task keeps its whole pool: nothing left free
@@ -212,7 +212,7 @@ def test_packnet_equal_share_gives_every_task_the_same_share():
 def test_piggyback_batch_norm_stays_at_task_1_unless_train_bn(train_bn):
     method, stream = build(*TINY, *PIGGYBACK, f"method.train_bn={str(train_bn).lower()}")
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     first = method.net.records[0]["private"]
     assert any(".running_mean" in key for key in first)
     for record in method.net.records[1:]:
@@ -233,7 +233,7 @@ def test_piggyback_mask_is_on_exactly_above_the_threshold(side, picked):
     threshold = 0.01 * (1 + side * 1e-4)
     overrides = ["method.mask_train.lr=0.0", "method.mask_init=0.01", f"method.threshold={threshold}"]
     method, stream = build(*TINY, *PIGGYBACK, *overrides, "stream.n_tasks=2", "stream.train_per_task=32")
-    rows = [method.learn(task, None) for task in stream.tasks]
+    rows = [method.learn(task) for task in stream.tasks]
     record = method.net.records[1]
     assert set(record["pick"]) == set(shared_layers(method.net.backbone))
     assert all(bool((pick == picked).all()) for pick in record["pick"].values())

@@ -41,7 +41,7 @@ def test_earlier_columns_and_logits_stay_bit_identical(backbone):
     method, stream = make(*backbone)
     logits, states = [], []
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
         for j in range(task.index):  # every earlier column, its head, laterals and batch-norm statistics
             assert torch.equal(method.predict(task_inputs(stream, j), j), logits[j])
             after = method.net.columns[j].state_dict()
@@ -53,9 +53,9 @@ def test_earlier_columns_and_logits_stay_bit_identical(backbone):
 
 def test_laterals_feed_each_later_layer_and_learn():
     method, stream = make(*CONVNET)
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     rng = torch.get_rng_state()
-    method.learn(stream.tasks[1], None)
+    method.learn(stream.tasks[1])
     torch.set_rng_state(rng)
     initial = method.new_column(stream.tasks[1])  # column 1 as `learn` drew it, before training
     column = method.net.columns[1]
@@ -86,7 +86,7 @@ def test_footprint_counts_columns_heads_and_laterals():
         head = earlier + (12 * earlier * 12 + 12) + (12 * 2 + 2)  # alphas, V (reduce to 12), U into the head
         expected.append(expected[-1] + column + hidden + head)
     for task, total in zip(stream.tasks, expected, strict=True):
-        method.learn(task, None)
+        method.learn(task)
         footprint = method.footprint()
         assert (footprint.params, footprint.base_params) == (total, column)
         assert footprint.bytes == 4 * total  # fp32 parameters, no buffers in an MLP
@@ -94,7 +94,7 @@ def test_footprint_counts_columns_heads_and_laterals():
 
 def test_column_width_scales_columns_but_not_the_base():
     method, stream = make(*MLP, "method.column_width=0.5")
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     assert method.net.columns[0].backbone.out_features == 6
     assert method.footprint().base_params == 3072 * 16 + 16 + 16 * 12 + 12 + 12 * 2 + 2
 

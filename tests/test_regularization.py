@@ -8,12 +8,19 @@ from conftest import SHARED_DATA, matrix, needs_shared, run, run_interrupted_the
 from test_train import make_method
 from torch import nn
 
-from clrun.methods.base import module_bytes
-from clrun.methods.ewc import EWC, log_probs_and_probs, predicted_log_prob
-from clrun.methods.mas import MAS, squared_norm
-from clrun.methods.regularization import sample_mean
+from clrun.methods.ewc import EWC
+from clrun.methods.mas import MAS
+from clrun.methods.parts.importance import (
+    FisherPenalty,
+    MASPenalty,
+    log_probs_and_probs,
+    predicted_log_prob,
+    sample_mean,
+    squared_norm,
+)
 from clrun.methods.si import SI
 from clrun.models.layers import Linear
+from clrun.results import module_bytes
 
 ITERS = ["hardware.threads=1", "method.train.iterations=3"]
 
@@ -123,29 +130,32 @@ def names_of(method, *prefixes: str) -> set[str]:
 def test_ewc_keeps_one_fisher_and_anchor_per_task_and_its_penalty_is_as_by_hand():
     method, stream = make_method(EWC, "method=ewc", "method.ewc_lambda=4", *ITERS)
     for task in stream.tasks:
-        method.learn(task, None)
-    assert len(method.importance) == len(method.anchors) == 2
+        method.learn(task)
+    assert len(method.penalty.importance) == len(method.penalty.anchors) == 2
     # task scenario: each task's own head and the backbone (another head's Fisher is zero: no term)
-    assert method.importance[0].keys() == names_of(method, "backbone", "heads.heads.0")
-    assert method.importance[1].keys() == names_of(method, "backbone", "heads.heads.1")
+    assert method.penalty.importance[0].keys() == names_of(method, "backbone", "heads.heads.0")
+    assert method.penalty.importance[1].keys() == names_of(method, "backbone", "heads.heads.1")
     params = dict(method.model.named_parameters())
-    for name, anchor in method.anchors[1].items():
+    for name, anchor in method.penalty.anchors[1].items():
         assert torch.equal(anchor, params[name])
-    assert not torch.equal(method.anchors[0]["backbone.layers.1.weight"], params["backbone.layers.1.weight"])
-    stored = sum(t.numel() * 4 for term in method.importance + method.anchors for t in term.values())
+    assert not torch.equal(method.penalty.anchors[0]["backbone.layers.1.weight"], params["backbone.layers.1.weight"])
+    stored = sum(t.numel() * 4 for term in method.penalty.importance + method.penalty.anchors for t in term.values())
     assert method.footprint().bytes == module_bytes(method.model) + stored
 
     # (lambda/2) sum_j sum_i F_j,i (theta_i - theta*_j,i)^2 on the head-1 bias, theta = (1, 2)
     with torch.no_grad():
         params["heads.heads.1.bias"].copy_(torch.tensor([1.0, 2.0]))
-    method.importance = [{"heads.heads.1.bias": torch.tensor([2.0, 3.0])}, {"heads.heads.1.bias": torch.ones(2)}]
-    method.anchors = [
+    method.penalty.importance = [
+        {"heads.heads.1.bias": torch.tensor([2.0, 3.0])},
+        {"heads.heads.1.bias": torch.ones(2)},
+    ]
+    method.penalty.anchors = [
         {"heads.heads.1.bias": torch.tensor([0.0, 4.0])},
         {"heads.heads.1.bias": torch.tensor([0.5, 1.5])},
     ]
     # task 1: 2 * 1^2 + 3 * (-2)^2 = 14; task 2: 0.5^2 + 0.5^2 = 0.5; times lambda/2 = 2
     method.model.zero_grad()
-    penalty = method.penalty()
+    penalty = method.penalty.value(method.model)
     assert penalty.item() == pytest.approx(29.0)
     penalty.backward()  # lambda/2 * sum_j 2 F_j (theta - theta*_j) = 2 * ((4, -12) + (1, 1))
     torch.testing.assert_close(params["heads.heads.1.bias"].grad, torch.tensor([10.0, -22.0]))
@@ -154,56 +164,60 @@ def test_ewc_keeps_one_fisher_and_anchor_per_task_and_its_penalty_is_as_by_hand(
 def test_class_scenario_fisher_covers_every_head_seen():
     method, stream = make_method(EWC, "method=ewc", "stream.scenario=class", *ITERS)
     for task in stream.tasks:
-        method.learn(task, None)
-    assert method.importance[1].keys() == names_of(method, "backbone", "heads")
-    assert method.importance[1]["heads.heads.0.weight"].abs().sum() > 0  # head 0 is part of the output
+        method.learn(task)
+    assert method.penalty.importance[1].keys() == names_of(method, "backbone", "heads")
+    assert method.penalty.importance[1]["heads.heads.0.weight"].abs().sum() > 0  # head 0 is part of the output
 
 
-def constant_importance(monkeypatch, method_class, attribute: str) -> None:
+def constant_importance(monkeypatch, penalty_class, attribute: str) -> None:
     """Make task t's importance estimate t + 1 everywhere."""
 
-    def constant(self, task, names):
-        return {name: torch.full_like(dict(self.model.named_parameters())[name], task.index + 1.0) for name in names}
+    def constant(self, model, task, names, stream, hw):
+        return {name: torch.full_like(dict(model.named_parameters())[name], task.index + 1.0) for name in names}
 
-    monkeypatch.setattr(method_class, attribute, constant)
+    monkeypatch.setattr(penalty_class, attribute, constant)
 
 
 def test_online_ewc_keeps_one_running_fisher(monkeypatch):
-    constant_importance(monkeypatch, EWC, "fisher")
+    constant_importance(monkeypatch, FisherPenalty, "fisher")
     method, stream = make_method(EWC, "method=online_ewc", "method.ewc_lambda=3", "method.gamma=0.5", *ITERS)
     for task in stream.tasks:
-        method.learn(task, None)
-    assert len(method.importance) == len(method.anchors) == 1
-    fisher = method.importance[0]
+        method.learn(task)
+    assert len(method.penalty.importance) == len(method.penalty.anchors) == 1
+    fisher = method.penalty.importance[0]
     assert fisher["backbone.layers.1.weight"].unique().tolist() == [0.5 * 1 + 2]  # gamma F_1 + F_2
     assert fisher["heads.heads.0.bias"].unique().tolist() == [0.5 * 1]  # head 0: decayed, nothing added
     assert fisher["heads.heads.1.bias"].unique().tolist() == [2]
     params = dict(method.model.named_parameters())
-    assert all(torch.equal(anchor, params[name]) for name, anchor in method.anchors[0].items())
-    assert method.penalty_weight == 3 / 2 * 0.5  # Schwarz et al.: the penalty weighs gamma F too
+    assert all(torch.equal(anchor, params[name]) for name, anchor in method.penalty.anchors[0].items())
+    assert method.penalty.weight == 3 / 2 * 0.5  # Schwarz et al.: the penalty weighs gamma F too
 
 
 def test_mas_adds_importance_over_tasks(monkeypatch):
-    constant_importance(monkeypatch, MAS, "importance_of")
+    constant_importance(monkeypatch, MASPenalty, "importance_of")
     method, stream = make_method(MAS, "method=mas", *ITERS)
     for task in stream.tasks:
-        method.learn(task, None)
-    omega = method.importance[0]
+        method.learn(task)
+    omega = method.penalty.importance[0]
     assert omega["backbone.layers.1.weight"].unique().tolist() == [3]
     assert omega["heads.heads.0.bias"].unique().tolist() == [1]
     assert omega["heads.heads.1.bias"].unique().tolist() == [2]
     params = dict(method.model.named_parameters())
-    assert all(torch.equal(anchor, params[name]) for name, anchor in method.anchors[0].items())
+    assert all(torch.equal(anchor, params[name]) for name, anchor in method.penalty.anchors[0].items())
 
 
 def sgd_task(method: SI, theta: nn.Parameter, target: torch.Tensor, steps: int, lr: float) -> tuple:
     """Plain SGD on 0.5 ||theta - target||^2 plus SI's penalty, through SI's hooks; returns the path integral of
     the total loss's gradient and of the task loss's gradient, summed here step by step."""
     c = method.cfg.si_c
-    omega, anchor = (method.importance[0]["theta"], method.anchors[0]["theta"]) if method.importance else (0, 0)
-    method.begin({"theta": theta})
+    omega, anchor = (
+        (method.penalty.importance[0]["theta"], method.penalty.anchors[0]["theta"])
+        if method.penalty.importance
+        else (0, 0)
+    )
+    method.penalty.begin({"theta": theta})
     w_total = w_task = torch.zeros(3)
-    for step in range(steps):
+    for _ in range(steps):
         task_grad = theta.detach() - target
         theta.grad = task_grad + 2 * c * omega * (theta.detach() - anchor)
         before = theta.detach().clone()
@@ -211,8 +225,8 @@ def sgd_task(method: SI, theta: nn.Parameter, target: torch.Tensor, steps: int, 
             theta -= lr * theta.grad
         w_total = w_total - theta.grad * (theta.detach() - before)
         w_task = w_task - task_grad * (theta.detach() - before)
-        method.after_step(step + 1)
-    method.consolidate(None, {"theta": theta})
+        method.penalty.after_step(None)
+    method.penalty.end(None, None, {"theta": theta}, None, None)
     return w_total, w_task
 
 
@@ -227,15 +241,15 @@ def test_si_path_integral_on_a_quadratic(task_gradient):
     r, d0 = 1 - lr, theta0 - a
     w = lr * d0**2 * (1 - r ** (2 * k)) / (1 - r**2)
     omega = w / (((r**k - 1) * d0) ** 2 + 0.1)
-    torch.testing.assert_close(method.importance[0]["theta"], omega)
+    torch.testing.assert_close(method.penalty.importance[0]["theta"], omega)
     assert omega[2] == 0  # a parameter that never moved has no importance
-    assert torch.equal(method.anchors[0]["theta"], theta.detach())
+    assert torch.equal(method.penalty.anchors[0]["theta"], theta.detach())
 
     # a second task: the penalty's gradient enters W unless task_gradient; omega adds up
     start = theta.detach().clone()
     w_total, w_task = sgd_task(method, theta, torch.tensor([2.0, 0.0, -1.0]), k, lr)
     added = (w_task if task_gradient else w_total) / ((theta.detach() - start) ** 2 + 0.1)
-    torch.testing.assert_close(method.importance[0]["theta"], omega + added)
+    torch.testing.assert_close(method.penalty.importance[0]["theta"], omega + added)
     assert not torch.allclose(w_total, w_task)
 
 

@@ -10,7 +10,7 @@ from conftest import SHARED_DATA, TINY_STREAM, build_method, matrix, needs_share
 from clrun.data import prepare
 from clrun.data.stream import Split, Task
 from clrun.methods.er import ER
-from clrun.methods.replay import Memory, herding, with_replay
+from clrun.methods.parts.replay import Memory, herding, with_replay
 
 TINY = [
     *TINY_STREAM,
@@ -197,7 +197,7 @@ def test_herding_memory_holds_each_class_picks_on_the_backbone_features(method):
         None, *TINY, f"method={method}", f"method.replay.budget={budget}", "method.replay.policy=herding"
     )
     for task in stream.tasks[:2]:
-        method.learn(task, None)
+        method.learn(task)
         images = prepare(task.train.x, stream.mean, stream.std, augment=False)  # as at test time
         features = method.model.eval().features(images)
         quota = budget // (2 * (task.index + 1))  # two classes per task

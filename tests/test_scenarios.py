@@ -14,7 +14,6 @@ from clrun.methods.base import identify_task, task_loss
 from clrun.methods.finetune import Finetune
 from clrun.models import TaskModel
 from clrun.models.backbones import build_backbone
-from clrun.train import fit
 
 TINY = [
     "hardware=cpu",
@@ -141,23 +140,20 @@ def test_iterations_train_exactly_that_many_steps():
     head = method.model.add_head(2)
     calls = []
 
-    def loss(x, y):
-        calls.append(len(x))
+    def loss(x, y, step):
+        calls.append((len(x), step.number, step.epoch, step.batch, step.offset))
         return F.cross_entropy(method.model(x, head), y)
 
     task = stream.tasks[0]
-    stats = fit(
-        method.model,
-        method.model.trainable(head),
-        loss,
-        (task.train.x, task.train.y),
-        cfg.method.train,
-        stream,
-        method.hw,
-        None,
-        "t",
-    )
+    stats = method.fit(task, method.model, method.model.trainable(head), loss)
     assert len(calls) == 7 and stats.epochs == 2  # 200 images, batches of 64: 4 per epoch
+    # each step is handed where it is: its number, epoch, batch within the epoch and image offset
+    assert [c[1:] for c in calls] == [(0, 0, 0, 0), (1, 0, 1, 64), (2, 0, 2, 128), (3, 0, 3, 192)] + [
+        (4, 1, 0, 0),
+        (5, 1, 1, 64),
+        (6, 1, 2, 128),
+    ]
+    calls = [c[0] for c in calls]
     assert stats.images == sum(calls)
 
 
@@ -177,17 +173,12 @@ def test_cosine_schedule_spans_the_epochs_iterations_make():
     head = method.model.add_head(2)
     task = stream.tasks[0]
     rates = []
-    fit(
+    method.fit(
+        task,
         method.model,
         method.model.trainable(head),
         task_loss(method.model, 0, stream),
-        (task.train.x, task.train.y),
-        cfg.method.train,
-        stream,
-        method.hw,
-        None,
-        "t",
-        after_backward=lambda optimizers: rates.append(optimizers[0].param_groups[0]["lr"]),
+        after_backward=lambda step, optimizers: rates.append(optimizers[0].param_groups[0]["lr"]),
     )
     # 200 images in batches of 64: 4 steps per epoch, 3 epochs; cosine over those 3 (not train.epochs=2)
     lr = cfg.method.train.lr

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import build_method, task_inputs
 
-from clrun.methods.sharing import WeightSharingMethod
-from clrun.models.sharing import binarize, shared_layers
+from clrun.methods.parts.weight_sharing import WeightSharingMethod
+from clrun.models.shared_net import binarize, shared_layers
 
 TINY = [
     "hardware=cpu",
@@ -38,7 +38,7 @@ def test_earlier_weights_never_move_and_views_stay_bit_identical(optimizer):
         net.begin_task(tag, picking=task.index > 0)
         method.add_head(task)
         before = {name: layer.weight.detach().clone() for name, layer in shared_layers(net.backbone).items()}
-        method.train_phase(task, cfg.method.train, None, "train", mask_cfg=cfg.method.train)
+        method.train_phase(task, cfg.method.train, "train", mask_cfg=cfg.method.train)
         for name, layer in shared_layers(net.backbone).items():
             frozen = (layer.owner >= 1) & (layer.owner < tag)
             assert torch.equal(layer.weight[frozen], before[name][frozen]), name

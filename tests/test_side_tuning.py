@@ -47,7 +47,7 @@ def test_base_is_task_0s_model_then_frozen_and_earlier_logits_stay_bit_identical
     net, logits, sides = method.net, [], []
     initial_base = snapshot(net.base)
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
         if task.index == 0:
             assert not unchanged(net.base, initial_base)  # task 0 trains the base
             base = snapshot(net.base)  # weights and batch-norm statistics, frozen from now on
@@ -64,8 +64,8 @@ def test_base_is_task_0s_model_then_frozen_and_earlier_logits_stay_bit_identical
 
 def test_features_blend_base_and_side_with_a_learned_alpha_from_one_half():
     method, stream = make(*MLP)
-    method.learn(stream.tasks[0], None)
-    row = method.learn(stream.tasks[1], None)
+    method.learn(stream.tasks[0])
+    row = method.learn(stream.tasks[1])
     net, side, x = method.net, method.net.sides[0], task_inputs(stream, 1)
     alpha = torch.sigmoid(side.logit)
     assert alpha.item() == row["alpha"] != 0.5  # learned, from sigmoid(0)
@@ -76,8 +76,8 @@ def test_features_blend_base_and_side_with_a_learned_alpha_from_one_half():
 
 def test_fixed_alpha_has_no_parameter_and_stays():
     method, stream = make(*MLP, "method.fixed_alpha=0.25")
-    method.learn(stream.tasks[0], None)
-    assert method.learn(stream.tasks[1], None)["alpha"] == 0.25
+    method.learn(stream.tasks[0])
+    assert method.learn(stream.tasks[1])["alpha"] == 0.25
     side, x = method.net.sides[0], task_inputs(stream, 1)
     assert side.logit is None and side.alpha() == 0.25
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_footprint_counts_base_sides_alphas_and_heads():
     for task, total in zip(
         stream.tasks, [base + head, base + 2 * head + side, base + 3 * head + 2 * side], strict=True
     ):
-        method.learn(task, None)
+        method.learn(task)
         footprint = method.footprint()
         assert (footprint.params, footprint.base_params, footprint.bytes) == (total, base + head, 4 * total)
 
@@ -105,7 +105,7 @@ def test_a_pretrained_base_is_frozen_from_the_start_and_every_task_gets_a_side(t
     method, stream = make(*CONVNET, f"backbone.pretrained={path}", "method.fixed_alpha=0.5", "stream.n_tasks=2")
     pretrained = torch.load(path, weights_only=True)
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
         assert unchanged(method.net.base, pretrained)
     assert len(method.net.sides) == 2 and method.net.sides[0].net.out_features == 4
 

@@ -82,10 +82,10 @@ def make_method(method_class, *overrides):
 def test_finetune_leaves_earlier_heads_untouched():
     # weight decay and momentum would move head 0 if it were in the optimizer (methods.md §0.4)
     method, stream = make_method(Finetune, "method.train.optimizer=sgd", "method.train.weight_decay=0.1")
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     head0 = [p.detach().clone() for p in method.model.heads.heads[0].parameters()]
     backbone = [p.detach().clone() for p in method.model.backbone.parameters()]
-    method.learn(stream.tasks[1], None)
+    method.learn(stream.tasks[1])
     for before, after in zip(head0, method.model.heads.heads[0].parameters(), strict=True):
         assert torch.equal(before, after)
     assert any(not torch.equal(b, a) for b, a in zip(backbone, method.model.backbone.parameters(), strict=True))
@@ -100,4 +100,4 @@ def test_mixed_task_loss_routes_each_sample_to_its_own_head():
     y = torch.tensor([0, 1, 2, 0, 1, 1])
     t = torch.tensor([1, 0, 1, 1, 0, 0])
     expected = sum(F.cross_entropy(model(x[i : i + 1], int(t[i])), y[i : i + 1]) for i in range(6)) / 6
-    assert mixed_task_loss(model, stream, 2)(x, y, t).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert mixed_task_loss(model, stream, 2)(x, y, t, None).item() == pytest.approx(expected.item(), rel=1e-5)

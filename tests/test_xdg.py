@@ -15,9 +15,8 @@ from conftest import (
 )
 
 from clrun.errors import ClrunError
-from clrun.methods.ewc import EWC
-from clrun.methods.finetune import Finetune
-from clrun.methods.si import SI
+from clrun.methods.parts.importance import FisherPenalty, PathIntegralPenalty
+from clrun.results import count_params, module_bytes
 
 TINY = [
     *TINY_STREAM,
@@ -51,7 +50,7 @@ def test_each_task_silences_the_configured_share_of_every_hidden_layer(overrides
 
     outputs = []  # what the next layers see: each activation's output after the gate
     hooks = [layer.activation.register_forward_hook(lambda m, i, out: outputs.append(out)) for layer in method.layers]
-    method.learn(stream.tasks[0], None)
+    method.learn(stream.tasks[0])
     outputs.clear()
     method.predict(task_inputs(stream, 0), 0)
     for out, mask in zip(outputs, method.masks[0], strict=True):
@@ -64,18 +63,18 @@ def test_each_task_silences_the_configured_share_of_every_hidden_layer(overrides
 def test_silenced_units_do_not_train_and_do_not_count_in_ewc_or_si():
     """The gate also acts while training and while EWC's Fisher and SI's path integral are measured: the
     incoming weights of units task 0 silences get no gradient, hence no movement, Fisher or importance."""
-    for regularizer, inner in (("none", Finetune), ("ewc", EWC), ("si", SI)):
+    for regularizer, penalty in (("none", type(None)), ("ewc", FisherPenalty), ("si", PathIntegralPenalty)):
         method, stream, _ = make(f"method.regularizer={regularizer}")
-        assert type(method.inner) is inner
+        assert type(method.penalty) is penalty
         first = method.layers[0].layer
         before = first.weight.detach().clone()
-        method.learn(stream.tasks[0], None)
+        method.learn(stream.tasks[0])
         silenced = ~method.masks[0][0]
         assert torch.equal(first.weight[silenced], before[silenced])
         assert not torch.equal(first.weight[~silenced], before[~silenced])
         if regularizer != "none":
-            name = next(n for n, p in method.inner.model.named_parameters() if p is first.weight)
-            importance = method.inner.importance[0][name]
+            name = next(n for n, p in method.model.named_parameters() if p is first.weight)
+            importance = method.penalty.importance[0][name]
             assert (importance[silenced] == 0).all() and (importance[~silenced] != 0).any()
 
 
@@ -86,7 +85,7 @@ def test_masks_come_from_the_seed_and_survive_a_reload():
     assert all(torch.equal(a, b) for a, b in zip(method.masks[2], same.masks[2], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(method.masks[2], other.masks[2], strict=True))
     for task in stream.tasks[:2]:
-        method.learn(task, None)
+        method.learn(task)
     other.load_state_dict(method.state_dict())
     assert all(torch.equal(a, b) for t in range(3) for a, b in zip(method.masks[t], other.masks[t], strict=True))
     for j in range(2):  # the reloaded model is gated again, each task by its own mask
@@ -97,27 +96,27 @@ def test_masks_come_from_the_seed_and_survive_a_reload():
 def test_each_task_predicts_with_the_batch_norm_statistics_of_its_own_gate():
     method, stream, _ = make("backbone=convnet")
     for task in stream.tasks[:2]:
-        method.learn(task, None)
+        method.learn(task)
     first, second = method.statistics
     assert first.keys() == second.keys() and len(first) == 9  # 3 batch norms: mean, var, count
     assert not torch.equal(first["backbone.layers.1.running_mean"], second["backbone.layers.1.running_mean"])
     before = [method.predict(task_inputs(stream, j), j) for j in range(2)]
-    for name, buffer in method.inner.model.named_buffers():
+    for name, buffer in method.model.named_buffers():
         if name.endswith("running_mean"):
             buffer.fill_(5.0)  # the live statistics play no part in prediction
     assert all(torch.equal(method.predict(task_inputs(stream, j), j), before[j]) for j in range(2))
-    footprint, inner = method.footprint(), method.inner.footprint()
     statistics = 2 * (2 * (8 + 16 + 32) * 4 + 3 * 8)  # per task: fp32 mean and var, int64 counts
-    assert footprint.bytes == inner.bytes + statistics + 2 * (1 + 2 + 4)  # and the gates' bits
+    # the shared model, the statistics and the gates' bits
+    assert method.footprint().bytes == module_bytes(method.model) + statistics + 2 * (1 + 2 + 4)
 
 
 def test_footprint_adds_the_learned_tasks_gates_as_bits():
     method, stream, _ = make("method.regularizer=si")
     for task in stream.tasks[:2]:
-        method.learn(task, None)
-    inner = method.inner.footprint()
-    assert method.footprint().params == inner.params
-    assert method.footprint().bytes == inner.bytes + 2 * 2 * 13  # 2 tasks x 2 layers x ceil(100 / 8)
+        method.learn(task)
+    shared = module_bytes(method.model) + method.penalty.bytes()  # the model and SI's importance and anchors
+    assert method.footprint().params == count_params(method.model)
+    assert method.footprint().bytes == shared + 2 * 2 * 13  # 2 tasks x 2 layers x ceil(100 / 8)
 
 
 def test_resume_equals_uninterrupted_and_class_scenario_runs(tmp_path):
@@ -146,6 +145,6 @@ def test_learns_split_mnist():
         "method.train.epochs=2",
     )
     for task in stream.tasks:
-        method.learn(task, None)
+        method.learn(task)
     for j, task in enumerate(stream.tasks):
         assert (method.predict(task_inputs(stream, j), j).argmax(1) == task.test.y).float().mean() > 0.85

@@ -1,4 +1,5 @@
-"""Readers of the official on-disk formats of MNIST, CIFAR-10 and CIFAR-100 (no MD5 checks).
+"""Datasets: readers of the official on-disk formats of MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 (no MD5
+checks), and of a user's own dataset through a reader `_target_`.
 
 Every reader checks what it reads and raises a one-line `ClrunError` naming the
 file and the problem. A missing file is fetched with torchvision's downloader when
@@ -10,35 +11,55 @@ import gzip
 import logging
 import pickle
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision
+from omegaconf import DictConfig, OmegaConf
 
+from clrun.config import import_target
 from clrun.errors import ClrunError
 
 log = logging.getLogger("clrun")
 
 _IMAGES_MAGIC = 0x0803  # idx: unsigned bytes, 3 dimensions
 _LABELS_MAGIC = 0x0801  # idx: unsigned bytes, 1 dimension
-_OFFICIAL_SIZE = {"MNIST": (60000, 10000), "CIFAR-10": (50000, 10000), "CIFAR-100": (50000, 10000)}
-_DOWNLOADER = {"MNIST": "MNIST", "CIFAR-10": "CIFAR10", "CIFAR-100": "CIFAR100"}
+_OFFICIAL_SIZE = {
+    "MNIST": (60000, 10000),
+    "Fashion-MNIST": (60000, 10000),
+    "CIFAR-10": (50000, 10000),
+    "CIFAR-100": (50000, 10000),
+}
+_DOWNLOADER = {"MNIST": "MNIST", "Fashion-MNIST": "FashionMNIST", "CIFAR-10": "CIFAR10", "CIFAR-100": "CIFAR100"}
 
 
 def read_mnist(root: str | Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST images uint8 (N, 1, 28, 28) and labels int64 (N,) from `<root>/MNIST/raw/` (idx files, gzipped or not)."""
+    return _read_idx_dataset(root, "MNIST", "MNIST", train, download)
+
+
+def read_fashion_mnist(root: str | Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST images uint8 (N, 1, 28, 28) and labels int64 (N,) from `<root>/FashionMNIST/raw/` (MNIST's
+    file names and idx format, gzipped or not; torchvision's layout)."""
+    return _read_idx_dataset(root, "FashionMNIST", "Fashion-MNIST", train, download)
+
+
+def _read_idx_dataset(root: str | Path, folder: str, dataset: str, train: bool, download: bool):
+    """Images and labels of an MNIST-format dataset under `<root>/<folder>/raw/`."""
     root = Path(root).expanduser()
     prefix = "train" if train else "t10k"
-    stems = [root / "MNIST" / "raw" / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
-    _ensure([f"{s}[.gz]" for s in stems if _idx_file(s) is None], "MNIST", root, download)
+    stems = [root / folder / "raw" / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+    _ensure([f"{s}[.gz]" for s in stems if _idx_file(s) is None], dataset, root, download)
     images_path, labels_path = (_idx_file(s) for s in stems)
     images = _read_idx(images_path, _IMAGES_MAGIC)
     labels = _read_idx(labels_path, _LABELS_MAGIC)
     if images.shape[1:] != (28, 28):
         raise ClrunError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
     _check_labels(labels_path, labels, len(images), 10)
-    _warn_if_partial(images_path, "MNIST", train, len(images))
+    _warn_if_partial(images_path, dataset, train, len(images))
     return torch.from_numpy(images.reshape(-1, 1, 28, 28).copy()), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -163,3 +184,72 @@ def _warn_if_partial(path: Path, dataset: str, train: bool, n: int) -> None:
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
+
+
+# ---- the datasets a stream can name ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A built-in dataset: its reader (root, train, download) -> (images, labels, ...), class count and the
+    per-channel mean and std of its official training set."""
+
+    read: Callable[..., tuple[torch.Tensor, ...]]
+    n_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+DATASETS = {
+    "mnist": Dataset(read_mnist, 10, (0.1307,), (0.3081,)),
+    "fashion_mnist": Dataset(read_fashion_mnist, 10, (0.2860,), (0.3530,)),
+    "cifar10": Dataset(read_cifar10, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": Dataset(read_cifar100, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+SYNTHETIC = "synthetic"  # procedurally generated images (clrun.data.synthetic); needs no files
+READER_KEY = "stream.dataset._target_"
+
+
+def is_reader(dataset) -> bool:
+    """Whether `stream.dataset` is a reader of the user's own (a node with `_target_`) rather than a name."""
+    return isinstance(dataset, DictConfig) and "_target_" in dataset
+
+
+def check_dataset(stream) -> None:
+    """One-line errors, before any work, for a `stream.dataset` that is neither a built-in dataset's name nor an
+    importable reader `_target_`."""
+    dataset = stream.dataset
+    if is_reader(dataset):
+        import_target(dataset._target_, READER_KEY)
+        return
+    names = [SYNTHETIC, *DATASETS]
+    if isinstance(dataset, DictConfig) or str(dataset) not in names:
+        shown = OmegaConf.to_container(dataset) if isinstance(dataset, DictConfig) else dataset
+        raise ClrunError(
+            f"stream.dataset={shown} is not a dataset: name a built-in one ({', '.join(names)}) "
+            "or a reader of your own as stream.dataset._target_=<module.function> (see README, Adding a dataset)"
+        )
+
+
+def read_custom(dataset: DictConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images uint8 (N, C, H, W) and labels int64 (N,) a user's reader returns for a split: it is called
+    `_target_(train=train, **its other keys)` and returns (images (N, C, H, W) or (N, H, W) uint8, labels)."""
+    target = dataset._target_
+    read = import_target(target, READER_KEY)
+    keys = {k: v for k, v in OmegaConf.to_container(dataset, resolve=True).items() if k != "_target_"}
+    try:
+        found = read(train=train, **keys)
+    except Exception as error:  # the user's code: report whatever it raised, in one line
+        raise ClrunError(f"{READER_KEY}={target} failed: {type(error).__name__}: {_one_line(error)}") from error
+    where = f"{READER_KEY}={target} (train={train})"
+    if not (isinstance(found, (tuple, list)) and len(found) == 2):
+        raise ClrunError(f"{where} must return (images, labels), not {type(found).__name__}")
+    images, labels = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in found)
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        found = f"{images.dtype} {tuple(images.shape)}"
+        raise ClrunError(f"{where}: images must be uint8 (N, C, H, W) or (N, H, W), not {found}")
+    if labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point() or labels.min() < 0:
+        raise ClrunError(f"{where}: labels must be {len(images)} non-negative integers, one per image")
+    return images.contiguous(), labels.long()

@@ -1,53 +1,66 @@
-"""The interface every continual-learning method implements."""
+"""The method contract: the `Method` base class, the config every method's config extends, and shared losses.
 
-from dataclasses import dataclass
+A method is one module under `clrun/methods/` (or any importable module of the user's) holding a `Method`
+subclass and its config dataclass (`config_class`); see README, "Adding a method".
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 
+from clrun.config import AT_LEAST_1, checked
 from clrun.data.stream import Stream, Task
 from clrun.hardware import Hardware
 from clrun.models import TaskModel, build_backbone
-from clrun.train import fit
+from clrun.results import Footprint, count_params, module_bytes
+from clrun.train import FitStats, Groups, Loss, TrainConfig, Trainer
 
 
 @dataclass
-class Footprint:
-    """What a method must store to predict every task learned so far."""
+class MethodConfig:
+    """Fields every method has; `_target_` names the class Hydra loads."""
 
-    params: int  # parameters stored
-    bytes: int  # bytes stored: parameters, buffers, masks
-    base_params: int  # parameters of one backbone with one head (the expansion ratio's denominator)
-
-
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    _target_: str = MISSING
+    name: str = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_batch_size: int = checked(AT_LEAST_1, 1000)
 
 
-def count_params(module: torch.nn.Module) -> int:
-    """Number of parameters of a module."""
-    return sum(p.numel() for p in module.parameters())
+class TaskId(Enum):
+    """How a method with per-task parts finds the task of an input when the scenario gives no task id."""
+
+    none = "none"  # it does not: the method runs in the task scenario only
+    confidence = "confidence"  # the task whose head gives the highest softmax probability
+    entropy = "entropy"  # the task whose head gives the lowest softmax entropy
 
 
-def task_loss(model: TaskModel, task: int, stream: Stream):
+@dataclass
+class PerTaskMethodConfig(MethodConfig):
+    """A method with per-task parts (a head, mask or model per task): task-incremental unless `task_id` is set."""
+
+    task_id: TaskId = TaskId.none
+
+
+def task_loss(model: TaskModel, task: int, stream: Stream) -> Loss:
     """Cross-entropy of task `task`'s batches under the model's scenario, as a `fit` loss function:
     the task's head (task), every class seen so far with global labels (class), the shared head (domain)."""
     head = task if model.scenario == "task" else None
     offset = stream.class_offset(task) if model.scenario == "class" else 0
 
-    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
         return F.cross_entropy(model(x, head), y + offset)
 
     return loss
 
 
-def mixed_task_loss(model: TaskModel, stream: Stream, n_tasks: int):
+def mixed_task_loss(model: TaskModel, stream: Stream, n_tasks: int) -> Loss:
     """Mean cross-entropy of a batch mixing tasks 0..n_tasks-1, each sample under its own task (`t`) as
     `task_loss` scores it; a `fit` loss function over (x, y, t) with no host sync."""
 
-    def loss(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, step) -> torch.Tensor:
         features = model.features(x)
         if model.scenario != "task":
             return F.cross_entropy(model.logits(features, None), stream.targets(y, t))
@@ -73,14 +86,16 @@ def identify_task(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
 
 
 class Method:
-    """Base class: holds the config, the stream and the hardware; builds models.
+    """Base class of every method: holds its config, the backbone's config, the stream and the hardware, and a
+    `Trainer` to train through (`fit`).
 
-    Subclasses implement `learn`, `predict`, `state_dict`, `load_state_dict`
-    and `footprint`. This base is for methods with per-task parts: they run in
-    the task scenario, and in the class and domain scenarios when their config's
-    `task_id` rule picks the task of each input (`predict_agnostic`).
+    Subclasses implement `learn`, `predict`, `state_dict`, `load_state_dict` and `footprint`, and name their
+    config dataclass in `config_class`. This base is for methods with per-task parts: they run in the task
+    scenario, and in the class and domain scenarios when their config's `task_id` rule picks the task of each
+    input (`predict_agnostic`).
     """
 
+    config_class: type = PerTaskMethodConfig  # the method's config dataclass (a subclass of MethodConfig)
     predicts_before_learning = False  # whether `predict_agnostic` works before the first task (FWT's baseline)
 
     def __init__(self, cfg, backbone_cfg, stream: Stream, hw: Hardware):
@@ -88,10 +103,11 @@ class Method:
         self.backbone_cfg = backbone_cfg
         self.stream = stream
         self.hw = hw
+        self.trainer = Trainer(stream, hw)
 
     @classmethod
     def supported_scenarios(cls, cfg) -> tuple[str, ...]:
-        """The scenarios this method runs in under config `cfg`."""
+        """The scenarios this method runs in under config `cfg` (checked before the stream loads)."""
         if cfg.get("task_id") is not None and cfg.task_id.value != "none":
             return ("task", "class", "domain")
         return ("task",)
@@ -105,23 +121,34 @@ class Method:
             model.add_head(task.n_classes)
         return self.hw.prepare_model(model)
 
-    def train_task(self, model: TaskModel, params, task: Task, progress, index: int | None = None) -> dict:
-        """Train `params` on `task`'s data with `task_loss` of `model` for task `index` (default: the
-        task's own index; 0 for a model of its own); return `FitStats.row()`."""
-        stats = fit(
-            model,
+    def fit(
+        self,
+        task: Task,
+        module: torch.nn.Module,
+        params,
+        loss: Loss,
+        recipe=None,
+        phase: str = "",
+        data: tuple[torch.Tensor, ...] | None = None,
+        groups: Groups = (),
+        **hooks,
+    ) -> FitStats:
+        """Train `params` of `module` with `loss` on `task`'s training images and labels (or `data`) under
+        `recipe` (default: `cfg.train`); `phase` names the phase in the progress display; `groups` and the hooks
+        (`after_backward`, `after_step`, `after_epoch`) as `Trainer.fit` takes them."""
+        label = f"task {task.index} {task.name}" + (f": {phase}" if phase else "")
+        return self.trainer.fit(
+            module,
+            self.cfg.train if recipe is None else recipe,
             params,
-            task_loss(model, task.index if index is None else index, self.stream),
-            (task.train.x, task.train.y),
-            self.cfg.train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {task.index} {task.name}",
+            loss,
+            (task.train.x, task.train.y) if data is None else data,
+            label,
+            groups,
+            **hooks,
         )
-        return stats.row()
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         """Learn a new task; return per-task figures for `tasks.parquet` (see `FitStats.row`)."""
         raise NotImplementedError
 
@@ -156,6 +183,7 @@ class Method:
         raise NotImplementedError
 
     def footprint(self) -> Footprint:
+        """What the method stores to predict every task learned so far."""
         raise NotImplementedError
 
     def summary(self) -> dict:
@@ -167,6 +195,7 @@ class SharedModelMethod(Method):
     """A method whose whole state is one `TaskModel` with heads laid out for the stream's scenario;
     it runs in every scenario."""
 
+    config_class = MethodConfig
     predicts_before_learning = True
 
     def __init__(self, cfg, backbone_cfg, stream: Stream, hw: Hardware):

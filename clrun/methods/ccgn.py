@@ -3,7 +3,7 @@ CVPR 2020), with its task classifier for the class and domain scenarios.
 
 Every hidden unit or channel of a chain backbone (`clrun.models.gating.gated_layers`) gets, per task,
 a gate computed from the layer's own input: global average pool -> Linear(`gate_hidden`) -> ReLU ->
-one logit per output channel. The gate multiplies the activation's output (methods.md §13):
+one logit per output channel. The gate multiplies the activation's output:
 
 - training: a binary Gumbel-sigmoid sample at `temperature`, straight-through (the hard 0/1 value
   forward, the relaxed sample's gradient backward); loss = CE + `sparsity` * mean over layers of the
@@ -13,11 +13,11 @@ one logit per output channel. The gate multiplies the activation's output (metho
 - after the task: a channel is relevant when its test-mode gate fires on more than `relevance` of
   the task's training images. Weights from relevant inputs into relevant outputs (and relevant
   outputs' biases) of every earlier task get zero gradient for all later tasks (HAT's rule,
-  `clrun.methods.hat.gradient_factors`, with the union of relevant channels as a 0/1 mask).
+  `clrun.methods.parts.gate_training.gradient_factors`, with the union of relevant channels as a 0/1 mask).
 
-Batch norm is kept per task (methods.md §0.1): each task trains its own copy, starting from the
-previous task's. Each task starts a fresh optimizer and weight decay is added to the gradient before
-masking, so frozen weights stay exactly equal and earlier tasks' logits are bit-identical.
+Batch norm is kept per task (a shared one would let later tasks move earlier tasks' statistics): each task
+trains its own copy, starting from the previous task's. Each task starts a fresh optimizer and weight decay is
+added to the gradient before masking, so frozen weights stay exactly equal and earlier tasks' logits are bit-identical.
 
 Task classifier (class and domain scenarios, `task_classifier` with `task_id` none; `task_id=confidence|entropy`
 uses the base class's rule instead). As the paper describes it, an input goes through every learned task's
@@ -27,7 +27,7 @@ features of all branches and predicts the task; that task's head answers. Here t
 per task (the ChannelGatedCL port's classifier: pool each branch's last feature map, concatenate, 64 hidden).
 It is trained after each task, with the gated network frozen (its features are computed without gradient, in
 eval mode), on the current task's training images and an episodic memory of earlier tasks' images
-(`clrun.methods.replay.Memory`, `memory.budget`, `memory.policy`): loss (1/t) CE on current + (1 - 1/t) CE on
+(`clrun.methods.parts.replay.Memory`, `memory.budget`, `memory.policy`): loss (1/t) CE on current + (1 - 1/t) CE on
 replayed, t tasks so far, so every task weighs the same; then the task's images are offered to the memory. The
 classifier is rebuilt from scratch for each new number of tasks (the port widens the old one instead).
 
@@ -41,6 +41,7 @@ Not implemented either: the re-initialisation of unused channels after each task
 warm-up (sparsity acts from the first step).
 """
 
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -49,14 +50,38 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
 
+from clrun.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, checked
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
-from clrun.methods.base import Footprint, Method, count_params, module_bytes
-from clrun.methods.hat import gradient_factors, restrict_gradients
-from clrun.methods.replay import Memory
+from clrun.methods.base import Method, PerTaskMethodConfig
+from clrun.methods.parts.gate_training import gradient_factors, restrict_gradients
+from clrun.methods.parts.replay import Memory, ReplayConfig
 from clrun.models.gating import GatedLayer, batch_norm_state, gated_layers
 from clrun.models.layers import Conv2d
-from clrun.train import embed, eval_batches, fit
+from clrun.results import Footprint, count_params, module_bytes, tensor_bytes
+from clrun.train import TrainConfig, embed, eval_batches
+
+
+@dataclass
+class CCGNConfig(PerTaskMethodConfig):
+    """CCGN (Abati et al. 2020): per-task input-conditioned channel gates (Gumbel-softmax), used channels frozen."""
+
+    sparsity: float = checked(NON_NEGATIVE, 0.5)  # lambda_s on the mean gate activation (ChannelGatedCL port: 0.5)
+    gate_hidden: int = checked(AT_LEAST_1, 16)  # hidden units of each gating MLP (paper: 16 [unverified])
+    # Gumbel-sigmoid temperature while training (a common choice; not from the paper)
+    temperature: float = checked(POSITIVE, 0.6666666666666666)
+    # a channel is relevant (frozen afterwards) when its gate fires on more than this share of the task's training
+    # images (0: ever fires, which makes earlier tasks' logits exact; port: 0.8 probability)
+    relevance: float = checked(FRACTION, 0.0)
+    task_classifier: bool = True  # class/domain scenarios with task_id none: the paper's task classifier picks the task
+    classifier_hidden: int = checked(
+        AT_LEAST_1, 64
+    )  # hidden units of the task classifier's MLP (ChannelGatedCL port: 64)
+    # the task classifier's training after each task, the gated network frozen (defaults Adam 1e-3, batch 128,
+    # 2 epochs: not from the paper)
+    classifier_train: TrainConfig = field(default_factory=TrainConfig)
+    # episodic memory of earlier tasks' images for the task classifier (budget: not from the paper)
+    memory: ReplayConfig = field(default_factory=lambda: ReplayConfig(budget=1000))
 
 
 def gate_inputs(layer: nn.Module) -> int:
@@ -108,6 +133,8 @@ class ChannelGates:
 
 
 class CCGN(Method):
+    config_class = CCGNConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.model = self.new_model([], scenario="task")  # a head per task; class/domain infer the task
@@ -137,36 +164,26 @@ class CCGN(Method):
         ]
         return nn.ModuleList(modules).to(self.hw.device)
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         cfg, model = self.cfg, self.model
         head = model.add_head(task.n_classes)
         gaters = self.new_gaters()
         params = list(model.backbone.parameters()) + list(model.heads.heads[head].parameters())
         factors = gradient_factors(self.layers, self.frozen) if task.index else None
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             self.gates.use(gaters)
             logits = model(x, head)
             self.gates.off()
             opened = torch.stack([g.mean() for g in self.gates.record]).mean()
             return F.cross_entropy(logits, y) + cfg.sparsity * opened
 
-        def after_backward(_) -> None:
+        def after_backward(step, optimizers) -> None:
             restrict_gradients(params, cfg.train.weight_decay, self.layers, factors)
 
         gaters.train()
-        stats = fit(
-            model,
-            params + list(gaters.parameters()),
-            loss,
-            (task.train.x, task.train.y),
-            OmegaConf.merge(cfg.train, {"weight_decay": 0.0}),
-            self.stream,
-            self.hw,
-            progress,
-            f"task {task.index} {task.name}",
-            after_backward=after_backward,
-        )
+        recipe = OmegaConf.merge(cfg.train, {"weight_decay": 0.0})
+        stats = self.fit(task, model, params + list(gaters.parameters()), loss, recipe, after_backward=after_backward)
         gaters.eval().requires_grad_(False)
         self.gaters.append(gaters)
         self.norms.append(batch_norm_state(model.backbone))
@@ -175,7 +192,7 @@ class CCGN(Method):
         self.frozen = [torch.maximum(f, r) for f, r in zip(self.frozen, relevant, strict=True)]
         row = {**stats.row(), "open": self.open_share(relevant)}
         if self.classifying:
-            row["classifier_loss"] = self.train_classifier(task, progress)
+            row["classifier_loss"] = self.train_classifier(task)
             self.memory.add(task, partial(self.branch_features, task=task.index))
         return row
 
@@ -218,7 +235,7 @@ class CCGN(Method):
         """The task classifier's input: the features of tasks 0..n_tasks-1's branches, concatenated."""
         return torch.cat([self.features(x, task) for task in range(n_tasks)], dim=1)
 
-    def train_classifier(self, task: Task, progress) -> float:
+    def train_classifier(self, task: Task) -> float:
         """A new task classifier over tasks 0..task, trained on the task's images and the memory's earlier ones
         with the gated network frozen; returns its last epoch's loss (NaN for the first task: nothing to train)."""
         n_tasks = task.index + 1
@@ -230,24 +247,15 @@ class CCGN(Method):
         batch_size = cfg.memory.batch_size or cfg.classifier_train.batch_size
         current_weight = 1 / n_tasks
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             replayed, _, tasks = self.memory.sample(batch_size, stream, self.hw)
             logits = self.classifier(self.candidates(torch.cat([x, replayed]), n_tasks))
             targets = torch.cat([torch.full_like(y, task.index), tasks])
             per_sample = F.cross_entropy(logits, targets, reduction="none")
             return current_weight * per_sample[: len(x)].mean() + (1 - current_weight) * per_sample[len(x) :].mean()
 
-        stats = fit(
-            self.classifier,
-            self.classifier.parameters(),
-            loss,
-            (task.train.x, task.train.y),
-            cfg.classifier_train,
-            stream,
-            self.hw,
-            progress,
-            f"task {task.index} task classifier",
-        )
+        classifier = self.classifier
+        stats = self.fit(task, classifier, classifier.parameters(), loss, cfg.classifier_train, "task classifier")
         self.classifier.eval().requires_grad_(False)
         return stats.loss
 
@@ -299,11 +307,11 @@ class CCGN(Method):
         norm_names = set(batch_norm_state(backbone))
         shared = [p for name, p in backbone.named_parameters() if name not in norm_names]
         params = sum(p.numel() for p in shared) + count_params(self.model.heads) + count_params(self.gaters)
-        size = sum(p.numel() * p.element_size() for p in shared) + module_bytes(self.model.heads)
+        size = tensor_bytes(shared) + module_bytes(self.model.heads)
         size += module_bytes(self.gaters)
         for norm, relevant in zip(self.norms, self.relevant, strict=True):
             params += sum(v.numel() for k, v in norm.items() if k.endswith(("weight", "bias")))
-            size += sum(t.numel() * t.element_size() for t in norm.values())
+            size += tensor_bytes(norm.values())
             size += sum(m.numel() for m in relevant)
         if self.classifier is not None:
             params += count_params(self.classifier)

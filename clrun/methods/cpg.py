@@ -1,7 +1,7 @@
 """CPG: Compacting, Picking and Growing (Hung et al., NeurIPS 2019); PAE is CPG without picking.
 
 Each task t (owner tag t + 1) runs ivclab/CPG's CIFAR-100 pipeline
-(experiment1/CPG_cifar100_scratch_mul_1.5.sh; cpg.md §2.2, §3.1):
+(experiment1/CPG_cifar100_scratch_mul_1.5.sh, with its CPG_cifar100_main_normal.py and utils/prune.py):
 
 1. **Train.** The task takes every free weight. It trains them together with its
    batch norm, biases and head under `train`. From the second task on, with
@@ -9,7 +9,7 @@ Each task t (owner tag t + 1) runs ivclab/CPG's CIFAR-100 pipeline
    weights under `mask_train` (Adam). The mask starts at `mask_init`, above
    `threshold`, so every earlier weight starts picked.
 2. **Goal and growth.** The task's final-epoch test accuracy must reach its goal
-   (`clrun.methods.goals`; CPG validates on the test split) and its final-epoch
+   (`clrun.methods.parts.goals`; CPG validates on the test split) and its final-epoch
    training accuracy must exceed `min_train_acc`. If either fails and the parameter
    multiplier is below `max_multiplier`, the network goes back to where the task
    started. It is widened by `grow_step` (channels by the square root) and the task
@@ -58,15 +58,68 @@ Deviations from the official code (each is also noted where it happens):
 """
 
 import copy
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
 
+from clrun.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Rule, checked
 from clrun.data.stream import Task
-from clrun.errors import ClrunError
-from clrun.methods.goals import load_goals
-from clrun.methods.sharing import WeightSharingMethod, phase_totals
-from clrun.models.sharing import SharedNet
+from clrun.methods.base import PerTaskMethodConfig
+from clrun.methods.parts.goals import load_goals
+from clrun.methods.parts.weight_sharing import WeightSharingMethod, cpg_recipe
+from clrun.models.shared_net import SharedNet
+from clrun.train import FitStats, Optimizer, OptimizerConfig, Schedule, TrainConfig
+
+
+def _phase(**changes) -> TrainConfig:
+    """A pruning or retraining phase of CPG's recipe: a constant learning rate, with `changes`."""
+    return cpg_recipe(schedule=Schedule.constant, milestones=[], **changes)
+
+
+def _increasing_fractions(values) -> bool:
+    return all(0 < v < 1 for v in values) and all(a < b for a, b in zip(values, values[1:], strict=False))
+
+
+@dataclass
+class CPGConfig(PerTaskMethodConfig):
+    """CPG (ivclab/CPG experiment1/CPG_cifar100_scratch_mul_1.5.sh); PAE is this with picking off and max 2.0."""
+
+    train: TrainConfig = field(default_factory=cpg_recipe)
+    # picking masks during `train` (epochs follow `train`)
+    mask_train: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(
+            optimizer=Optimizer.adam,
+            lr=5e-4,
+            schedule=Schedule.multistep,
+            milestones=[50, 70],
+            gammas=[0.2, 0.0],
+        )
+    )
+    prune_train: TrainConfig = field(default_factory=lambda: _phase(epochs=20, lr=1e-3))
+    sparsities: list[float] = checked(
+        Rule(_increasing_fractions, "an increasing list of fractions in (0, 1)"),
+        factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+    )
+    pruning_interval: int = checked(Rule(NON_NEGATIVE.test, "at least 0"), 4)  # epochs of the cubic sparsity ramp
+    pruning_frequency: int = checked(AT_LEAST_1, 10)  # iterations between mask updates during the ramp
+    retrain: TrainConfig = field(default_factory=lambda: _phase(epochs=30, lr=1e-3))
+    # picking masks in the retrain pass (epochs follow `retrain`)
+    retrain_mask: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(optimizer=Optimizer.adam, lr=1e-4))
+    retrain_patience: int = checked(AT_LEAST_1, 5)  # stop the retrain pass after this many epochs without a gain
+    retrain_pass: bool = True  # the picking-mask retrain pass after pruning (tasks >= 2)
+    picking: bool = True  # learn picking masks over earlier tasks' weights (false: PAE, use them all)
+    mask_init: float = 1e-2
+    threshold: float = checked(NON_NEGATIVE, 5e-3)
+    # largest parameter multiplier growth may reach (channels scale by its sqrt)
+    max_multiplier: float = checked(Rule(lambda v: v >= 1.0, "at least 1.0"), 1.5)
+    grow_step: float = checked(POSITIVE, 0.5)  # multiplier added per growth
+    # a training or pruning result counts only above this training accuracy
+    min_train_acc: float = checked(Rule(lambda v: v < 1.0, "below 1.0"), 0.95)
+    # accuracy goals: a number, a JSON file {task: acc}, or a run folder (clrun.methods.parts.goals); null: the
+    # task's unpruned accuracy
+    goals: Optional[str] = None
 
 
 def cubic_sparsity(initial: float, target: float, progress: float) -> float:
@@ -81,34 +134,6 @@ def forced_sparsity(remaining_tasks: int) -> float:
     Rounded to 6 decimals so that the target 0.3 counts as reaching 1 - 0.7 (CPG's float compare does not).
     """
     return round(1.0 - round(1.0 / (remaining_tasks + 1), 1), 6)
-
-
-def _check_config(cfg) -> None:
-    """One-line errors for CPG values out of range, before any work."""
-
-    def require(key: str, ok: bool, expected: str) -> None:
-        if not ok:
-            raise ClrunError(f"method.{key}={OmegaConf.select(cfg, key)} is invalid: it must be {expected}")
-
-    s = list(cfg.sparsities)
-    require(
-        "sparsities",
-        all(0 < v < 1 for v in s) and all(a < b for a, b in zip(s, s[1:], strict=False)),
-        "an increasing list of fractions in (0, 1)",
-    )
-    require("pruning_interval", cfg.pruning_interval >= 0, "at least 0")
-    require("pruning_frequency", cfg.pruning_frequency >= 1, "at least 1")
-    require("retrain_patience", cfg.retrain_patience >= 1, "at least 1")
-    require("max_multiplier", cfg.max_multiplier >= 1.0, "at least 1.0")
-    require("grow_step", cfg.grow_step > 0, "positive")
-    require("threshold", cfg.threshold >= 0, "non-negative")
-    require("min_train_acc", cfg.min_train_acc < 1.0, "below 1.0")
-    for phase in ("prune_train", "retrain"):
-        require(f"{phase}.epochs", cfg[phase].epochs >= 1, "at least 1")
-        require(f"{phase}.batch_size", cfg[phase].batch_size >= 1, "at least 1")
-        require(f"{phase}.lr", cfg[phase].lr > 0, "positive")
-    for phase in ("mask_train", "retrain_mask"):
-        require(f"{phase}.lr", cfg[phase].lr >= 0, "non-negative")
 
 
 def _masks_never_stop(mask_cfg):
@@ -127,22 +152,23 @@ def _masks_never_stop(mask_cfg):
 class CPG(WeightSharingMethod):
     """CPG, and PAE with `picking: false` (conf/method/cpg.yaml, conf/method/pae.yaml)."""
 
+    config_class = CPGConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
-        _check_config(cfg)
         goals = load_goals(cfg.goals, [task.name for task in stream.tasks])  # fails before any work
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.goals = goals
 
     # ---- the recipe ------------------------------------------------------------------
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         cfg, tag = self.cfg, task.index + 1
-        phases: dict[str, list[dict]] = {"train": [], "prune": [], "retrain": []}  # train_phase rows per phase
+        phases: dict[str, list[FitStats]] = {"train": [], "prune": [], "retrain": []}  # every training run
 
         # 1-2. train; widen and train again while the goal is missed and the width allows
         start = self.snapshot() if self.goals is not None and not self._at_max() else None
         growths = 0
         while True:
-            train_acc, acc = self._train(task, progress, phases["train"])
+            train_acc, acc = self._train(task, phases["train"])
             goal = acc if self.goals is None else self.goals[task.index]
             # at the maximum width this stops even when only min_train_acc failed (CPG would grow past the maximum)
             if self.goals is None or (train_acc > cfg.min_train_acc and acc >= goal) or self._at_max():
@@ -156,10 +182,10 @@ class CPG(WeightSharingMethod):
         owns = int(self.net.owner_counts()[tag]) > 0
         sparsity, least, kept_acc, steps = 0.0, float("nan"), acc, 0
         if owns:
-            sparsity, least, kept_acc, steps = self._compact(task, progress, acc, goal, below_goal, phases["prune"])
+            sparsity, least, kept_acc, steps = self._compact(task, acc, goal, below_goal, phases["prune"])
         retrained = False
         if cfg.retrain_pass and owns and self.net.picks():
-            retrained, kept_acc = self._retrain(task, progress, kept_acc, phases["retrain"])
+            retrained, kept_acc = self._retrain(task, kept_acc, phases["retrain"])
 
         # 5. freeze
         earlier = int(self.net.owner_counts()[1:tag].sum())
@@ -172,10 +198,10 @@ class CPG(WeightSharingMethod):
             picked_share = picked / earlier if cfg.picking else 1.0  # PAE uses every earlier weight
 
         return {
-            **phase_totals([row for rows in phases.values() for row in rows]),
-            "train_loss": phases["train"][-1]["train_loss"],
-            **{f"{name}_phase_epochs": phase_totals(rows)["epochs"] for name, rows in phases.items()},  # all attempts
-            **{f"{name}_phase_s": phase_totals(rows)["train_s"] for name, rows in phases.items()},
+            **FitStats.total([stats for runs in phases.values() for stats in runs]).row(),
+            "train_loss": phases["train"][-1].loss,
+            **{f"{name}_phase_epochs": FitStats.total(runs).epochs for name, runs in phases.items()},  # all attempts
+            **{f"{name}_phase_s": FitStats.total(runs).seconds for name, runs in phases.items()},
             **shares,
             "picked_share": picked_share,
             "growths": growths,
@@ -192,7 +218,7 @@ class CPG(WeightSharingMethod):
         return self.net.multiplier >= self.cfg.max_multiplier - 1e-9
 
     # ---- phases ----------------------------------------------------------------------
-    def _train(self, task: Task, progress, phase: list[dict]) -> tuple[float, float]:
+    def _train(self, task: Task, phase: list[FitStats]) -> tuple[float, float]:
         """Step 1: give the free weights to the task, train; return (final-epoch train acc, test acc)."""
         cfg, tag = self.cfg, task.index + 1
         picking = cfg.picking and task.index > 0
@@ -203,7 +229,8 @@ class CPG(WeightSharingMethod):
         if not int(self.net.owner_counts()[tag]):
             mask_cfg = _masks_never_stop(mask_cfg)  # nothing else to train: keep the masks learning
         label = f"train x{self.net.multiplier:g}"
-        train_acc = self._fit(task, cfg.train, progress, label, phase, mask_cfg=mask_cfg)
+        stats, train_acc = self.train_phase(task, cfg.train, label, mask_cfg=mask_cfg)
+        phase.append(stats)
         return train_acc, self.current_accuracy(task, task.test)
 
     def _grow(self, start: SharedNet, multiplier: float, first: bool) -> None:
@@ -218,7 +245,7 @@ class CPG(WeightSharingMethod):
         self.net = self.hw.prepare_model(net)  # device and memory format for the new tensors
 
     def _compact(
-        self, task: Task, progress, acc: float, goal: float, below_goal: bool, phase: list[dict]
+        self, task: Task, acc: float, goal: float, below_goal: bool, phase: list[FitStats]
     ) -> tuple[float, float, float, int]:
         """Step 3: gradual pruning; return (kept sparsity, least sparsity or NaN, its accuracy, steps run)."""
         cfg, tag = self.cfg, task.index + 1
@@ -230,7 +257,7 @@ class CPG(WeightSharingMethod):
         kept, kept_acc, kept_state = 0.0, acc, self._state()
         current, steps = True, 0  # whether the live network is the kept one
         for target in cfg.sparsities:
-            train_acc, step_acc = self._prune_step(task, progress, kept, target, phase)
+            train_acc, step_acc = self._prune_step(task, kept, target, phase)
             steps += 1
             # CPG records a step only above min_train_acc and stops there (exit 6); we also stop at the first step
             # that misses the goal, while CPG runs every step and keeps the largest that meets it.
@@ -246,9 +273,7 @@ class CPG(WeightSharingMethod):
             self._restore(kept_state, tag)
         return kept, least, kept_acc, steps
 
-    def _prune_step(
-        self, task: Task, progress, initial: float, target: float, phase: list[dict]
-    ) -> tuple[float, float]:
+    def _prune_step(self, task: Task, initial: float, target: float, phase: list[FitStats]) -> tuple[float, float]:
         """One sparsity step from `initial` to `target`; return (final-epoch train acc, test acc)."""
         cfg, tag = self.cfg, task.index + 1
         steps_per_epoch = -(-len(task.train) // cfg.prune_train.batch_size)
@@ -256,17 +281,19 @@ class CPG(WeightSharingMethod):
         if ramp == 0:
             self.net.prune(tag, target)  # no ramp: one-shot to the target
 
-        def after_step(step: int) -> None:
+        def after_step(step) -> None:
             # t = iterations done; the last update is at the ramp's end, so the step reaches its target exactly.
             # Deviation: the pruned weights leave the forward pass at once (CPG: at the end of the epoch).
-            if step <= ramp and (step % cfg.pruning_frequency == 0 or step == ramp):
-                self.net.prune(tag, cubic_sparsity(initial, target, step / ramp))
+            done = step.number + 1
+            if done <= ramp and (done % cfg.pruning_frequency == 0 or done == ramp):
+                self.net.prune(tag, cubic_sparsity(initial, target, done / ramp))
 
         label = f"prune {initial:g}->{target:g}"
-        train_acc = self._fit(task, cfg.prune_train, progress, label, phase, after_step=after_step)
+        stats, train_acc = self.train_phase(task, cfg.prune_train, label, after_step=after_step)
+        phase.append(stats)
         return train_acc, self.current_accuracy(task, task.test)
 
-    def _retrain(self, task: Task, progress, acc: float, phase: list[dict]) -> tuple[bool, float]:
+    def _retrain(self, task: Task, acc: float, phase: list[FitStats]) -> tuple[bool, float]:
         """Step 4: CPG's picking-mask retrain pass; return (whether it was kept, the kept accuracy)."""
         cfg, tag = self.cfg, task.index + 1
         before = self._state()
@@ -284,17 +311,12 @@ class CPG(WeightSharingMethod):
                 stale += 1
             return stale >= cfg.retrain_patience  # early stop
 
-        self._fit(task, cfg.retrain, progress, "retrain", phase, mask_cfg=cfg.retrain_mask, after_epoch=after_epoch)
+        stats, _ = self.train_phase(task, cfg.retrain, "retrain", mask_cfg=cfg.retrain_mask, after_epoch=after_epoch)
+        phase.append(stats)
         self._restore(before if best is None else best, tag)
         return (False, acc) if best is None else (True, best_acc)
 
     # ---- helpers ---------------------------------------------------------------------
-    def _fit(self, task: Task, train_cfg, progress, label: str, phase: list[dict], **options) -> float:
-        """`train_phase`, keeping its row in `phase`; returns the last epoch's train accuracy."""
-        row = self.train_phase(task, train_cfg, progress, label, **options)
-        phase.append(row)
-        return row["train_acc"]
-
     def _state(self) -> dict[str, torch.Tensor]:
         """A copy of every tensor of the network (weights, owner map, picks, batch norm, heads)."""
         return {key: value.detach().clone() for key, value in self.net.state_dict().items()}

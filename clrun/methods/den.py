@@ -3,7 +3,7 @@
 The network is the backbone's weight layers in forward order (`mlp`, `convnet`, `vgg16_bn`); their units only ever
 grow by appending. A unit is an output feature of a linear layer or an output channel of a convolution; its
 incoming weights are its row or its filter (the out-channel slice). Task 0 trains everything with L1. Each later
-task t (methods.md §5):
+task t:
 
 1. selective retraining: the new head trains alone with L1; a breadth-first search down from the head over non-zero
    weights picks the subnetwork S; S and the head retrain with L1 and the drift term `drift` * ||W_S - W_S^{t-1}||^2;
@@ -29,26 +29,50 @@ Convolutions are a re-implementation choice (the official code is MLP-only). Exp
 convolution as it appends `k` units per linear layer. The search goes down through a convolution from a selected
 channel to every input channel with a non-zero kernel entry between them. The flatten between the last convolution
 and the first linear layer gives each channel its H*W consecutive input features, which are added, removed, sliced
-and searched together. Batch norm (`convnet`, `vgg16_bn`) is kept per task (methods.md §0.1): task t starts from a
+and searched together. Batch norm (`convnet`, `vgg16_bn`) is kept per task (a shared one would move with every
+task): task t starts from a
 copy of task t-1's, trains it in every phase (weight and bias by the optimizer, running statistics by the batches)
 and predicts with it; new channels get fresh entries (weight 1, bias 0, statistics 0 and 1), a split copy those of
 its channel. Pooling, ReLU and flatten stay as they are.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clrun.config import NON_NEGATIVE, checked
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
-from clrun.methods.base import Footprint, Method, count_params
+from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
 from clrun.models.columns import cut_stages, layer_sequence
 from clrun.models.gating import CHAIN_BACKBONES
-from clrun.train import FitStats, fit
+from clrun.results import Footprint, count_params, tensor_bytes
+from clrun.train import FitStats, TrainConfig
+
+
+@dataclass
+class DENConfig(PerTaskMethodConfig):
+    """DEN (Yoon et al. 2018): selective retraining, expansion with group-sparse pruning, split/duplication, timestamps;
+    defaults: the official DEN_run.py (MLP 784-312-128, Permuted MNIST)."""
+
+    # Adam lr 1e-3, batch 256 (code); every phase (head, selective retraining, expansion, split retraining) trains
+    # train.epochs / train.iterations; the code's 0.95 lr decay per epoch and its l2 weight decay 1e-4 are not used
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, batch_size=256, lr=0.001))
+    # L1 weight, applied as a proximal soft-threshold lr*mu after each step (code's l1_lambda)
+    mu: float = checked(NON_NEGATIVE, 1e-5)
+    # lambda in lambda ||W_S - W_S^{t-1}||^2 of selective retraining and splitting (code's l2_lambda)
+    drift: float = checked(NON_NEGATIVE, 0.5)
+    # group lasso weight on the new units' incoming weights, proximal (code's gl_lambda)
+    group_lasso: float = checked(NON_NEGATIVE, 1e-3)
+    k: int = checked(NON_NEGATIVE, 10)  # units added per layer by expansion; most units split per layer (code's ex_k)
+    tau: float = checked(NON_NEGATIVE, 0.01)  # expand when the selective-retraining loss stays above tau (loss_thr)
+    # split a unit whose incoming weights drifted more than sigma in L2 norm (code's spl_thr)
+    sigma: float = checked(NON_NEGATIVE, 0.05)
+
 
 Norm = list[torch.Tensor] | None  # one layer's batch norm for one task: weight, bias, running mean, running var
 
@@ -113,6 +137,8 @@ def chain(backbone: nn.Module) -> tuple[nn.Sequential, list[Layer], list[tuple[n
 
 
 class DEN(Method):
+    config_class = DENConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         backbone = build_backbone(backbone_cfg, stream.input_shape)
@@ -164,18 +190,18 @@ class DEN(Method):
         norms = [None if norm is None else [next(affine_params), next(affine_params), *norm[2:]] for norm in current]
         shrink_l1 = cfg.train.lr * cfg.mu
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             logits = self.forward(x, params[:n], params[n : 2 * n], norms, params[2 * n : 2 * n + 2], training=True)
             value = F.cross_entropy(logits, y)
             if drift:
                 value = value + cfg.drift * sum(((p - s)[m] ** 2).sum() for p, m, s, i in chosen if i < 2 * n)
             return value
 
-        def after_backward(_) -> None:
+        def after_backward(step, optimizers) -> None:
             for p, m, _, _ in chosen:
                 p.grad.mul_(m)
 
-        def after_step(_) -> None:
+        def after_step(step) -> None:
             with torch.no_grad():
                 for p, m, s, i in chosen:
                     value = p
@@ -188,16 +214,11 @@ class DEN(Method):
                         value = torch.where(rows[i].view(unit), scaled, value)
                     p.copy_(torch.where(m, value, s))
 
-        stats = fit(
+        stats = self.fit(
+            task,
             nn.ParameterList([p for p in params if p is not None]),
             [p for p, *_ in chosen],
             loss,
-            (task.train.x, task.train.y),
-            cfg.train,
-            self.stream,
-            self.hw,
-            None,
-            f"task {task.index} {task.name}",
             after_backward=after_backward,
             after_step=after_step,
         )
@@ -307,7 +328,7 @@ class DEN(Method):
         return split
 
     # ---- learning ------------------------------------------------------------------------
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         device = self.hw.device
         top = len(self.weights[-1])
         self.heads.append((uniform((task.n_classes, top), device), torch.zeros(task.n_classes, device=device)))
@@ -373,6 +394,6 @@ class DEN(Method):
         params = [*self.weights, *(b for b in self.biases if b is not None), *(t for h in self.heads for t in h)]
         params += [t for norm in norms for t in norm[:2]]
         buffers = [t for norm in norms for t in norm[2:]]
-        size = sum(t.numel() * t.element_size() for t in params + buffers) + 8 * sum(len(w) for w in self.widths)
+        size = tensor_bytes(params + buffers) + 8 * sum(len(w) for w in self.widths)
         head0 = self.heads[0][0].shape[0] * (self.heads[0][0].shape[1] + 1) if self.heads else 0
         return Footprint(params=sum(t.numel() for t in params), bytes=size, base_params=self.base_params + head0)

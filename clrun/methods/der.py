@@ -43,7 +43,7 @@ class's count), every extractor frozen in eval mode, loss CE(logits / T) with
 T = `rebalance_temperature` (5), `rebalance_train` (SGD lr 0.1, momentum 0.9, wd 5e-4,
 30 epochs, x0.1 at epoch 15). Then the memory takes the task's exemplars by iCaRL's
 herding on the features of every extractor (`replay.policy: herding`, as DER's code;
-`clrun.methods.replay.herding`). DER's code repicks an image herding already chose
+`clrun.methods.parts.replay.herding`). DER's code repicks an image herding already chose
 (counting it again in the running mean) and stops after 1000 steps; here each image is
 picked at most once, so every class fills its quota.
 
@@ -54,19 +54,62 @@ Other departures from DER's code: a new extractor starts from a fresh initialisa
 Backbones: mlp, convnet, vgg16_bn (chain backbones, as the masks need).
 """
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from clrun.config import FRACTION, NON_NEGATIVE, POSITIVE, checked
 from clrun.data.stream import Task
-from clrun.methods.base import Footprint, Method, count_params, module_bytes
-from clrun.methods.hat import compensate, steepness
-from clrun.methods.replay import Memory
+from clrun.methods.base import Method, MethodConfig
+from clrun.methods.parts.gate_training import compensate, steepness
+from clrun.methods.parts.replay import Memory, ReplayConfig, ReplayPolicy
 from clrun.models import build_backbone
 from clrun.models.gating import GatedLayer, Gates, gated_layers
 from clrun.models.layers import Linear
-from clrun.train import embed, fit
+from clrun.results import Footprint, count_params, module_bytes, tensor_bytes
+from clrun.train import Optimizer, OptimizerConfig, Schedule, Step, TrainConfig, embed
+
+
+@dataclass
+class DERConfig(MethodConfig):
+    """DER (Yan, Xie & He 2021): a new feature extractor per task, earlier ones frozen, a classifier on them all;
+    pruned channel masks, classifier re-balancing, a herding memory."""
+
+    # each extractor's width as a multiple of backbone.width (DER: the full backbone)
+    extractor_width: float = checked(POSITIVE, 1.0)
+    aux_weight: float = checked(NON_NEGATIVE, 1.0)  # weight of the auxiliary (new classes + "old") loss (DER: 1)
+    # lambda_s on L_S, the share of the new extractor's weights its masks keep
+    sparsity_weight: float = checked(NON_NEGATIVE, 1.0)
+    # gate steepness sigmoid(s e) at the end of each epoch (HAT-style annealing, as DER)
+    s_max: float = checked(POSITIVE, 400.0)
+    # after a task, channels whose gate at s_max is at most this are pruned (set to 0)
+    prune_threshold: float = checked(FRACTION, 0.5)
+    # the mask embeddings' own optimizer (DER's masks are HAT's: plain SGD, lr 0.05 in joansj/hat)
+    gate_train: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(optimizer=Optimizer.sgd, lr=0.05, momentum=0.0)
+    )
+    rebalance: bool = True  # class scenario: after each task but the first, retrain the classifier alone (DER's code)
+    # the re-balancing stage (DER's code, `decouple`): classifier re-initialised, SGD lr 0.1 x0.1 at epoch 15, 30 epochs
+    rebalance_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            epochs=30,
+            batch_size=128,
+            optimizer=Optimizer.sgd,
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=5e-4,
+            schedule=Schedule.multistep,
+            milestones=[15],
+            gamma=0.1,
+        )
+    )
+    rebalance_temperature: float = 5.0  # the re-balancing loss is CE(logits / T) (DER's code: 5)
+    # replay memory, class scenario only (DER's code: 2000 exemplars by herding)
+    replay: ReplayConfig = field(default_factory=lambda: ReplayConfig(budget=2000, policy=ReplayPolicy.herding))
+
 
 EMBEDDING_CLAMP = 6.0  # gate embeddings stay in [-6, 6] (HAT's thres_emb)
 EMBEDDING_INIT = 0.1  # gate embeddings start here: sigmoid(s_max 0.1) = 1, every channel open
@@ -121,11 +164,13 @@ class Extractors(nn.Module):
     def train(self, mode: bool = True) -> "Extractors":
         super().train(mode)
         for net in self.nets[: len(self.masks)]:
-            net.eval()  # frozen: batch norm on its running statistics, never updated (methods.md §0.1)
+            net.eval()  # frozen: batch norm on its running statistics, never updated
         return self
 
 
 class DER(Method):
+    config_class = DERConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.extractors = hw.prepare_model(Extractors())
@@ -163,7 +208,7 @@ class DER(Method):
                 head.bias[: old.out_features] = old.bias
         self.heads = nn.ModuleList([head])
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         cfg, k = self.cfg, task.index
         self.add_task(task)
         net, layers = self.extractors.nets[k], self.extractors.layers[k]
@@ -172,18 +217,15 @@ class DER(Method):
         aux = self.hw.prepare_model(Linear(net.out_features, task.n_classes + 1)) if k else None
         head = self.heads[0 if self.class_scenario else k]
         params = [*net.parameters(), *head.parameters(), *(aux.parameters() if aux else [])]
-        batches = -(-len(task.train) // cfg.train.batch_size)
-        current = {"step": 0, "s": 1.0}
         replay = self.class_scenario and len(self.memory) > 0
         replay_size = cfg.replay.batch_size or cfg.train.batch_size
         offset = self.stream.class_offset(k) if self.class_scenario else 0
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            batch = current["step"] % batches
-            s = steepness(cfg.s_max, batch / (batches - 1) if batches > 1 else 1.0)  # 1/s_max to s_max over an epoch
-            current["step"] += 1
-            current["s"] = s
-            soft = [torch.sigmoid(s * e) for e in embeddings]
+        def anneal(step: Step) -> float:
+            return steepness(cfg.s_max, step.epoch_progress)  # 1/s_max to s_max over each epoch
+
+        def loss(x: torch.Tensor, y: torch.Tensor, step: Step) -> torch.Tensor:
+            soft = [torch.sigmoid(anneal(step) * e) for e in embeddings]
             targets, aux_targets = y + offset, y
             if replay:
                 old, y_old, t_old = self.memory.sample(replay_size, self.stream, self.hw)
@@ -196,25 +238,20 @@ class DER(Method):
                 total = total + cfg.aux_weight * F.cross_entropy(aux(features[:, -net.out_features :]), aux_targets)
             return total + cfg.sparsity_weight * kept_weight_share(layers, soft)
 
-        def after_backward(_) -> None:
-            compensate(embeddings, current["s"], cfg.s_max)
+        def after_backward(step: Step, optimizers) -> None:
+            compensate(embeddings, anneal(step), cfg.s_max)
 
-        def after_step(_) -> None:
+        def after_step(step: Step) -> None:
             with torch.no_grad():
                 for e in embeddings:
                     e.clamp_(-EMBEDDING_CLAMP, EMBEDDING_CLAMP)
 
-        stats = fit(
+        stats = self.fit(
+            task,
             self.extractors,
             params,
             loss,
-            (task.train.x, task.train.y),
-            cfg.train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {k} {task.name}",
-            extra_groups=[(embeddings, cfg.gate_train)],
+            groups=[(embeddings, cfg.gate_train)],
             after_backward=after_backward,
             after_step=after_step,
         )
@@ -223,7 +260,7 @@ class DER(Method):
         self.pruned.append(1 - float(torch.cat(masks).mean()))
         row = {**stats.row(), "pruned": self.pruned[-1], "kept_weights": float(kept_weight_share(layers, masks))}
         if self.class_scenario and k and cfg.rebalance and len(self.memory):
-            self.rebalance(task, progress)
+            self.rebalance(task)
         if self.class_scenario and cfg.replay.budget:
             self.memory.add(task, self.features)
         return row
@@ -243,7 +280,7 @@ class DER(Method):
         keep = torch.cat(keep)
         return x[keep], y[keep]
 
-    def rebalance(self, task: Task, progress) -> None:
+    def rebalance(self, task: Task) -> None:
         """DER's classifier learning stage: the classifier re-initialised and trained alone on `balanced_subset`,
         every extractor frozen in eval mode, loss CE(logits / rebalance_temperature)."""
         head = self.heads[0]
@@ -252,20 +289,11 @@ class DER(Method):
         everything = len(self.extractors.nets)
         temperature = self.cfg.rebalance_temperature
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             return F.cross_entropy(head(self.extractors(x, everything)) / temperature, y)
 
-        fit(
-            head,
-            head.parameters(),
-            loss,
-            self.balanced_subset(task),
-            self.cfg.rebalance_train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {task.index} re-balancing",
-        )
+        data = self.balanced_subset(task)
+        self.fit(task, head, head.parameters(), loss, self.cfg.rebalance_train, "re-balancing", data=data)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Every extractor's features (under its mask, eval mode) of uint8 images, without augmentation."""
@@ -314,7 +342,7 @@ class DER(Method):
     def footprint(self) -> Footprint:
         """Every extractor (pruned channels included: they are masked, not removed), their masks (bytes), the
         classifier(s) and the replay memory (bytes); the base is one backbone at backbone.width with one head."""
-        masks = sum(m.numel() * m.element_size() for masks in self.extractors.masks for m in masks)
+        masks = tensor_bytes(m for masks in self.extractors.masks for m in masks)
         footprint = Footprint(
             params=count_params(self.extractors) + count_params(self.heads),
             bytes=module_bytes(self.extractors) + module_bytes(self.heads) + masks,

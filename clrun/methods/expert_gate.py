@@ -14,21 +14,35 @@ on task k's training images; relatedness Rel_a = 1 - (Er_a - Er_k) / Er_k (paper
 The expert starts from the most related earlier expert's backbone (a fresh head;
 from scratch for task 0) and is fine-tuned. The paper trains it with LwF when Rel
 exceeds a threshold; here it is always fine-tuned, since earlier experts are kept
-anyway and the LwF variant only shapes the new expert (methods.md §12).
+anyway and the LwF variant only shapes the new expert.
 
 Every scenario; any backbone. Footprint: every expert and every autoencoder.
 """
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clrun.config import AT_LEAST_1, checked
 from clrun.data.stream import Task
-from clrun.methods.base import Footprint, Method, count_params, module_bytes
+from clrun.methods.base import Method, MethodConfig, task_loss
 from clrun.models.layers import Linear
-from clrun.train import eval_batches, fit
+from clrun.results import Footprint, count_params, module_bytes
+from clrun.train import TrainConfig, eval_batches
+
+
+@dataclass
+class ExpertGateConfig(MethodConfig):
+    """Expert Gate (Aljundi et al. 2017): an expert per task, picked at test by per-task autoencoder gates."""
+
+    # the gates choose the expert, so there is no `task_id` rule: it runs in every scenario
+    latent: int = checked(AT_LEAST_1, 100)  # autoencoder code size (Avalanche's ExpertGate: 100)
+    # autoencoder training: Adam lr 1e-3 (Avalanche), 2 epochs (Avalanche's ae_epochs)
+    gate_train: TrainConfig = field(default_factory=TrainConfig)
+    relatedness_init: bool = True  # start each expert from the most related earlier one (paper); false: from scratch
 
 
 class Autoencoder(nn.Module):
@@ -48,6 +62,8 @@ class Autoencoder(nn.Module):
 
 
 class ExpertGate(Method):
+    config_class = ExpertGateConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.experts = []
@@ -72,20 +88,14 @@ class ExpertGate(Method):
         batches = eval_batches((task.train.x,), self.stream, self.hw, self.cfg.eval_batch_size)
         return sum(self.gate_errors(x).sum(1) for (x,) in batches) / len(task.train)
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         gate = self.new_gate()
         self.gates.append(gate)
-        gate_stats = fit(
-            gate,
-            gate.parameters(),
-            lambda x, y: gate.error(x).mean(),
-            (task.train.x, task.train.y),
-            self.cfg.gate_train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {task.index} gate",
-        )
+
+        def gate_loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
+            return gate.error(x).mean()
+
+        gate_stats = self.fit(task, gate, gate.parameters(), gate_loss, self.cfg.gate_train, "gate")
         expert = self.new_model([task], scenario="task")
         rel, parent = [], None
         if task.index:
@@ -97,8 +107,8 @@ class ExpertGate(Method):
                 expert.backbone.load_state_dict(self.experts[parent].backbone.state_dict())
         self.relatedness.append(rel)
         self.experts.append(expert)
-        row = self.train_task(expert, expert.parameters(), task, progress, index=0)
-        return {**row, "gate_loss": gate_stats.row()["train_loss"], "parent": -1 if parent is None else parent}
+        row = self.fit(task, expert, expert.parameters(), task_loss(expert, 0, self.stream)).row()
+        return {**row, "gate_loss": gate_stats.loss, "parent": -1 if parent is None else parent}
 
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
         expert = self.experts[task]

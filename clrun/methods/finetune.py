@@ -1,14 +1,16 @@
 """Fine-tuning: one shared backbone trained on each task in turn (the lower bound; van de Ven's "None").
 
 Nothing protects earlier tasks. In the task scenario only the current head is
-optimised, so weight decay and momentum leave old heads untouched (methods.md §0.4).
+optimised, so weight decay and momentum leave old heads untouched (an old head's
+outputs only change through the shared backbone).
 """
 
 from clrun.data.stream import Task
-from clrun.methods.base import SharedModelMethod
+from clrun.methods.base import SharedModelMethod, task_loss
 
 
 class Finetune(SharedModelMethod):
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         head = self.model.add_head(task.n_classes)
-        return self.train_task(self.model, self.model.trainable(head), task, progress)
+        loss = task_loss(self.model, task.index, self.stream)
+        return self.fit(task, self.model, self.model.trainable(head), loss).row()

@@ -2,7 +2,7 @@
 
 Every hidden unit or channel l,i has a learned embedding per task t; its gate
 a = sigmoid(s e) multiplies the unit's activation (`clrun.models.gating`). While
-task t trains (methods.md §6, in the official loop's order):
+task t trains (in the order of joansj/hat's training loop, src/approaches/hat.py):
 
 - s is annealed within each epoch, s = 1/s_max + (s_max - 1/s_max) i/N at the batch's
   sample offset i (code; `paper_anneal`: (b-1)/(B-1) by batch number, reaching s_max);
@@ -21,8 +21,9 @@ Departures from joansj/hat: no validation split, so no lr decay on plateaus, ear
 stopping or best-model restore (train.epochs / train.iterations decide); only the current
 task's embedding and head are trained (the code steps every parameter with zero gradient).
 
-Batch norm (convnet, vgg16_bn) is kept per task (methods.md §0.1): a task trains its own
-copy of every batch-norm tensor, starting from the previous task's, and predicts with it.
+Batch norm (convnet, vgg16_bn) is kept per task (a shared one would let later tasks move earlier
+tasks' statistics and affine parameters): a task trains its own copy of every batch-norm tensor,
+starting from the previous task's, and predicts with it.
 
 Zero forgetting. Earlier tasks' embeddings, heads and batch norms are not trained. A shared
 weight keeps its value exactly when its gradient factor is exactly 0, i.e. when an earlier
@@ -36,71 +37,46 @@ with `binarize`; with sigmoid(s_max e) (float32) when every |e| is outside about
 capacity use (share of units with cumulative gate > 0.5).
 """
 
+from dataclasses import dataclass, field
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from torch.func import functional_call
 
+from clrun.config import NON_NEGATIVE, POSITIVE, Rule, checked
 from clrun.data.stream import Task
-from clrun.methods.base import Footprint, Method, count_params, module_bytes
-from clrun.models.gating import GatedLayer, Gates, batch_norm_state, gated_layers
-from clrun.models.layers import Conv2d
-from clrun.train import fit
-
-COSH_CLAMP = 50.0  # joansj/hat's thres_cosh: s e is clamped inside cosh
-
-
-def gradient_factors(
-    layers: list[GatedLayer], cumulative: list[torch.Tensor]
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per gated layer, what its weight and bias gradients are multiplied by: 1 - min(a^{<t} of the output unit,
-    a^{<t} of the input unit) (first layer: the output unit's) and 1 - a^{<t} of the output unit."""
-    factors = []
-    for gated, out in zip(layers, cumulative, strict=True):
-        used = out[:, None]
-        if gated.input_gate is not None:
-            inputs = cumulative[gated.input_gate].repeat_interleave(gated.input_repeat)
-            used = torch.minimum(used, inputs[None, :])
-        if isinstance(gated.layer, Conv2d):
-            used = used[:, :, None, None]
-        factors.append((1 - used, 1 - out))
-    return factors
+from clrun.methods.base import Method, PerTaskMethodConfig
+from clrun.methods.parts.gate_training import compensate, gradient_factors, restrict_gradients, steepness
+from clrun.models.gating import Gates, batch_norm_state, gated_layers
+from clrun.results import Footprint, count_params, module_bytes, tensor_bytes
+from clrun.train import Optimizer, Step, TrainConfig
 
 
-def restrict_gradients(
-    params: list[torch.Tensor],
-    weight_decay: float,
-    layers: list[GatedLayer],
-    factors: list[tuple[torch.Tensor, torch.Tensor]] | None,
-) -> None:
-    """Add weight decay to the gradients by hand, then scale the gated layers' gradients by `factors`
-    (`gradient_factors`), so that neither decay nor the step moves what earlier tasks hold."""
-    if weight_decay:
-        for p in params:
-            p.grad.add_(p.detach(), alpha=weight_decay)
-    if factors is not None:
-        for gated, (weight_factor, bias_factor) in zip(layers, factors, strict=True):
-            gated.layer.weight.grad.mul_(weight_factor)
-            if gated.layer.bias is not None:
-                gated.layer.bias.grad.mul_(bias_factor)
+@dataclass
+class HATConfig(PerTaskMethodConfig):
+    """HAT (Serra et al. 2018): learned per-task sigmoid gates on hidden units; defaults: joansj/hat."""
 
-
-def compensate(embeddings: list[nn.Parameter], s: float, s_max: float) -> None:
-    """HAT's gradient compensation of gate embeddings: times s_max (cosh(clamp(s e)) + 1) / (s (cosh(e) + 1)), so
-    they keep learning while s is small or large."""
-    for e in embeddings:
-        value = e.detach()
-        e.grad.mul_(s_max / s * (torch.cosh((s * value).clamp(-COSH_CLAMP, COSH_CLAMP)) + 1))
-        e.grad.div_(torch.cosh(value) + 1)
-
-
-def steepness(s_max: float, progress: float) -> float:
-    """The gate steepness s at `progress` (0 to 1) through an epoch: 1/s_max to s_max, linearly."""
-    return 1 / s_max + (s_max - 1 / s_max) * progress
+    # plain SGD lr 0.05, batch 64, no momentum, no weight decay (joansj/hat); its validation-driven lr decay and
+    # early stopping are not used here: train.epochs / train.iterations decide
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=2, batch_size=64, optimizer=Optimizer.sgd, lr=0.05, momentum=0.0)
+    )
+    s_max: float = checked(POSITIVE, 400.0)  # gate steepness at the end of each epoch and at test (code's grid 25-800)
+    c: float = checked(NON_NEGATIVE, 0.75)  # attention regulariser weight (code's `lamb`, grid 0.1-4)
+    # embeddings clamped to [-clamp, clamp] after each step (code's thres_emb)
+    embedding_clamp: float = checked(POSITIVE, 6.0)
+    # gradient-norm clip (code: 10000; null: none)
+    clip_grad_norm: Optional[float] = checked(Rule(POSITIVE.test, "null (no clipping) or positive"), 10000.0)
+    paper_anneal: bool = False  # s reaches s_max at each epoch's last batch (paper) instead of at offset i/N (code)
+    binarize: bool = False  # test and cumulative masks 1[e > 0] instead of the code's sigmoid(s_max e)
 
 
 class HAT(Method):
+    config_class = HATConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.model = self.new_model([], scenario="task")  # a head per task; class/domain go through `task_id`
@@ -117,9 +93,9 @@ class HAT(Method):
             return [(e > 0).float() for e in self.embeddings[task]]
         return [torch.sigmoid(self.cfg.s_max * e) for e in self.embeddings[task]]
 
-    def anneal(self, batch: int, batches: int, n: int, batch_size: int) -> float:
-        """s for batch `batch` (0-based) of an epoch of `batches` batches over `n` images."""
-        progress = (batch / (batches - 1) if batches > 1 else 1.0) if self.cfg.paper_anneal else batch * batch_size / n
+    def anneal(self, step: Step) -> float:
+        """s for a training step: by batch number (`paper_anneal`) or by the batch's image offset (the code)."""
+        progress = step.epoch_progress if self.cfg.paper_anneal else step.offset / step.images
         return steepness(self.cfg.s_max, progress)
 
     def attention_penalty(self, gates: list[torch.Tensor]) -> torch.Tensor:
@@ -129,47 +105,37 @@ class HAT(Method):
         return used / sum(f.sum() for f in free)
 
     # ---- learning --------------------------------------------------------------------
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         cfg, model = self.cfg, self.model
         head = model.add_head(task.n_classes)
         device = self.hw.device
         embeddings = [nn.Parameter(torch.randn(g.units, device=device)) for g in self.layers]  # nn.Embedding: N(0, 1)
         params = list(model.backbone.parameters()) + list(model.heads.heads[head].parameters())
         factors = gradient_factors(self.layers, self.cumulative) if task.index else None
-        n, batch_size = len(task.train), cfg.train.batch_size
-        batches = -(-n // batch_size)
-        current = {"step": 0, "s": 0.0}
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            s = self.anneal(current["step"] % batches, batches, n, batch_size)
-            current["step"] += 1
-            current["s"] = s
-            gates = [torch.sigmoid(s * e) for e in embeddings]
+        def loss(x: torch.Tensor, y: torch.Tensor, step: Step) -> torch.Tensor:
+            gates = [torch.sigmoid(self.anneal(step) * e) for e in embeddings]
             with self.gates.use(gates):
                 logits = model(x, head)
             return F.cross_entropy(logits, y) + cfg.c * self.attention_penalty(gates)
 
-        def after_backward(_) -> None:
+        def after_backward(step: Step, optimizers) -> None:
             restrict_gradients(params, cfg.train.weight_decay, self.layers, factors)
-            compensate(embeddings, current["s"], cfg.s_max)
+            compensate(embeddings, self.anneal(step), cfg.s_max)
             if cfg.clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(params + embeddings, cfg.clip_grad_norm)
 
-        def after_step(_) -> None:
+        def after_step(step: Step) -> None:
             with torch.no_grad():
                 for e in embeddings:
                     e.clamp_(-cfg.embedding_clamp, cfg.embedding_clamp)
 
-        stats = fit(
+        stats = self.fit(
+            task,
             model,
             params + embeddings,
             loss,
-            (task.train.x, task.train.y),
             OmegaConf.merge(cfg.train, {"weight_decay": 0.0}),
-            self.stream,
-            self.hw,
-            progress,
-            f"task {task.index} {task.name}",
             after_backward=after_backward,
             after_step=after_step,
         )
@@ -223,11 +189,11 @@ class HAT(Method):
         norm_names = set(batch_norm_state(backbone))
         shared = [p for name, p in backbone.named_parameters() if name not in norm_names]
         params = sum(p.numel() for p in shared) + count_params(self.model.heads)
-        size = sum(p.numel() * p.element_size() for p in shared) + module_bytes(self.model.heads)
+        size = tensor_bytes(shared) + module_bytes(self.model.heads)
         for embeddings, norm in zip(self.embeddings, self.norms, strict=True):
             params += sum(e.numel() for e in embeddings)
             params += sum(v.numel() for k, v in norm.items() if k.endswith(("weight", "bias")))
-            size += sum(t.numel() * t.element_size() for t in [*embeddings, *norm.values()])
-        size += sum(c.numel() * c.element_size() for c in self.cumulative)
+            size += tensor_bytes([*embeddings, *norm.values()])
+        size += tensor_bytes(self.cumulative)
         base = count_params(backbone) + count_params(self.model.heads.heads[0])
         return Footprint(params=params, bytes=size, base_params=base)

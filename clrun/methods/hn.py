@@ -18,6 +18,8 @@ other weight; running statistics are kept per task (fresh when the task starts, 
 so no task overwrites another's.
 """
 
+from dataclasses import dataclass
+from enum import Enum
 from functools import partial
 
 import torch
@@ -25,13 +27,38 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from clrun.config import AT_LEAST_1, NON_NEGATIVE, Rule, checked
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
-from clrun.methods.base import Footprint, Method, count_params, module_bytes
-from clrun.methods.hypernet import HyperNetwork, param_shapes
+from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
+from clrun.models.hypernetwork import HyperNetwork, param_shapes
 from clrun.models.layers import Linear
-from clrun.train import fit
+from clrun.results import Footprint, count_params, module_bytes, tensor_bytes
+
+
+class HNTarget(Enum):
+    heads = "heads"  # the hypernetwork generates each task's head; the backbone is shared and trained
+    all = "all"  # the hypernetwork generates every weight of backbone and head
+
+
+@dataclass
+class HNConfig(PerTaskMethodConfig):
+    """Task-conditioned hypernetwork (von Oswald et al. 2020) with the output regulariser on earlier embeddings.
+
+    Defaults: chrhenning/hypercl's split-MNIST recipe (mnist/train_args_default.py); permuted MNIST in comments."""
+
+    target: HNTarget = HNTarget.all
+    embedding_dim: int = checked(AT_LEAST_1, 96)  # task embedding size (hypercl: 96 split, 24 permuted)
+    # hypernetwork hidden units, ReLU (hypercl: 10,10)
+    hidden: list[int] = checked(
+        Rule(lambda v: all(h >= 1 for h in v), "a list of positive unit counts"), factory=lambda: [10, 10]
+    )
+    beta: float = checked(NON_NEGATIVE, 0.01)  # output regulariser weight (hypercl: 0.01 split, 0.1 permuted)
+    lookahead: bool = True  # regularise at Theta + the optimizer's candidate step (hypercl's default dTheta)
+    # generate the target weights in chunks of this size (0: at once; hypercl: 42000 / 78000)
+    chunk_size: int = checked(Rule(NON_NEGATIVE.test, "non-negative (0: no chunking)"), 42000)
+    chunk_embedding_dim: int = checked(AT_LEAST_1, 96)  # size of the learned chunk embeddings (hypercl: 96 / 8)
 
 
 def candidate_step(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
@@ -73,6 +100,8 @@ class HNModel(nn.Module):
 
 
 class HN(Method):
+    config_class = HNConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         if cfg.target.value == "all" and backbone_cfg.pretrained:
@@ -111,7 +140,7 @@ class HN(Method):
         self.model.eval()
         return [self.model.hypernet(embedding) for embedding in self.model.embeddings[:task]]
 
-    def _regularise(self, targets: list[torch.Tensor], optimizers: list[torch.optim.Optimizer]) -> None:
+    def _regularise(self, targets: list[torch.Tensor], step, optimizers: list[torch.optim.Optimizer]) -> None:
         """Add the output regulariser's gradient to Theta's, after the task loss's backward pass and before
         the step (hypercl's calc_fix_target_reg; at Theta + the candidate step with `lookahead`)."""
         optimizer, hypernet = optimizers[0], self.model.hypernet
@@ -126,7 +155,7 @@ class HN(Method):
             )
             (self.cfg.beta / len(targets) * reg).backward()
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         """Train Theta and a new embedding on the task; `train_loss` is the task's cross-entropy alone (the
         regulariser's gradient joins it right before each step)."""
         index = task.index
@@ -136,16 +165,11 @@ class HN(Method):
         targets = self._targets(index)
         self.target.train()
         params = [p for p in self.model.parameters() if p.requires_grad]  # earlier embeddings are frozen
-        stats = fit(
+        stats = self.fit(
+            task,
             self.model,
             params,
-            lambda x, y: F.cross_entropy(self._logits(x, index), y),
-            (task.train.x, task.train.y),
-            self.cfg.train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {index} {task.name}",
+            lambda x, y, step: F.cross_entropy(self._logits(x, index), y),
             after_backward=partial(self._regularise, targets) if targets else None,
         )
         embedding.requires_grad_(False)
@@ -168,5 +192,5 @@ class HN(Method):
 
     def footprint(self) -> Footprint:
         """Hypernetwork, embeddings (and the shared backbone with `target: heads`), plus per-task statistics."""
-        statistics = sum(b.numel() * b.element_size() for task in self.buffers for b in task.values())
+        statistics = tensor_bytes(b for task in self.buffers for b in task.values())
         return Footprint(count_params(self.model), module_bytes(self.model) + statistics, self.base_params)

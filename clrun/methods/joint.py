@@ -6,15 +6,23 @@ the accuracy matrix comes from a model trained jointly from scratch on tasks
 0..t, independent of the order; without it training continues from the last model.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from clrun.data.stream import Task
-from clrun.methods.base import SharedModelMethod, mixed_task_loss
-from clrun.train import fit
+from clrun.methods.base import MethodConfig, SharedModelMethod, mixed_task_loss
+
+
+@dataclass
+class JointConfig(MethodConfig):
+    reinit: bool = True  # start each task's joint training from a fresh model
 
 
 class Joint(SharedModelMethod):
-    def learn(self, task: Task, progress) -> dict:
+    config_class = JointConfig
+
+    def learn(self, task: Task) -> dict:
         seen = self.stream.tasks[: task.index + 1]
         if self.cfg.reinit:
             self.model = self.new_model(seen)
@@ -23,15 +31,5 @@ class Joint(SharedModelMethod):
         x = torch.cat([t.train.x for t in seen])
         y = torch.cat([t.train.y for t in seen])
         t = torch.cat([torch.full_like(s.train.y, s.index) for s in seen])
-        stats = fit(
-            self.model,
-            self.model.parameters(),
-            mixed_task_loss(self.model, self.stream, len(seen)),
-            (x, y, t),
-            self.cfg.train,
-            self.stream,
-            self.hw,
-            progress,
-            f"tasks 0-{task.index} joint",
-        )
-        return stats.row()
+        loss = mixed_task_loss(self.model, self.stream, len(seen))
+        return self.fit(task, self.model, self.model.parameters(), loss, phase="joint", data=(x, y, t)).row()

@@ -7,7 +7,7 @@ images as the student, and the student is trained on
     CE(current task) + lambda * KD,   KD(s, t) = -sum_c softmax(t / T)_c log softmax(s / T)_c
 
 (cross-entropy against the teacher's soft targets, averaged over the batch, no
-T^2 factor: Li & Hoiem's L_old and van de Ven's `loss_fn_kd`, methods.md §8).
+T^2 factor: Li & Hoiem's L_old and van de Ven's `loss_fn_kd` in GMvandeVen/continual-learning).
 
 - task: one KD term per earlier head, each with its own softmax, summed (Li & Hoiem's
   sum over old tasks; van de Ven 2022's `L_cur + (t-1) mean_j KD_j` is the same sum).
@@ -34,15 +34,36 @@ is the model plus the memory.
 """
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from clrun.config import NON_NEGATIVE, POSITIVE, checked
 from clrun.data.stream import Task
-from clrun.methods.replay import Replaying
+from clrun.methods.base import MethodConfig
+from clrun.methods.parts.replay import ReplayConfig, Replaying
 from clrun.models import TaskModel
-from clrun.train import FitStats, fit
+from clrun.train import FitStats, Loss
+
+
+@dataclass
+class LwFConfig(MethodConfig):
+    """Learning without forgetting (Li & Hoiem 2016): distil a frozen copy's outputs on the new data."""
+
+    temperature: float = checked(POSITIVE, 2.0)  # KD temperature T (Li & Hoiem, FACIL, van de Ven: 2)
+    lwf_lambda: float = checked(NON_NEGATIVE, 1.0)  # weight of the distillation loss (Li & Hoiem's lambda_o, FACIL: 1)
+    # first train only the new head for this many epochs (the paper's warm-up; 0: off)
+    warmup_epochs: int = checked(NON_NEGATIVE, 0)
+    # class scenario: the student's softmax spans every class seen so far, the teacher's probabilities zero-padded for
+    # the new classes (van de Ven's code, behind the published numbers); false: both softmaxes span the old classes
+    # only (Li & Hoiem's old outputs)
+    kd_over_seen: bool = True
+    # false: CE + lambda KD (Li & Hoiem; van de Ven 2022); true: (1/t) CE + (1 - 1/t) lambda KD, t the tasks so far
+    # (van de Ven's 2019 code, behind the MNIST tables the vdv presets compare with)
+    weight_by_tasks: bool = False
+    replay: ReplayConfig = field(default_factory=ReplayConfig)  # budget 0: no replay
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -53,19 +74,21 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 class LwF(Replaying):
+    config_class = LwFConfig
+
     def make_teacher(self) -> TaskModel:
         """A frozen copy of the current model, in eval mode."""
         teacher = copy.deepcopy(self.model).eval()
         teacher.requires_grad_(False)
         return teacher
 
-    def lwf_loss(self, task: int, teacher: TaskModel | None):
+    def lwf_loss(self, task: int, teacher: TaskModel | None) -> Loss:
         """A `fit` loss on task `task`'s batches: cross-entropy under the scenario plus lambda times the
         distillation of `teacher`'s outputs on the same images (none when `teacher` is None)."""
         model, scenario, temperature = self.model, self.model.scenario, self.cfg.temperature
         offset = self.stream.class_offset(task)
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             features = model.features(x)
             if scenario == "task":
                 ce = F.cross_entropy(model.logits(features, task), y)
@@ -93,7 +116,7 @@ class LwF(Replaying):
 
         return loss
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         teacher = self.make_teacher() if task.index else None
         head = self.model.add_head(task.n_classes)
         loss = self.replayed(self.lwf_loss(task.index, teacher), task.index)
@@ -103,11 +126,7 @@ class LwF(Replaying):
             new_head = self.model.heads.heads[head]
             self.model.eval()
             warmup = OmegaConf.merge(self.cfg.train, {"epochs": self.cfg.warmup_epochs, "iterations": None})
-            stats.append(self._fit(new_head, new_head.parameters(), loss, task, warmup, progress, "warm-up"))
-        stats.append(self._fit(self.model, self.model.parameters(), loss, task, self.cfg.train, progress, ""))
+            stats.append(self.fit(task, new_head, new_head.parameters(), loss, warmup, "warm-up"))
+        stats.append(self.fit(task, self.model, self.model.parameters(), loss))
         self.remember(task)
         return FitStats.total(stats).row()
-
-    def _fit(self, module, params, loss, task: Task, train, progress, phase: str) -> FitStats:
-        label = f"task {task.index} {task.name}" + (f" {phase}" if phase else "")
-        return fit(module, params, loss, (task.train.x, task.train.y), train, self.stream, self.hw, progress, label)

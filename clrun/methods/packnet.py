@@ -4,15 +4,34 @@ Per task: claim every free weight, train them (earlier tasks' weights are used
 but frozen), release the smallest-magnitude fraction `prune` of the task's
 weights per layer (one-shot), retrain what is left, freeze it. Task k then
 predicts with the weights of tasks 1..k only, its own batch norm, biases and
-head, so its logits never change afterwards (methods.md §1).
+head, so its logits never change afterwards.
 """
 
 import math
+from dataclasses import dataclass, field
+from enum import Enum
 
-from clrun.config import PruneSchedule
+from clrun.config import FRACTION, checked
 from clrun.data.stream import Task
-from clrun.errors import ClrunError
-from clrun.methods.sharing import WeightSharingMethod, phase_totals
+from clrun.methods.base import PerTaskMethodConfig
+from clrun.methods.parts.weight_sharing import WeightSharingMethod, cpg_recipe
+from clrun.train import FitStats, TrainConfig
+
+
+class PruneSchedule(Enum):
+    fixed = "fixed"  # release the same fraction `prune` of each task's weights
+    equal_share = "equal_share"  # task k of N keeps 1/(N-k+1) of its pool: equal capacity for every task
+
+
+@dataclass
+class PackNetConfig(PerTaskMethodConfig):
+    """PackNet as in CPG's CIFAR-100 port (experiment1/PackNet_cifar100.sh)."""
+
+    train: TrainConfig = field(default_factory=cpg_recipe)
+    retrain: TrainConfig = field(default_factory=lambda: cpg_recipe(epochs=30, lr=1e-3, milestones=[25]))
+    prune: float = checked(FRACTION, 0.6)  # fraction of the task's weights released by the one-shot magnitude prune
+    prune_schedule: PruneSchedule = PruneSchedule.fixed
+    prune_last: bool = True  # prune the last task too (CPG's port does; PackNet's own scripts do not)
 
 
 def prune_fraction(cfg, index: int, n_tasks: int) -> float:
@@ -32,27 +51,24 @@ def prune_fraction(cfg, index: int, n_tasks: int) -> float:
 class PackNet(WeightSharingMethod):
     """Train the free weights, prune a fraction of them, retrain; earlier tasks' weights stay frozen."""
 
-    def __init__(self, cfg, backbone_cfg, stream, hw):
-        if not 0.0 <= cfg.prune < 1.0:
-            raise ClrunError(f"method.prune={cfg.prune} is invalid: it must be in [0, 1)")
-        super().__init__(cfg, backbone_cfg, stream, hw)
+    config_class = PackNetConfig
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         tag = task.index + 1
         self.net.begin_task(tag, picking=False)
         claimed = int(self.net.owner_counts()[tag])
         self.add_head(task)
-        rows = [self.train_phase(task, self.cfg.train, progress, "train")]
+        phases = [self.train_phase(task, self.cfg.train, "train")[0]]
         fraction = prune_fraction(self.cfg, task.index, len(self.stream))
         if fraction > 0:  # an unpruned task has nothing to retrain (PackNet's prune -1)
             self.net.prune(tag, fraction)
-            rows.append(self.train_phase(task, self.cfg.retrain, progress, f"retrain after pruning {fraction:.3g}"))
+            phases.append(self.train_phase(task, self.cfg.retrain, f"retrain after pruning {fraction:.3g}")[0])
         self.net.end_task(tag)
         released = claimed - int(self.net.owner_counts()[tag])
         return {
-            **phase_totals(rows),
-            "train_loss": rows[0]["train_loss"],
-            "retrain_loss": rows[1]["train_loss"] if len(rows) > 1 else math.nan,
+            **FitStats.total(phases).row(),
+            "train_loss": phases[0].loss,
+            "retrain_loss": phases[1].loss if len(phases) > 1 else math.nan,
             "prune": fraction,  # the fraction asked for
             "sparsity": released / claimed if claimed else math.nan,  # the fraction of claimed weights released
             **self.shares(tag),

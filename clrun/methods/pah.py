@@ -1,4 +1,4 @@
-"""PAH: prototype-augmented hypernetworks (De La Fuente et al., CVPR-W 2025; pah2025/PAH; methods.md §9).
+"""PAH: prototype-augmented hypernetworks (De La Fuente et al., CVPR-W 2025; pah2025/PAH).
 
 Each task k has learnable class prototypes p_1^k .. p_C^k (prototype_channels x s x s maps); its
 embedding e_k is their concatenation, and one hypernetwork turns e_k into the weights of a
@@ -31,20 +31,56 @@ Where this follows the paper rather than the released code (train_hyper2d.py):
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from clrun.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, checked
 from clrun.data import prepare
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
-from clrun.methods.base import Footprint, Method, count_params, module_bytes
-from clrun.methods.hypernet import HyperNetwork
+from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
-from clrun.train import fit, make_optimizer
+from clrun.models.hypernetwork import HyperNetwork
+from clrun.results import Footprint, count_params, module_bytes
+from clrun.train import Optimizer, TrainConfig, make_optimizer
+
+
+class KDForm(Enum):
+    paper = "paper"  # mean over earlier tasks of KL(teacher || student)
+    code = "code"  # pah2025/PAH: sum over earlier tasks of KL(student || teacher) x T^2
+
+
+@dataclass
+class PAHConfig(PerTaskMethodConfig):
+    """Prototype-augmented hypernetworks (De La Fuente et al. 2025): heads generated from class prototypes.
+
+    Defaults: pah2025/PAH config/hyper2d.py (its Split-MNIST config)."""
+
+    # AdamW lr 1e-4 for the backbone, batch 64, 15 epochs (pah2025/PAH config/hyper2d.py)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(optimizer=Optimizer.adamw, lr=1e-4, epochs=15, batch_size=64)
+    )
+    # prototypes are prototype_size x prototype_size maps (paper's best: 10)
+    prototype_size: int = checked(AT_LEAST_1, 10)
+    # 1 (grey, repeated to the input's channels, as the code does) or the input's
+    prototype_channels: int = checked(AT_LEAST_1, 1)
+    semantic_init: bool = True  # initialise each prototype from a real training image of its class (else N(0.5, 0.1))
+    hyper_hidden: int = checked(AT_LEAST_1, 16)  # hypernetwork hidden units (code: 16)
+    hyper_layers: int = checked(NON_NEGATIVE, 1)  # hidden-to-hidden layers after the first hidden layer (code: 1)
+    # distillation of earlier tasks' generated heads on current images (code's `stability`)
+    lambda_sm: float = checked(NON_NEGATIVE, 0.5)
+    lambda_sp: float = checked(NON_NEGATIVE, 1.0)  # distillation on earlier tasks' prototypes, the prototype step
+    temperature: float = checked(POSITIVE, 2.0)  # KD temperature T (code: 2)
+    kd: KDForm = KDForm.paper
+    # prototypes, both optimizers (code: 1e-3); the backbone's lr is train.lr (code: 1e-4)
+    prototype_lr: float = checked(POSITIVE, 1e-3)
+    hyper_lr: float = checked(POSITIVE, 1e-3)  # hypernetwork (code: 1e-3)
+
 
 RANDOM_INIT = (0.5, 0.1)  # mean and std of prototypes without semantic init (code: mean/std_initialization_prototypes)
 
@@ -111,6 +147,8 @@ class Teacher:
 
 
 class PAH(Method):
+    config_class = PAHConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         classes = {task.n_classes for task in stream.tasks}
@@ -179,7 +217,7 @@ class PAH(Method):
         """L_hm + lambda_sm L_sm as a `fit` loss function."""
         model, cfg = self.model, self.cfg
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             features = model.backbone(x)
             hard = F.cross_entropy(F.linear(features, model.head(task)), y)
             if teacher is None:
@@ -209,7 +247,7 @@ class PAH(Method):
             prototype.grad = None
         model.backbone.train()
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         index = task.index
         keep = self._add_prototypes(task)
         teacher = self._teacher(index)
@@ -218,20 +256,16 @@ class PAH(Method):
         if teacher is not None and self.cfg.lambda_sp > 0:
             optimizer = make_optimizer(model.prototypes[:index], self._lr(self.cfg.prototype_lr), self.hw)
 
-            def after_step(step: int) -> None:
+            def after_step(step) -> None:
                 self._prototype_step(index, teacher, optimizer)
 
-        stats = fit(
+        stats = self.fit(
+            task,
             model,
             model.backbone.parameters(),
             self._loss(index, teacher),
-            (task.train.x[keep], task.train.y[keep]),
-            self.cfg.train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {index} {task.name}",
-            extra_groups=[
+            data=(task.train.x[keep], task.train.y[keep]),
+            groups=[
                 (model.hypernet.parameters(), self._lr(self.cfg.hyper_lr)),
                 (model.prototypes, self._lr(self.cfg.prototype_lr)),
             ],

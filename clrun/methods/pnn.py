@@ -9,23 +9,37 @@ cost then shows in its expansion (about T columns plus laterals growing
 quadratically in T); joansj/hat's capacity-matched baseline uses narrow columns
 (column_width = 1.117 / T) so that everything adds up to about one network.
 
-Task scenario; the class and domain scenarios with `task_id` (methods.md §4).
+Task scenario; the class and domain scenarios with `task_id`.
 Backbones: mlp, convnet, vgg16_bn (plain feed-forward ones). With
 `backbone.pretrained`, every column starts from it (at column_width 1 only).
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from clrun.config import POSITIVE, checked
 from clrun.data.stream import Task
-from clrun.methods.base import Footprint, Method, count_params, module_bytes
+from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
 from clrun.models.columns import Column, ProgressiveNet, layer_sequence
-from clrun.train import fit
+from clrun.results import Footprint, count_params, module_bytes
+
+
+@dataclass
+class PNNConfig(PerTaskMethodConfig):
+    """Progressive neural networks (Rusu et al. 2016): a column per task, earlier columns frozen, lateral adapters."""
+
+    # each column's width as a multiple of backbone.width: 1 = full columns (Rusu et al., mammoth);
+    # joansj/hat's capacity-matched baseline: 1.117 / n_tasks
+    column_width: float = checked(POSITIVE, 1.0)
 
 
 class PNN(Method):
+    config_class = PNNConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.net = ProgressiveNet()
@@ -42,21 +56,11 @@ class PNN(Method):
         column = Column(backbone, self.backbone_cfg.name, task.n_classes, earlier=len(self.net.columns))
         return self.hw.prepare_model(column)
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         self.net.columns.append(self.new_column(task))
         net, k = self.net, task.index
-        stats = fit(
-            net,
-            net.columns[k].parameters(),  # the new column, its head and its laterals; nothing earlier
-            lambda x, y: F.cross_entropy(net(x, k), y),
-            (task.train.x, task.train.y),
-            self.cfg.train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {k} {task.name}",
-        )
-        return stats.row()
+        column = net.columns[k].parameters()  # the new column, its head and its laterals; nothing earlier
+        return self.fit(task, net, column, lambda x, y, step: F.cross_entropy(net(x, k), y)).row()
 
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
         self.net.eval()

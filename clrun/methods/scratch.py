@@ -3,12 +3,13 @@
 Task scenario; the class and domain scenarios with `task_id` (the model whose
 head is most confident answers).
 
-The "individual models" baseline of CPG's Table 2 and the source of its
-accuracy goals: no forgetting and no transfer, at T times the parameters.
+The "individual models" baseline of CPG's Table 2 (Hung et al., NeurIPS 2019) and the
+source of its accuracy goals: no forgetting and no transfer, at T times the parameters.
 """
 
 from clrun.data.stream import Task
-from clrun.methods.base import Footprint, Method, count_params, module_bytes
+from clrun.methods.base import Method, task_loss
+from clrun.results import Footprint, count_params, module_bytes
 
 
 class Scratch(Method):
@@ -16,10 +17,10 @@ class Scratch(Method):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.models = []
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         model = self.new_model([task], scenario="task")
         self.models.append(model)
-        return self.train_task(model, model.parameters(), task, progress, index=0)
+        return self.fit(task, model, model.parameters(), task_loss(model, 0, self.stream)).row()
 
     def predict(self, x, task):
         model = self.models[task]

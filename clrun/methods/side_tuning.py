@@ -12,22 +12,36 @@ a base pretrained elsewhere). Without it, the base is task 0's model, trained
 normally on task 0 (task 0 predicts with base and head alone) and frozen
 afterwards; tasks from 1 on get side networks. The frozen base runs in eval
 mode without gradient and earlier side networks and heads are never trained
-again, so earlier tasks' logits never change (methods.md §11). The paper
+again, so earlier tasks' logits never change. The paper
 initialises side networks by distilling the base; here they start random.
 
 Task scenario; the class and domain scenarios with `task_id`. Any backbone.
 """
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from clrun.config import POSITIVE, Rule, checked
 from clrun.data.stream import Task
-from clrun.methods.base import Footprint, Method, count_params, module_bytes
+from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
 from clrun.models.layers import Linear
-from clrun.train import fit
+from clrun.results import Footprint, count_params, module_bytes
+
+
+@dataclass
+class SideTuningConfig(PerTaskMethodConfig):
+    """Side-tuning (Zhang et al. 2020): a frozen base plus a side network and a head per task, blended by alpha."""
+
+    # side network width as a multiple of backbone.width (the paper's side net is small)
+    side_width: float = checked(POSITIVE, 0.25)
+    # the base's weight in the blend; null: learned, sigmoid of a scalar from 0
+    fixed_alpha: Optional[float] = checked(Rule(lambda v: 0 <= v <= 1, "null (learned) or in [0, 1]"), None)
 
 
 class Side(nn.Module):
@@ -75,11 +89,13 @@ class SideTuningNet(nn.Module):
     def train(self, mode: bool = True) -> "SideTuningNet":
         super().train(mode)
         if self.base_frozen:
-            self.base.eval()  # batch norm on its running statistics, never updated (methods.md §0.1)
+            self.base.eval()  # batch norm on its running statistics, never updated
         return self
 
 
 class SideTuning(Method):
+    config_class = SideTuningConfig
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.net = self.new_net()
@@ -101,23 +117,13 @@ class SideTuning(Method):
             net.sides.append(self.hw.prepare_model(side))
         net.heads.append(self.hw.prepare_model(Linear(net.base.out_features, task.n_classes)))
 
-    def learn(self, task: Task, progress) -> dict:
+    def learn(self, task: Task) -> dict:
         self.add_task(task)
         net, k = self.net, task.index
         on_side = k >= net.first_side
         params = list(net.heads[k].parameters())
         params += list(net.sides[k - net.first_side].parameters()) if on_side else list(net.base.parameters())
-        stats = fit(
-            net,
-            params,
-            lambda x, y: F.cross_entropy(net(x, k), y),
-            (task.train.x, task.train.y),
-            self.cfg.train,
-            self.stream,
-            self.hw,
-            progress,
-            f"task {k} {task.name}",
-        )
+        stats = self.fit(task, net, params, lambda x, y, step: F.cross_entropy(net(x, k), y))
         net.base_frozen = True
         with torch.no_grad():
             alpha = float(net.sides[k - net.first_side].alpha()) if on_side else 1.0

@@ -14,21 +14,29 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from clrun.data.stream import Split, Task
-from clrun.methods.base import Footprint, Method
+from clrun.methods.base import Method
 from clrun.models import build_backbone
-from clrun.models.sharing import SharedNet
-from clrun.train import accuracy, fit
+from clrun.models.shared_net import SharedNet
+from clrun.results import Footprint
+from clrun.train import FitStats, Optimizer, Schedule, TrainConfig, accuracy
 
 
-def phase_totals(rows: list[dict]) -> dict:
-    """Epochs, seconds and images/s over several training phases of one task (their `train_phase` rows)."""
-    seconds = sum(row["train_s"] for row in rows)
-    images = sum(row["images_per_s"] * row["train_s"] for row in rows if row["train_s"] > 0)
-    return {
-        "epochs": sum(row["epochs"] for row in rows),
-        "train_s": seconds,
-        "images_per_s": images / seconds if seconds > 0 else float("nan"),
-    }
+def cpg_recipe(**changes) -> TrainConfig:
+    """CPG's CIFAR-100 training recipe (ivclab/CPG experiment1): SGD-Nesterov, lr 1e-2 x0.1 at epochs 50 and 80,
+    weight decay 4e-5, batch 32, 100 epochs; with `changes`. PackNet's and Piggyback's CIFAR-100 ports use it too."""
+    recipe = dict(
+        epochs=100,
+        batch_size=32,
+        optimizer=Optimizer.sgd,
+        lr=1e-2,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=4e-5,
+        schedule=Schedule.multistep,
+        milestones=[50, 80],
+        gamma=0.1,
+    )
+    return TrainConfig(**{**recipe, **changes})
 
 
 class FrozenBatchNorm(nn.Module):
@@ -75,7 +83,6 @@ class WeightSharingMethod(Method):
         self,
         task: Task,
         cfg,
-        progress,
         label: str,
         mask_cfg=None,
         train_weights: bool = True,
@@ -83,11 +90,11 @@ class WeightSharingMethod(Method):
         freeze_bn: bool = False,
         after_step=None,
         after_epoch=None,
-    ) -> dict:
+    ) -> tuple[FitStats, float]:
         """Train the current task under `cfg`: its head, its own shared weights (`train_weights`), its batch norm
         and biases (`train_private`), and its picking masks under `mask_cfg` when given. Weight decay goes to its
-        own weights only (CPG). `freeze_bn` keeps batch norm in eval mode (Piggyback's `train_nobn`). Returns
-        `FitStats.row()` plus `train_acc`, the running accuracy of the last epoch in train mode (as CPG measures)."""
+        own weights only (CPG). `freeze_bn` keeps batch norm in eval mode (Piggyback's `train_nobn`). Returns the
+        `FitStats` and the running accuracy of the last epoch in train mode (as CPG measures it)."""
         net, head = self.net, task.index
         params = list(net.heads.heads[head].parameters())
         if train_private:
@@ -95,35 +102,30 @@ class WeightSharingMethod(Method):
         if train_weights:
             params += net.shared_weights()
         picks = net.picks()
-        extra = [(picks, mask_cfg)] if mask_cfg is not None and picks else []
-        steps_per_epoch = -(-len(task.train) // cfg.batch_size)
-        tally = {"steps": 0, "correct": None, "seen": 0}
+        groups = [(picks, mask_cfg)] if mask_cfg is not None and picks else []
+        tally = {"correct": None, "seen": 0}
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            if tally["steps"] % steps_per_epoch == 0:  # a new epoch: count its accuracy afresh
+        def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
+            if step.batch == 0:  # a new epoch: count its accuracy afresh
                 tally["correct"], tally["seen"] = torch.zeros((), dtype=torch.long, device=y.device), 0
-            tally["steps"] += 1
             logits = net.forward_current(x, head)
             tally["correct"] = tally["correct"] + (logits.argmax(1) == y).sum()
             tally["seen"] += len(y)
             return F.cross_entropy(logits, y)
 
-        stats = fit(
+        stats = self.fit(
+            task,
             FrozenBatchNorm(net) if freeze_bn else net,
             params,
             loss,
-            (task.train.x, task.train.y),
             OmegaConf.merge(cfg, {"weight_decay": 0.0}),
-            self.stream,
-            self.hw,
-            progress,
-            f"task {task.index} {task.name}: {label}",
-            extra_groups=extra,
-            after_backward=lambda _: net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
+            label,
+            groups=groups,
+            after_backward=lambda step, optimizers: net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
             after_step=after_step,
             after_epoch=after_epoch,
         )
-        return {**stats.row(), "train_acc": tally["correct"].item() / tally["seen"]}
+        return stats, tally["correct"].item() / tally["seen"]
 
     def current_accuracy(self, task: Task, split: Split) -> float:
         """Accuracy of the task being learned (live masks), e.g. to compare with its goal."""

@@ -1,4 +1,4 @@
-"""Hypernetwork building blocks shared by `hn` and `pah`: an MLP from an embedding to named weight tensors."""
+"""Hypernetworks (used by `hn` and `pah`): an MLP from an embedding to named weight tensors."""
 
 import math
 

@@ -6,21 +6,14 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms.functional import InterpolationMode, rotate
 
-from clrun.config import Dataset, SplitRule
-from clrun.data.readers import read_cifar10, read_cifar100, read_cifar100_names, read_mnist
+from clrun.config import SplitRule
+from clrun.data.readers import DATASETS, SYNTHETIC, check_dataset, is_reader, read_cifar100_names, read_custom
 from clrun.data.stream import Split, Stream, Task
 from clrun.data.synthetic import make_synthetic
 from clrun.errors import ClrunError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
-READERS = {"mnist": read_mnist, "cifar10": read_cifar10, "cifar100": read_cifar100}
-N_CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100}
-STATS = {  # per-channel mean and std of the official training sets
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
 SYNTHETIC_PER_TASK = (1000, 400)  # synthetic training and test images per task when the config leaves them null
 
 # CPG's 20 CIFAR-100 tasks: the superclasses in coarse-label order, each with its fine classes alphabetically
@@ -54,6 +47,7 @@ def build_stream(cfg, root: str, download: bool, seed: int, device: torch.device
     Class order, permutations, subsets and synthetic images come from `cfg.split_seed`,
     or from `seed` when it is null. Task k's local label i is global class `classes[i]`.
     """
+    check_dataset(cfg)
     kind = SplitRule(cfg.split)
     if cfg.n_tasks < 1 or cfg.classes_per_task < 1:
         raise ClrunError(f"stream {cfg.name}: n_tasks and classes_per_task must be at least 1")
@@ -72,8 +66,12 @@ def build_stream(cfg, root: str, download: bool, seed: int, device: torch.device
 
 
 def _load(cfg, kind: SplitRule, root: str, download: bool, seed: int):
-    """Training and test (images, labels), the class count and the (mean, std) of the stream's dataset."""
-    if cfg.dataset is Dataset.synthetic:
+    """Training and test (images, labels), the class count and the (mean, std) of the stream's dataset (the
+    synthetic one and a user's reader: measured on the training images)."""
+    if is_reader(cfg.dataset):
+        train, test = (read_custom(cfg.dataset, is_train) for is_train in (True, False))
+        return train, test, int(train[1].max()) + 1, _channel_stats(train[0])
+    if cfg.dataset == SYNTHETIC:
         domain = kind in (SplitRule.permutation, SplitRule.rotation)
         n_classes = cfg.classes_per_task * (1 if domain else cfg.n_tasks)
         sizes = zip((cfg.train_per_task, cfg.test_per_task), SYNTHETIC_PER_TASK, strict=True)
@@ -81,11 +79,16 @@ def _load(cfg, kind: SplitRule, root: str, download: bool, seed: int):
         x_train, y_train, x_test, y_test = make_synthetic(
             n_classes, *(math.ceil(n / cfg.classes_per_task) for n in per_task), seed
         )
-        pixels = x_train.float().div_(255)
-        stats = tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
-        return (x_train, y_train), (x_test, y_test), n_classes, stats
-    train, test = (READERS[cfg.dataset.value](root, is_train, download)[:2] for is_train in (True, False))
-    return train, test, N_CLASSES[cfg.dataset.value], STATS[cfg.dataset.value]
+        return (x_train, y_train), (x_test, y_test), n_classes, _channel_stats(x_train)
+    dataset = DATASETS[cfg.dataset]
+    train, test = (dataset.read(root, is_train, download)[:2] for is_train in (True, False))
+    return train, test, dataset.n_classes, (dataset.mean, dataset.std)
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1]."""
+    pixels = images.float().div_(255)
+    return tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
 
 
 def _task_specs(
@@ -105,17 +108,21 @@ def _task_specs(
     if cfg.n_tasks * c > n_classes:
         raise ClrunError(
             f"stream {cfg.name}: {cfg.n_tasks} tasks x {c} classes need {cfg.n_tasks * c} classes, "
-            f"{cfg.dataset.value} has {n_classes}"
+            f"{_dataset_name(cfg.dataset)} has {n_classes}"
         )
     order = every if kind is SplitRule.contiguous else torch.randperm(n_classes, generator=g).tolist()
     cuts = [order[k * c : (k + 1) * c] for k in range(cfg.n_tasks)]
     return [("-".join(map(str, classes)), classes, None) for classes in cuts]
 
 
+def _dataset_name(dataset) -> str:
+    return f"the reader {dataset._target_}" if is_reader(dataset) else str(dataset)
+
+
 def _superclass_tasks(cfg, root: str, download: bool) -> list[tuple[str, list[int]]]:
     """CPG's CIFAR-100 tasks (superclass name, fine class ids), checked against the dataset's meta names."""
-    if cfg.dataset is not Dataset.cifar100:
-        raise ClrunError(f"stream {cfg.name}: split superclass needs dataset cifar100, not {cfg.dataset.value}")
+    if cfg.dataset != "cifar100":
+        raise ClrunError(f"stream {cfg.name}: split superclass needs dataset cifar100, not {cfg.dataset}")
     if cfg.n_tasks > len(SUPERCLASSES):
         raise ClrunError(f"stream {cfg.name}: split superclass has {len(SUPERCLASSES)} tasks, not {cfg.n_tasks}")
     fine_names, coarse_names = read_cifar100_names(root, download)

@@ -13,16 +13,36 @@ loss = (1/t) current + (1 - 1/t) replay, t the number of tasks so far.
 """
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
 
 import torch
 
+from clrun.config import NON_NEGATIVE, NULL_OR_AT_LEAST_1, Rule, checked
 from clrun.data import prepare
 from clrun.data.stream import Stream, Task
 from clrun.hardware import Hardware
-from clrun.methods.base import Footprint, SharedModelMethod, mixed_task_loss
+from clrun.methods.base import SharedModelMethod, mixed_task_loss
 from clrun.models import TaskModel
-from clrun.train import embed
+from clrun.results import Footprint, tensor_bytes
+from clrun.train import Loss, embed
+
+
+class ReplayPolicy(Enum):
+    reservoir = "reservoir"  # every training image seen so far has the same chance to be in memory
+    class_balanced = "class_balanced"  # the budget is split equally over the classes seen so far
+    herding = "herding"  # class_balanced, images picked by iCaRL's herding on the method's features after the task
+
+
+@dataclass
+class ReplayConfig:
+    """A replay memory of at most `budget` training images (0: no replay), mixed into every batch."""
+
+    budget: int = checked(Rule(NON_NEGATIVE.test, "non-negative (0: no replay)"), 0)
+    policy: ReplayPolicy = ReplayPolicy.class_balanced
+    # replayed images per batch (null: the training batch size)
+    batch_size: Optional[int] = checked(NULL_OR_AT_LEAST_1, None)
 
 
 def herding(features: torch.Tensor, n: int) -> torch.Tensor:
@@ -129,8 +149,7 @@ class Memory:
 
     def add_to(self, footprint: Footprint) -> Footprint:
         """A method's footprint plus the stored images, labels and tasks (bytes, not parameters)."""
-        stored = sum(v.numel() * v.element_size() for v in (self.x, self.y, self.t) if v is not None)
-        return replace(footprint, bytes=footprint.bytes + stored)
+        return footprint.plus(tensor_bytes(v for v in (self.x, self.y, self.t) if v is not None))
 
     def state_dict(self) -> dict:
         return {"x": self.x, "y": self.y, "t": self.t, "seen": self.seen}
@@ -140,7 +159,9 @@ class Memory:
         self.x, self.y, self.t = (None if v is None else v.to(device) for v in (state["x"], state["y"], state["t"]))
 
 
-def with_replay(loss_fn, memory: Memory, model: TaskModel, stream: Stream, hw: Hardware, task: int, batch_size: int):
+def with_replay(
+    loss_fn: Loss, memory: Memory, model: TaskModel, stream: Stream, hw: Hardware, task: int, batch_size: int
+) -> Loss:
     """`loss_fn` (a `fit` loss on task `task`'s batches) mixed with a replayed batch of `batch_size`:
     (1/t) current + (1 - 1/t) replay, t = task + 1; `loss_fn` itself while the memory is empty."""
     if not len(memory):
@@ -148,22 +169,23 @@ def with_replay(loss_fn, memory: Memory, model: TaskModel, stream: Stream, hw: H
     replay_loss = mixed_task_loss(model, stream, task)
     current_weight = 1 / (task + 1)
 
-    def loss(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+    def loss(x: torch.Tensor, *rest) -> torch.Tensor:  # rest: the batch's other tensors, then the step
         replayed, y, t = memory.sample(batch_size, stream, hw)
-        return current_weight * loss_fn(x, *rest) + (1 - current_weight) * replay_loss(replayed, y, t)
+        return current_weight * loss_fn(x, *rest) + (1 - current_weight) * replay_loss(replayed, y, t, rest[-1])
 
     return loss
 
 
 class Replaying(SharedModelMethod):
-    """A shared-model method with the `replay` option (`cfg.replay`): a memory of `budget` images (0: none),
-    filled after each task, mixed into the task's loss, kept in the checkpoint and counted in the footprint."""
+    """A shared-model method with the `replay` option (its config's `replay: ReplayConfig`): a memory of `budget`
+    images (0: none), filled after each task, mixed into the task's loss, kept in the checkpoint and counted in the
+    footprint."""
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
 
-    def replayed(self, loss_fn, task: int):
+    def replayed(self, loss_fn: Loss, task: int) -> Loss:
         """`loss_fn` on task `task`'s batches mixed with replayed ones (`with_replay`)."""
         batch_size = self.cfg.replay.batch_size or self.cfg.train.batch_size
         return with_replay(loss_fn, self.memory, self.model, self.stream, self.hw, task, batch_size)

@@ -26,7 +26,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from clrun.models.sharing import SharedNet
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -34,6 +33,7 @@ from throughput import auto_hardware, host_kind, write_record
 
 from clrun.config import BackboneConfig
 from clrun.models import TaskModel, build_backbone
+from clrun.models.shared_net import SharedNet
 
 SHAPE = (3, 32, 32)
 N_CLASSES = 5

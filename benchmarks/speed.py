@@ -35,11 +35,11 @@ import numpy as np
 import pandas as pd
 import torch
 from masking import SHAPE, dense_step, shared_step
-from reproduce_table1 import compose
 from rich.console import Console
 from rich.table import Table
 from throughput import CIFAR_MEAN, CIFAR_STD, PerSampleCifar, host_kind, write_record
 
+from clrun.cli import compose
 from clrun.data import iterate, prepare
 from clrun.hardware import Hardware, resolve_hardware
 from clrun.run import Run
@@ -60,7 +60,7 @@ def make_step(kind: str, hw, reference: bool):
 
 
 def clrun_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, hw):
-    """Endless augmented batches from device-resident uint8 images, as `clrun.train.fit` draws them."""
+    """Endless augmented batches from device-resident uint8 images, as `clrun.train.Trainer.fit` draws them."""
     while True:
         for x, y in iterate((images, labels), batch_size, shuffle=True):
             yield hw.to_input(prepare(x, CIFAR_MEAN, CIFAR_STD, augment=True)), y

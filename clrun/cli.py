@@ -1,6 +1,5 @@
 """The `clrun` command: Hydra composes the config from the package's `clrun.conf`, `Run` executes it."""
 
-import logging
 import shutil
 import signal
 import sys
@@ -12,7 +11,6 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.logging import RichHandler
 
 from clrun import methods
 from clrun.config import register_schemas
@@ -54,8 +52,8 @@ def _interrupt(signum, frame):
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _run(cfg: DictConfig) -> float:
-    """Run one continual-learning experiment; return its final average accuracy (for sweepers)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)], force=True)
+    """Run one continual-learning experiment; return its final average accuracy (for sweepers). Logging is
+    set up by Hydra from conf/hydra/job_logging/clrun.yaml."""
     signal.signal(signal.SIGTERM, _interrupt)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

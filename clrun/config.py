@@ -63,8 +63,8 @@ no task id; domain: one shared head over the tasks' common labels, no task id.""
 class StreamConfig:
     name: str = MISSING
     # a built-in dataset (clrun.data.readers.DATASETS: synthetic, mnist, fashion_mnist, cifar10, cifar100), or a
-    # reader of your own: {_target_: your.module.read, ...its keys}, called read(train=True|False, **its keys)
-    # and returning uint8 images (N, C, H, W) or (N, H, W) and int labels 0..K-1 (see README, "Adding a dataset")
+    # reader of your own: {_target_: your.module.read, ...its keys}, called read(root=data.root, train=True|False,
+    # **its keys) and returning uint8 images (N, C, H, W) or (N, H, W) and int labels 0..K-1 (README, Adding a dataset)
     dataset: Any = MISSING
     split: SplitRule = SplitRule.contiguous
     scenario: Scenario = Scenario.task

@@ -25,8 +25,13 @@ IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
 
 
 def identity(cfg) -> dict:
-    """The part of the config that decides a run's results (not `data.root`, not `resume`)."""
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(IDENTITY_KEYS)), resolve=True, enum_to_str=True)
+    """The part of the config that decides a run's results (not `data.root`, not `resume`), resolved."""
+    return {key: _container(cfg[key]) for key in IDENTITY_KEYS}
+
+
+def _container(value):
+    """A config value as plain Python, interpolations resolved (in the context of the whole config)."""
+    return OmegaConf.to_container(value, resolve=True, enum_to_str=True) if OmegaConf.is_config(value) else value
 
 
 def _digest(value: dict) -> str:

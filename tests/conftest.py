@@ -1,6 +1,8 @@
 """Shared test helpers: composing configs, and the real datasets in ../shared/data."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,14 @@ TINY_STREAM = [
     "stream.train_per_task=64",
     "stream.test_per_task=32",
 ]
+
+
+CLRUN = [sys.executable, "-c", "from clrun.cli import main; main()"]  # the `clrun` command of this interpreter
+
+
+def clrun(cwd: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`clrun <args>` run in `cwd` as a user would, its output captured."""
+    return subprocess.run([*CLRUN, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def compose_config(*overrides: str):

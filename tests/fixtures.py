@@ -34,9 +34,12 @@ CIFAR100_COARSE_OF_FINE = np.array([
 ])  # fmt: skip
 
 
-def write_mnist(root: Path, n_train: int, n_test: int, gz: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Idx files under `<root>/MNIST/raw/`; returns {"train"/"test": (images (N, 28, 28), labels)}."""
-    raw = Path(root) / "MNIST" / "raw"
+def write_mnist(
+    root: Path, n_train: int, n_test: int, gz: bool = True, folder: str = "MNIST"
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Idx files under `<root>/<folder>/raw/` (MNIST; Fashion-MNIST with folder FashionMNIST, its files having
+    MNIST's names and format); returns {"train"/"test": (images (N, 28, 28), labels)}."""
+    raw = Path(root) / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     written = {}

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import SHARED_DATA, needs_shared
+from conftest import SHARED_DATA, clrun, needs_shared
 from fixtures import CIFAR100_COARSE_OF_FINE, CIFAR100_FINE_NAMES, write_cifar10, write_cifar100, write_idx, write_mnist
 from omegaconf import OmegaConf
 from torch import nn
 
 from clrun.config import SplitRule, StreamConfig
 from clrun.data import build_stream, iterate, prepare
-from clrun.data.readers import read_cifar10, read_cifar100, read_cifar100_names, read_mnist
+from clrun.data.readers import read_cifar10, read_cifar100, read_cifar100_names, read_fashion_mnist, read_mnist
 from clrun.data.synthetic import make_synthetic
 from clrun.errors import ClrunError
 
@@ -43,10 +43,11 @@ def one_line_error(match, fn, *args):
 
 
 @pytest.mark.parametrize("gz", [True, False])
-def test_read_mnist(tmp_path, gz):
-    written = write_mnist(tmp_path, 30, 20, gz=gz)
+@pytest.mark.parametrize("read,folder", [(read_mnist, "MNIST"), (read_fashion_mnist, "FashionMNIST")])
+def test_read_mnist(tmp_path, gz, read, folder):
+    written = write_mnist(tmp_path, 30, 20, gz=gz, folder=folder)
     for train, split in ((True, "train"), (False, "test")):
-        x, y = read_mnist(tmp_path, train)
+        x, y = read(tmp_path, train)
         assert x.dtype == torch.uint8 and x.shape == (len(written[split][0]), 1, 28, 28)
         assert y.dtype == torch.int64
         assert np.array_equal(x[:, 0].numpy(), written[split][0])
@@ -401,3 +402,31 @@ def test_iterate_covers_every_index_once():
     first = torch.cat([b[0] for b in iterate((index,), 10, shuffle=True)])
     torch.manual_seed(3)
     assert torch.equal(first, torch.cat([b[0] for b in iterate((index,), 10, shuffle=True)]))
+
+
+def test_fashion_mnist_is_not_read_from_mnist_files(tmp_path):
+    write_mnist(tmp_path, 30, 20)  # MNIST/raw only
+    message = one_line_error("Fashion-MNIST file not found", read_fashion_mnist, tmp_path, True)
+    assert str(tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte") in message
+
+
+@needs_shared("FashionMNIST-subset", "FashionMNIST", "raw")
+def test_split_fashion_mnist_on_the_real_subset_through_the_cli(tmp_path):
+    root = SHARED_DATA / "FashionMNIST-subset"
+    result = clrun(
+        tmp_path,
+        "stream=split_fashion_mnist",
+        "backbone=mlp",
+        "hardware=cpu",
+        "stream.n_tasks=2",
+        "method.train.iterations=30",
+        f"data.root={root}",
+    )
+    assert result.returncode == 0, result.stderr
+    # the partial copy is announced to the user, not swallowed by the logging config
+    output = " ".join((result.stdout + result.stderr).split())  # rich wraps long lines
+    assert "train-images-idx3-ubyte: 8226 of the official 60000 training images" in output
+    (run_dir,) = (p.parent for p in (tmp_path / "outputs" / "runs").rglob("summary.parquet"))
+    accuracy = pd.read_parquet(run_dir / "accuracy.parquet")
+    assert accuracy["eval_task_name"].tolist() == ["0-1", "0-1", "2-3"]
+    assert (accuracy["accuracy"] > 0.8).all()  # t-shirt vs trouser and pullover vs dress are easy

@@ -2,7 +2,6 @@
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -10,13 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SHARED_DATA, matrix, needs_shared, run, run_interrupted_then_resumed
+from conftest import CLRUN, SHARED_DATA, clrun, matrix, needs_shared, run, run_interrupted_then_resumed
 
 from clrun import results
 from clrun.errors import ClrunError
 from clrun.run import CHECKPOINT
 
-CLRUN = [sys.executable, "-c", "from clrun.cli import main; main()"]
 TINY = [
     "hardware=cpu",
     "stream.train_per_task=160",
@@ -25,10 +23,6 @@ TINY = [
     "method.train.epochs=1",
     "method.train.batch_size=32",
 ]
-
-
-def clrun(cwd: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLRUN, *args], cwd=cwd, capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def test_tiny_run_writes_results(tmp_path):

@@ -69,7 +69,7 @@ def _load(cfg, kind: SplitRule, root: str, download: bool, seed: int):
     """Training and test (images, labels), the class count and the (mean, std) of the stream's dataset (the
     synthetic one and a user's reader: measured on the training images)."""
     if is_reader(cfg.dataset):
-        train, test = (read_custom(cfg.dataset, is_train) for is_train in (True, False))
+        train, test = (read_custom(cfg.dataset, root, is_train) for is_train in (True, False))
         return train, test, int(train[1].max()) + 1, _channel_stats(train[0])
     if cfg.dataset == SYNTHETIC:
         domain = kind in (SplitRule.permutation, SplitRule.rotation)

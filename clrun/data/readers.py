@@ -231,14 +231,15 @@ def check_dataset(stream) -> None:
         )
 
 
-def read_custom(dataset: DictConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def read_custom(dataset: DictConfig, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The images uint8 (N, C, H, W) and labels int64 (N,) a user's reader returns for a split: it is called
-    `_target_(train=train, **its other keys)` and returns (images (N, C, H, W) or (N, H, W) uint8, labels)."""
+    `_target_(root=root, train=train, **its other keys)` (`root`: data.root) and returns (images (N, C, H, W) or
+    (N, H, W) uint8, integer labels (N,))."""
     target = dataset._target_
     read = import_target(target, READER_KEY)
     keys = {k: v for k, v in OmegaConf.to_container(dataset, resolve=True).items() if k != "_target_"}
     try:
-        found = read(train=train, **keys)
+        found = read(root=root, train=train, **keys)
     except Exception as error:  # the user's code: report whatever it raised, in one line
         raise ClrunError(f"{READER_KEY}={target} failed: {type(error).__name__}: {_one_line(error)}") from error
     where = f"{READER_KEY}={target} (train={train})"

@@ -47,15 +47,15 @@ def method_classes() -> dict[str, type[Method]]:
         if module_info.name in NOT_METHODS:
             continue
         module = importlib.import_module(f"{__name__}.{module_info.name}")
-        classes = [
-            c
-            for _, c in inspect.getmembers(module, inspect.isclass)
-            if issubclass(c, Method) and c.__module__ == module.__name__
-        ]
+        classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if _defines_method(c, module.__name__)]
         if len(classes) != 1:
             raise TypeError(f"{module.__name__} must define exactly one Method subclass, found {len(classes)}")
         found[module_info.name] = classes[0]
     return found
+
+
+def _defines_method(candidate: type, module: str) -> bool:
+    return issubclass(candidate, Method) and candidate.__module__ == module
 
 
 def register(store: ConfigStore) -> None:
@@ -66,9 +66,9 @@ def register(store: ConfigStore) -> None:
 
 
 def describe() -> str:
-    """One line per built-in method: its name and the first line of its module's docstring."""
+    """One line per built-in method: its name and the first paragraph of its module's docstring."""
     lines = []
     for name, method_class in method_classes().items():
-        doc = inspect.getmodule(method_class).__doc__ or ""
-        lines.append(f"  {name:12s} {doc.strip().splitlines()[0] if doc.strip() else ''}")
+        doc = (inspect.getmodule(method_class).__doc__ or "").strip()
+        lines.append(f"  {name:12s} {' '.join(doc.split(chr(10) * 2)[0].split())}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ import urllib.error
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision

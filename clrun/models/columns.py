@@ -100,7 +100,7 @@ class Column(nn.Module):
 class ProgressiveNet(nn.Module):
     """Columns in task order. Task k runs columns 0..k-1 without gradient, then column k with their laterals.
     Only the last column ever trains: `train()` keeps every earlier one in eval mode (batch norm on its
-    running statistics, never updated; methods.md §0.1 and §4)."""
+    running statistics, never updated, so earlier columns' outputs never change, as Rusu et al.'s frozen columns)."""
 
     def __init__(self):
         super().__init__()

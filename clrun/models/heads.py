@@ -48,7 +48,7 @@ class TaskModel(nn.Module):
 
     def trainable(self, task: int) -> list[nn.Parameter]:
         """What learning task `task` trains: the backbone and the task's own head in the task scenario
-        (earlier heads stay untouched by weight decay and momentum, methods.md §0.4), everything otherwise."""
+        (earlier heads stay untouched by weight decay and momentum), everything otherwise."""
         if self.scenario == "task":
             return list(self.backbone.parameters()) + list(self.heads.heads[task].parameters())
         return list(self.parameters())

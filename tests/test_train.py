@@ -80,7 +80,7 @@ def make_method(method_class, *overrides):
 
 
 def test_finetune_leaves_earlier_heads_untouched():
-    # weight decay and momentum would move head 0 if it were in the optimizer (methods.md §0.4)
+    # weight decay and momentum would move head 0 if it were in the optimizer
     method, stream = make_method(Finetune, "method.train.optimizer=sgd", "method.train.weight_decay=0.1")
     method.learn(stream.tasks[0])
     head0 = [p.detach().clone() for p in method.model.heads.heads[0].parameters()]

@@ -1,35 +1,109 @@
-"""The device-resident input path: batches by indexing, augmentation and normalisation as tensor ops."""
+"""The input path without a DataLoader: batches by indexing device-resident images (or chunks of host-resident
+ones copied ahead of use), then crops, flips, normalisation and Cutout as tensor ops on the device."""
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-PAD = 4  # zero padding of the random crop
+from clrun.data import augment
+
+CHUNK_BATCHES = 16  # batches per host-to-device copy when the images stay in host memory
 
 
-def iterate(tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Batches of aligned rows of `tensors`, the last one partial; shuffled by torch's global RNG when `shuffle`."""
+@dataclass(frozen=True)
+class InputView:
+    """How uint8 images (N, C, H, W) become network inputs: while training (with `augment`) the random `crop`
+    (`pad`: an H x W window of the image zero-padded by `padding`; `resized`: torchvision's RandomResizedCrop
+    to `size` over `scale` and `ratio`; `none`), a random horizontal flip (`flip`); always a centre crop to `size`
+    where the image is larger, scaling to [0, 1] and normalisation by `mean` / `std`; then, while training, one
+    `cutout` x `cutout` square zeroed per image (0: none)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False
+    size: tuple[int, int] | None = None  # None: the images' own size
+    crop: str = "pad"
+    padding: int = 4
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    cutout: int = 0
+
+
+def iterate(
+    tensors: tuple[torch.Tensor, ...], batch_size: int, shuffle: bool, device: torch.device | str | None = None
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Batches of aligned rows of `tensors` on `device` (None: where the tensors are), the last one partial;
+    shuffled by torch's global RNG on `device`. Tensors held elsewhere (host memory, a memory map) are gathered
+    in chunks of CHUNK_BATCHES batches, each copied through pinned memory while the one before is in use; the
+    batches are the same as if the tensors were on `device`."""
     n = len(tensors[0])
     if any(len(t) != n for t in tensors):
         raise ValueError(f"tensors of different lengths: {[len(t) for t in tensors]}")
-    order = torch.randperm(n, device=tensors[0].device) if shuffle else None
-    for start in range(0, n, batch_size):
-        if order is None:
-            yield tuple(t[start : start + batch_size] for t in tensors)
+    device = torch.device(device) if device is not None else tensors[0].device
+    if device.type == "cuda" and device.index is None:  # `cuda` names the current device; tensors say `cuda:0`
+        device = torch.device("cuda", torch.cuda.current_device())
+    order = torch.randperm(n, device=device) if shuffle else None
+    if all(t.device == device for t in tensors):
+        for start in range(0, n, batch_size):
+            if order is None:
+                yield tuple(t[start : start + batch_size] for t in tensors)
+            else:
+                index = order[start : start + batch_size]
+                yield tuple(t[index] for t in tensors)
+        return
+    yield from _chunked(tensors, batch_size, order, device)
+
+
+def _chunked(tensors, batch_size: int, order: torch.Tensor | None, device: torch.device):
+    """`iterate`'s batches of tensors held off `device`: each chunk's rows gathered on the host (contiguous
+    slices when not shuffled), pinned and copied without blocking, the next chunk's copy issued before this
+    chunk's batches are handed out."""
+    n = len(tensors[0])
+    chunk = batch_size * CHUNK_BATCHES
+    host_order = order.cpu() if order is not None else None
+    pin = device.type == "cuda"
+
+    def load(start: int) -> tuple[torch.Tensor, ...]:
+        if host_order is None:
+            rows = tuple(t[start : start + chunk] for t in tensors)
         else:
-            index = order[start : start + batch_size]
-            yield tuple(t[index] for t in tensors)
+            index = host_order[start : start + chunk]
+            rows = tuple(t[index.to(t.device)] for t in tensors)
+        if pin:
+            rows = tuple(r.pin_memory() for r in rows)
+        return tuple(r.to(device, non_blocking=True) for r in rows)
+
+    ahead = load(0)
+    for start in range(0, n, chunk):
+        current = ahead
+        if start + chunk < n:
+            ahead = load(start + chunk)
+        for offset in range(0, len(current[0]), batch_size):
+            yield tuple(t[offset : offset + batch_size] for t in current)
 
 
-def prepare(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], augment: bool) -> torch.Tensor:
-    """Float32 inputs from a uint8 (N, C, H, W) batch: optionally a random crop (zero padding 4) and a random
-    horizontal flip per sample, drawn from torch's global RNG on the batch's device; then scaled to [0, 1] and
-    normalised per channel."""
-    if augment:
-        x = _crop_and_flip(x)
-    scale, shift = _affine(tuple(mean), tuple(std), x.device)
-    return torch.addcmul(shift, x.float(), scale)
+def prepare(x: torch.Tensor, view: InputView, train: bool) -> torch.Tensor:
+    """Float32 network inputs from a uint8 (N, C, H, W) batch as `view` says; the random draws (crops, flips,
+    Cutout; only when `train` and `view.augment`) come from torch's global RNG on the batch's device."""
+    augmenting = train and view.augment
+    if augmenting and view.crop == "pad":
+        x = augment.pad_crop(x, view.padding)
+    elif augmenting and view.crop == "resized":
+        size = view.size or tuple(x.shape[-2:])
+        boxes = augment.resized_crop_boxes(len(x), x.shape[-2], x.shape[-1], view.scale, view.ratio, x.device)
+        x = augment.resized_crop(x, boxes, size)
+    if view.size is not None and tuple(x.shape[-2:]) != tuple(view.size):
+        x = augment.center_crop(x, view.size)
+    if augmenting and view.flip:
+        x = augment.random_flip(x)
+    scale, shift = _affine(tuple(view.mean), tuple(view.std), x.device)
+    x = torch.addcmul(shift, x.float(), scale)
+    if augmenting and view.cutout:
+        x = augment.cutout(x, view.cutout)
+    return x
 
 
 @lru_cache(maxsize=16)
@@ -38,17 +112,3 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.devic
     mean_t = torch.tensor(mean, device=device).view(-1, 1, 1)
     std_t = torch.tensor(std, device=device).view(-1, 1, 1)
     return 1 / (255 * std_t), -mean_t / std_t
-
-
-def _crop_and_flip(x: torch.Tensor) -> torch.Tensor:
-    """Per sample: an H x W window at a random offset of the zero-padded image, mirrored with probability 1/2."""
-    n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))
-    offsets = torch.randint(0, 2 * PAD + 1, (2, n), device=x.device)
-    flip = torch.rand(n, device=x.device) < 0.5
-    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # (N, H)
-    cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # (N, W)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    samples = torch.arange(n, device=x.device)[:, None, None, None]
-    channels = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[samples, channels, rows[:, None, :, None], cols[:, None, None, :]]

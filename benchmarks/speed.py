@@ -37,7 +37,7 @@ import torch
 from masking import SHAPE, dense_step, shared_step
 from rich.console import Console
 from rich.table import Table
-from throughput import CIFAR_MEAN, CIFAR_STD, PerSampleCifar, host_kind, write_record
+from throughput import CIFAR_VIEW, PerSampleCifar, host_kind, write_record
 
 from clrun.cli import compose
 from clrun.data import iterate, prepare
@@ -63,7 +63,7 @@ def clrun_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, h
     """Endless augmented batches from device-resident uint8 images, as `clrun.train.Trainer.fit` draws them."""
     while True:
         for x, y in iterate((images, labels), batch_size, shuffle=True):
-            yield hw.to_input(prepare(x, CIFAR_MEAN, CIFAR_STD, augment=True)), y
+            yield hw.to_input(prepare(x, CIFAR_VIEW, train=True)), y
 
 
 def reference_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device, workers: int):

@@ -25,11 +25,13 @@ from torchvision import transforms
 
 from clrun.config import BackboneConfig, Device, HardwareConfig, MlpConfig, Precision
 from clrun.data import iterate, prepare
+from clrun.data.batches import InputView
 from clrun.hardware import resolve_hardware
 from clrun.models import TaskModel, build_backbone
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR_VIEW = InputView(CIFAR_MEAN, CIFAR_STD, augment=True)  # clrun's CIFAR recipe: pad-4 crop and flip
 # backbone -> (input shape, batch size)
 BACKBONES = {
     "mlp": ((1, 28, 28), 128),
@@ -147,7 +149,7 @@ def data_path_throughput(hw, n_images: int, batch_size: int, workers: int) -> di
 
     def clrun_epoch() -> int:
         for xb, _ in iterate((x, y), batch_size, shuffle=True):
-            hw.to_input(prepare(xb, CIFAR_MEAN, CIFAR_STD, augment=True))
+            hw.to_input(prepare(xb, CIFAR_VIEW, train=True))
         return n_images
 
     loader = torch.utils.data.DataLoader(

@@ -51,6 +51,31 @@ class SplitRule(Enum):
     superclass = "superclass"  # CIFAR-100 coarse labels, CPG's order
     permutation = "permutation"  # every task all classes, a fixed pixel permutation each
     rotation = "rotation"  # every task all classes, a fixed rotation each
+    label_permutation = "label_permutation"  # every task all images, its labels mapped by a fixed permutation each
+    release = "release"  # the tasks the dataset's release fixes (its reader lists them: CORe50, CPG's six datasets)
+
+
+class ResizeRule(Enum):
+    """How image files are resized to `stream.image_size` when they are decoded into the cache."""
+
+    short_side = "short_side"  # the short side to min(image_size) (aspect kept), then a centre crop to image_size
+    stretch = "stretch"  # straight to image_size (aspect not kept; CPG's *_cropped sets, fixed-size faces)
+
+
+class CropRule(Enum):
+    """The random crop of training images when `stream.augment` is on."""
+
+    pad = "pad"  # an input_size window of the image zero-padded by `padding` (CIFAR)
+    resized = "resized"  # torchvision's RandomResizedCrop(input_size, scale, ratio)
+    none = "none"  # no crop (flip and cutout still apply)
+
+
+class Normalization(Enum):
+    """The per-channel mean and std inputs are normalised with."""
+
+    dataset = "dataset"  # the dataset's own (official training-set values; measured for a reader of your own)
+    imagenet = "imagenet"  # ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)
+    half = "half"  # 0.5 / 0.5 (CPG's face recipe)
 
 
 # The three scenarios of van de Ven & Tolias (2019); `class` is a keyword, hence the functional form.
@@ -74,7 +99,19 @@ class StreamConfig:
     max_rotation: float = 180.0  # rotation split: task k rotates by k * max_rotation / n_tasks degrees
     train_per_task: Optional[int] = checked(NULL_OR_AT_LEAST_1, None)  # keep at most this many training images
     test_per_task: Optional[int] = checked(NULL_OR_AT_LEAST_1, None)
-    augment: bool = False  # random crop (padding 4) and horizontal flip while training
+    augment: bool = False  # while training: the random `crop`, a horizontal flip (`flip`) and `cutout`
+    # image-file datasets: [H, W] the images are decoded to and cached at (required there; tensor datasets: unused)
+    image_size: Optional[list[int]] = None
+    resize: ResizeRule = ResizeRule.short_side  # how image files are resized to image_size
+    # [H, W] the network sees: training crops and test centre crops of that size (null: the images' own size)
+    input_size: Optional[list[int]] = None
+    crop: CropRule = CropRule.pad
+    padding: int = checked(NON_NEGATIVE, 4)  # crop=pad: zero padding on each side
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # crop=resized: range of the crop's area share
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # crop=resized: range of its aspect ratio
+    flip: bool = True  # random horizontal flip (with augment)
+    cutout: int = checked(NON_NEGATIVE, 0)  # side of one Cutout square zeroed per training image (0: none; CPG: 16)
+    normalize: Normalization = Normalization.dataset
 
 
 class Device(Enum):
@@ -111,11 +148,21 @@ class HardwareConfig:
     memory_fraction: Optional[float] = checked(Rule(lambda v: 0 < v <= 1, "null or in (0, 1]"), None)
 
 
+class Stem(Enum):
+    """The input layers of resnet18, resnet50 and vgg16_bn (`backbone.stem`)."""
+
+    cifar = "cifar"  # ResNet: 3x3 stride-1 conv, no max-pool; VGG16-BN: CPG's CIFAR layout
+    imagenet = "imagenet"  # torchvision's layout and state-dict keys (its ImageNet weights load)
+
+
 @dataclass
 class BackboneConfig:
     name: str = MISSING
     width: float = checked(POSITIVE, 1.0)  # channel / unit multiplier
-    pretrained: Optional[str] = None  # path to a state_dict for the backbone (e.g. torchvision ResNet50)
+    # a state_dict file for the backbone, or `imagenet`: torchvision's ImageNet-1k file from the torch hub cache
+    pretrained: Optional[str] = None
+    stem: Optional[Stem] = None  # resnet18, resnet50, vgg16_bn only (null: the backbone's default)
+    imagenet_head: bool = False  # task 0's head starts as the pretrained classifier (ImageNet: 1000 classes)
 
 
 @dataclass
@@ -127,6 +174,9 @@ class MlpConfig(BackboneConfig):
 class DataConfig:
     root: str = "${oc.env:CLRUN_DATA,'~/.cache/clrun/data'}"  # dataset folder: env CLRUN_DATA, else ~/.cache/clrun/data
     download: bool = False  # fetch missing files with torchvision's downloaders (needs network)
+    # decoded image-file datasets: env CLRUN_CACHE, else ~/.cache/clrun/images (README, The decoded-image cache)
+    cache: str = "${oc.env:CLRUN_CACHE,'~/.cache/clrun/images'}"
+    skip_corrupt: bool = False  # skip image files that cannot be decoded (warned of, and counted in tasks.parquet)
 
 
 @dataclass
@@ -193,6 +243,11 @@ def check_config(cfg: DictConfig) -> type:
         raise ClrunError(
             f"method {cfg.method.name} does not support stream.scenario={scenario}; "
             f"it supports {', '.join(supported)}{hint}"
+        )
+    if cfg.backbone.get("imagenet_head") and not method_class.starts_head_from_classifier:
+        raise ClrunError(
+            f"backbone.imagenet_head=true: method {cfg.method.name} builds its own heads and cannot start task 0's "
+            f"from the pretrained classifier; set backbone.imagenet_head=false"
         )
     check_known_keys(cfg)
     check_ranges(cfg)

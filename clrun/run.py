@@ -87,7 +87,7 @@ class Run:
         cfg = self.cfg
         hw = resolve_hardware(cfg.hardware)
         torch.manual_seed(cfg.seed)
-        stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
+        stream = build_stream(cfg.stream, cfg.data, cfg.seed, hw.device, self.console)
         method = method_class(cfg.method, cfg.backbone, stream, hw)
         accuracy_rows, task_rows = self._resume(method)
         names = [task.name for task in stream.tasks]
@@ -115,6 +115,7 @@ class Run:
                         "task": task.index,
                         "name": task.name,
                         "n_train": len(task.train),
+                        "skipped_files": task.skipped,
                         "wall_s": time.perf_counter() - start,
                         **stats,
                         "params": footprint.params,

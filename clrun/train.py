@@ -15,7 +15,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clrun.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, NULL_OR_AT_LEAST_1, POSITIVE, Rule, checked
-from clrun.data import iterate, prepare
+from clrun.data import iterate
 from clrun.data.stream import Split, Stream
 from clrun.hardware import Hardware
 
@@ -200,11 +200,11 @@ class Trainer:
         for epoch in range(epochs):
             loss_sum = torch.zeros((), device=hw.device)
             seen = 0
-            for batch_index, batch in enumerate(iterate(data, recipe.batch_size, shuffle=True)):
+            for batch_index, batch in enumerate(iterate(data, recipe.batch_size, shuffle=True, device=hw.device)):
                 if number == total_steps:
                     break
                 step = Step(number, epoch, batch_index, batches, seen, n)
-                x = hw.to_input(prepare(batch[0], self.stream.mean, self.stream.std, self.stream.augment))
+                x = hw.to_input(self.stream.prepare(batch[0], train=True))
                 with hw.autocast():
                     value = loss(x, *batch[1:], step)
                 for optimizer in optimizers:
@@ -237,8 +237,8 @@ class Trainer:
 def eval_batches(tensors: tuple[torch.Tensor, ...], stream: Stream, hw: Hardware, batch_size: int):
     """Batches of `tensors` (uint8 images first, then any aligned rows) in order, the images prepared as at
     test time (no augmentation)."""
-    for x, *rest in iterate(tensors, batch_size, shuffle=False):
-        yield hw.to_input(prepare(x, stream.mean, stream.std, augment=False)), *rest
+    for x, *rest in iterate(tensors, batch_size, shuffle=False, device=hw.device):
+        yield hw.to_input(stream.prepare(x, train=False)), *rest
 
 
 @torch.no_grad()
@@ -258,7 +258,7 @@ def accuracy(
     predict: Callable[[torch.Tensor], torch.Tensor], split: Split, stream: Stream, hw: Hardware, batch_size: int
 ) -> float:
     """Top-1 accuracy of `predict` (float images -> logits) on a split."""
-    correct = torch.zeros((), dtype=torch.long, device=split.y.device)
+    correct = torch.zeros((), dtype=torch.long, device=hw.device)
     for x, y in eval_batches((split.x, split.y), stream, hw, batch_size):
         with hw.autocast():
             logits = predict(x)
@@ -278,8 +278,8 @@ def agnostic_accuracy(
     """Top-1 accuracy on task `task`'s split of a prediction made without its task id (labels as
     `stream.targets` gives them), and the share of images whose inferred task was `task` (NaN when
     `predict` infers none)."""
-    correct = torch.zeros((), dtype=torch.long, device=split.y.device)
-    right_task = torch.zeros((), dtype=torch.long, device=split.y.device)
+    correct = torch.zeros((), dtype=torch.long, device=hw.device)
+    right_task = torch.zeros((), dtype=torch.long, device=hw.device)
     inferring = False
     for x, y in eval_batches((split.x, split.y), stream, hw, batch_size):
         with hw.autocast():

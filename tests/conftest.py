@@ -14,7 +14,8 @@ from rich.console import Console
 from clrun import results
 from clrun.cli import compose
 from clrun.config import check_config
-from clrun.data import build_stream, prepare
+from clrun.data import build_stream
+from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
 from clrun.run import Run
 
@@ -54,14 +55,14 @@ def build_method(method_class, *overrides: str):
     configured = check_config(cfg)
     hw = resolve_hardware(cfg.hardware)
     torch.manual_seed(cfg.seed)
-    stream = build_stream(cfg.stream, cfg.data.root, cfg.data.download, cfg.seed, hw.device)
+    stream = build_stream(cfg.stream, cfg.data, cfg.seed, hw.device)
     method_class = method_class or configured
     return method_class(cfg.method, cfg.backbone, stream, hw), stream, cfg
 
 
 def task_inputs(stream, task: int):
     """Task `task`'s test images of `stream`, prepared as evaluation prepares them (no augmentation)."""
-    return prepare(stream.tasks[task].test.x, stream.mean, stream.std, augment=False)
+    return stream.prepare(stream.tasks[task].test.x, train=False)
 
 
 def needs_shared(*parts: str) -> pytest.MarkDecorator:
@@ -99,3 +100,23 @@ def run_interrupted_then_resumed(tmp_path: Path, *overrides: str, after_tasks: i
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path, *overrides, name="resumed")
     return run(tmp_path, *overrides, name="resumed")[1]
+
+
+def one_line_error(match: str, call, *args, **keys) -> str:
+    """The message of the `ClrunError` that `call(*args, **keys)` raises, checked to match and to be one line."""
+    with pytest.raises(ClrunError, match=match) as info:
+        call(*args, **keys)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+# an image-file stream cut to 2 tasks of 16x16 images, a few steps of finetune on an MLP (relative data.cache: the
+# run's working folder)
+IMAGE_RUN = ["data.cache=cache", "stream.n_tasks=2", "stream.image_size=[16,16]", "stream.input_size=[16,16]"]
+IMAGE_RUN += ["backbone=mlp", "method=finetune", "method.train.iterations=2", "hardware=cpu"]
+
+
+def run_tables(cwd: Path, pattern: str = "*") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """tasks.parquet and accuracy.parquet of the one run under `cwd`/outputs/runs whose folder matches `pattern`."""
+    (run_dir,) = (p.parent for p in (cwd / "outputs" / "runs").glob(f"{pattern}/summary.parquet"))
+    return pd.read_parquet(run_dir / "tasks.parquet"), pd.read_parquet(run_dir / "accuracy.parquet")

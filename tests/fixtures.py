@@ -1,4 +1,5 @@
-"""Writers of small fake MNIST, CIFAR-10 and CIFAR-100 copies in the exact official on-disk formats.
+"""Writers of small fake MNIST, CIFAR-10 and CIFAR-100 copies in the exact official on-disk formats, and of image
+files for the image-folder readers' copies.
 
 Images are seeded random bytes; labels cycle through every class. Each writer returns
 what it wrote, as numpy arrays, so tests can compare a reader's output with it.
@@ -9,6 +10,10 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
 
 CIFAR100_FINE_NAMES = (
     "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
@@ -107,3 +112,24 @@ def write_cifar100(root: Path, n_train: int, n_test: int) -> dict[str, tuple[np.
 def _pickle(path: Path, obj: dict) -> None:
     with path.open("wb") as f:
         pickle.dump(obj, f, protocol=2)
+
+
+def write_image(path: Path, shade: int = 100) -> Path:
+    """A real 20x16 RGB image file, JPEG or PNG by the suffix, its colour set by `shade`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 16), (shade, 255 - shade, 40)).save(path)
+    return path
+
+
+def torchvision_model(name: str) -> nn.Module:
+    """torchvision's `name` with random weights and random batch-norm statistics, in eval mode."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model

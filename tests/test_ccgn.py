@@ -18,7 +18,6 @@ from conftest import (
     task_inputs,
 )
 
-from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.ccgn import CCGN
 from clrun.methods.parts.replay import Memory, herding
@@ -94,7 +93,7 @@ def test_herding_memory_holds_each_class_picks_on_its_task_branch_features():
     )
     for task in stream.tasks:
         method.learn(task)
-        images = prepare(task.train.x, stream.mean, stream.std, augment=False)  # as at test time
+        images = stream.prepare(task.train.x, train=False)  # as at test time
         features = method.features(images, task.index)
         quota = budget // (2 * (task.index + 1))  # two classes per task
         for c in range(2):

@@ -10,7 +10,6 @@ import torch
 from conftest import build_method, matrix, run, run_interrupted_then_resumed
 
 from clrun import results
-from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.cpg import CPG, cubic_sparsity, forced_sparsity
 from clrun.methods.parts.goals import load_goals
@@ -51,7 +50,7 @@ def make_method(*overrides: str) -> CPG:
 
 def inputs(method: CPG, task: int) -> torch.Tensor:
     stream = method.stream
-    return prepare(stream.tasks[task].test.x[:32], stream.mean, stream.std, augment=False)
+    return stream.prepare(stream.tasks[task].test.x[:32], train=False)
 
 
 @torch.no_grad()

@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from conftest import SHARED_DATA, clrun, needs_shared
+from conftest import SHARED_DATA, clrun, needs_shared, one_line_error, run_tables
 from fixtures import CIFAR100_COARSE_OF_FINE, CIFAR100_FINE_NAMES, write_cifar10, write_cifar100, write_idx, write_mnist
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.config import SplitRule, StreamConfig
-from clrun.data import build_stream, iterate, prepare
+from clrun.config import DataConfig, SplitRule, StreamConfig
+from clrun.data import batches, build_stream, iterate, prepare
+from clrun.data.batches import InputView
 from clrun.data.readers import read_cifar10, read_cifar100, read_cifar100_names, read_fashion_mnist, read_mnist
 from clrun.data.synthetic import make_synthetic
 from clrun.errors import ClrunError
@@ -30,14 +31,8 @@ def stream_cfg(**fields):
 
 
 def build(root, seed=0, **fields):
-    return build_stream(stream_cfg(**fields), str(root), download=False, seed=seed, device="cpu")
-
-
-def one_line_error(match, fn, *args):
-    with pytest.raises(ClrunError, match=match) as info:
-        fn(*args)
-    assert "\n" not in str(info.value)
-    return str(info.value)
+    data = OmegaConf.structured(DataConfig(root=str(root), cache=str(Path(root) / "cache")))
+    return build_stream(stream_cfg(**fields), data, seed=seed, device="cpu")
 
 
 # readers
@@ -172,7 +167,7 @@ def test_cifar100_superclass_split(tmp_path):
     write_cifar100(tmp_path, 300, 200)
     stream = build(tmp_path, dataset="cifar100", split=SplitRule.superclass, n_tasks=20, classes_per_task=5)
     assert len(stream) == 20 and stream.input_shape == (3, 32, 32)
-    assert stream.mean == (0.5071, 0.4865, 0.4409)
+    assert stream.view.mean == (0.5071, 0.4865, 0.4409)
     names = [[CIFAR100_FINE_NAMES[c] for c in task.classes] for task in stream.tasks]
     assert names[0] == ["beaver", "dolphin", "otter", "seal", "whale"]
     assert names[19] == ["lawn_mower", "rocket", "streetcar", "tank", "tractor"]
@@ -209,7 +204,7 @@ def test_split_mnist_on_real_data(caplog):
         stream = build(SHARED_DATA, dataset="mnist", n_tasks=5, classes_per_task=2)
     assert "partial" not in caplog.text
     assert len(stream) == 5 and stream.input_shape == (1, 28, 28)
-    assert stream.mean == (0.1307,) and stream.std == (0.3081,)
+    assert stream.view.mean == (0.1307,) and stream.view.std == (0.3081,)
     for k, task in enumerate(stream.tasks):
         assert task.classes == [2 * k, 2 * k + 1] and task.name == f"{2 * k}-{2 * k + 1}"
         assert task.train.x.dtype == torch.uint8 and task.train.y.dtype == torch.int64
@@ -304,7 +299,7 @@ def test_root_expands_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     stream = build("~/data", dataset="cifar10", n_tasks=5, augment=True)
     assert [t.name for t in stream.tasks] == ["0-1", "2-3", "4-5", "6-7", "8-9"]
-    assert stream.augment and stream.std == (0.2470, 0.2435, 0.2616)
+    assert stream.view.augment and stream.view.std == (0.2470, 0.2435, 0.2616)
     assert sum(len(t.train) for t in stream.tasks) == 20
 
 
@@ -325,8 +320,8 @@ def test_synthetic_stream(tmp_path):
     assert [t.name for t in stream.tasks] == ["0-1", "2-3", "4-5"]
     assert all(len(t.train) == 1000 and len(t.test) == 400 for t in stream.tasks)
     pixels = torch.cat([t.train.x for t in stream.tasks]).float() / 255
-    assert torch.allclose(torch.tensor(stream.mean), pixels.mean((0, 2, 3)), atol=1e-4)
-    assert torch.allclose(torch.tensor(stream.std), pixels.std((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(torch.tensor(stream.view.mean), pixels.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(torch.tensor(stream.view.std), pixels.std((0, 2, 3)), atol=1e-4)
     odd = build(tmp_path, dataset="synthetic", n_tasks=2, classes_per_task=3, train_per_task=100, test_per_task=10)
     assert [(len(t.train), len(t.test)) for t in odd.tasks] == [(100, 10), (100, 10)]
     rotated = build(tmp_path, dataset="synthetic", split=SplitRule.rotation, n_tasks=2, classes_per_task=4)
@@ -344,12 +339,12 @@ def test_synthetic_task_is_learnable_but_not_trivial():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     for x, y in iterate((x_train, y_train), 32, shuffle=True):  # one epoch
-        loss = nn.functional.cross_entropy(model(prepare(x, mean, std, False)), y)
+        loss = nn.functional.cross_entropy(model(prepare(x, InputView(mean, std), train=False)), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        accuracy = (model(prepare(x_test, mean, std, False)).argmax(1) == y_test).float().mean().item()
+        accuracy = (model(prepare(x_test, InputView(mean, std), train=False)).argmax(1) == y_test).float().mean().item()
     assert 0.7 < accuracy < 0.99
 
 
@@ -358,7 +353,7 @@ def test_synthetic_task_is_learnable_but_not_trivial():
 
 def test_prepare_without_augmentation_is_normalisation():
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    out = prepare(x, (0.1, 0.2, 0.3), (0.5, 0.25, 2.0), augment=False)
+    out = prepare(x, InputView((0.1, 0.2, 0.3), (0.5, 0.25, 2.0), augment=True), train=False)
     assert out.dtype == torch.float32 and out.shape == x.shape
     expected = (x.float() / 255 - torch.tensor([0.1, 0.2, 0.3])[:, None, None]) / torch.tensor([0.5, 0.25, 2.0])[
         :, None, None
@@ -370,9 +365,9 @@ def test_prepare_without_augmentation_is_normalisation():
 def test_prepare_with_augmentation_crops_and_flips():
     x = torch.randint(1, 256, (128, 3, 12, 10), dtype=torch.uint8)  # no zeros: padding is recognisable
     torch.manual_seed(7)
-    out = prepare(x, (0.0,) * 3, (1.0,) * 3, augment=True)
+    out = prepare(x, InputView((0.0,) * 3, (1.0,) * 3, augment=True), train=True)
     torch.manual_seed(7)
-    assert torch.equal(out, prepare(x, (0.0,) * 3, (1.0,) * 3, augment=True))
+    assert torch.equal(out, prepare(x, InputView((0.0,) * 3, (1.0,) * 3, augment=True), train=True))
     assert out.shape == x.shape
     images = (out * 255).round().to(torch.uint8)
     padded = nn.functional.pad(x, (4, 4, 4, 4))
@@ -431,3 +426,59 @@ def test_split_fashion_mnist_on_the_real_subset_through_the_cli(tmp_path):
     accuracy = pd.read_parquet(run_dir / "accuracy.parquet")
     assert accuracy["eval_task_name"].tolist() == ["0-1", "0-1", "2-3"]
     assert (accuracy["accuracy"] > 0.8).all()  # t-shirt vs trouser and pullover vs dress are easy
+
+
+def batches_of(batched) -> list[torch.Tensor]:
+    """Each batch's tensors on the CPU, concatenated along the last dimension (flattened) for comparison."""
+    return [torch.cat([t.cpu().flatten(1) if t.dim() > 1 else t.cpu()[:, None] for t in batch], 1) for batch in batched]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_chunks_of_a_memory_map_give_the_in_memory_batches(tmp_path, monkeypatch, shuffle):
+    monkeypatch.setattr(batches, "CHUNK_BATCHES", 3)  # 103 rows in batches of 10: chunks of 30, the last partial
+    images = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.uint8, shape=(103, 3, 4, 4))
+    images[:] = np.random.default_rng(0).integers(0, 256, images.shape)
+    mapped, labels = torch.from_numpy(images), torch.arange(103)
+    torch.manual_seed(5)
+    expected = batches_of(iterate((mapped.clone(), labels), 10, shuffle))
+    torch.manual_seed(5)
+    order = torch.randperm(103) if shuffle else None
+    chunked = batches_of(batches._chunked((mapped, labels), 10, order, torch.device("cpu")))
+    assert [len(b) for b in chunked] == [10] * 10 + [3]
+    assert all(torch.equal(got, want) for got, want in zip(chunked, expected, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: host images copied to the device in chunks")
+def test_host_images_reach_cuda_in_the_batches_of_device_resident_ones(monkeypatch):
+    images, labels = torch.randint(0, 256, (1000, 3, 8, 8), dtype=torch.uint8), torch.arange(1000)
+    torch.manual_seed(2)
+    resident = batches_of(iterate((images.cuda(), labels.cuda()), 32, shuffle=True, device="cuda"))
+    torch.manual_seed(2)
+    streamed = batches_of(iterate((images, labels), 32, shuffle=True, device="cuda"))
+    assert all(torch.equal(got, want) for got, want in zip(streamed, resident, strict=True))
+    monkeypatch.setattr(batches, "_chunked", None)  # device-resident tensors named by `cuda` are not chunked
+    assert len(list(iterate((images.cuda(), labels.cuda()), 32, shuffle=True, device="cuda"))) == 32
+
+
+def test_label_permutation_split(tmp_path):
+    write_mnist(tmp_path, 50, 20)
+    stream = build(tmp_path, dataset="mnist", split=SplitRule.label_permutation, n_tasks=3, split_seed=4)
+    first = stream.tasks[0]
+    assert [t.name for t in stream.tasks] == ["labels0", "labels1", "labels2"] and first.classes == list(range(10))
+    for task in stream.tasks:  # the same images; task k's label of digit d is the position of d in its classes
+        assert sorted(task.classes) == list(range(10)) and torch.equal(task.train.x, first.train.x)
+        for split, digits in ((task.train, first.train.y), (task.test, first.test.y)):
+            assert torch.equal(split.y, torch.tensor([task.classes.index(d) for d in digits.tolist()]))
+    assert len({tuple(t.classes) for t in stream.tasks}) == 3
+    again = build(tmp_path, dataset="mnist", split=SplitRule.label_permutation, n_tasks=3, split_seed=4)
+    assert [t.classes for t in again.tasks] == [t.classes for t in stream.tasks]
+
+
+def test_label_permuted_mnist_through_the_cli(tmp_path):
+    write_mnist(tmp_path / "data", 40, 20)
+    tiny = ["stream.n_tasks=2", "method=finetune", "method.train.iterations=2", "hardware=cpu", "backbone=mlp"]
+    done = clrun(tmp_path, "stream=label_permuted_mnist", f"data.root={tmp_path / 'data'}", *tiny)
+    assert done.returncode == 0, done.stderr
+    tasks, accuracy = run_tables(tmp_path)
+    assert tasks.name.tolist() == ["labels0", "labels1"] and tasks.n_train.tolist() == [40, 40]
+    assert set(accuracy.eval_mode) == {"task_agnostic"} and set(accuracy.n_samples) == {20}

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
 
-from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.hn import HN, candidate_step
 from clrun.methods.pah import PAH, distillation
@@ -182,7 +181,7 @@ def test_pah_semantic_init_is_the_centre_crop_of_a_training_image_left_out(monke
     method.learn(task)
     sources = method.sources[0]
     assert task.train.y[sources].tolist() == [0, 1]  # one image per class
-    images = prepare(task.train.x[sources], stream.mean, stream.std, augment=False)
+    images = stream.prepare(task.train.x[sources], train=False)
     assert torch.equal(seen["prototypes"], images[:, :, 9:19, 9:19].mean(1, keepdim=True))  # 10 x 10 centre of 28
     keep = torch.ones(len(task.train), dtype=torch.bool)
     keep[sources] = False

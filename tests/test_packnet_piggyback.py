@@ -10,7 +10,6 @@ from conftest import build_method, compose_config, matrix, run, run_interrupted_
 from omegaconf import OmegaConf
 
 from clrun import results
-from clrun.data import prepare
 from clrun.errors import ClrunError
 from clrun.methods.packnet import prune_fraction
 from clrun.models.shared_net import shared_layers
@@ -61,7 +60,7 @@ def build(*overrides: str):
 
 def probe(stream) -> list[torch.Tensor]:
     """A fixed batch of prepared test images per task."""
-    return [prepare(task.test.x[:32], stream.mean, stream.std, augment=False) for task in stream.tasks]
+    return [stream.prepare(task.test.x[:32], train=False) for task in stream.tasks]
 
 
 # ---- both methods ------------------------------------------------------------------------------

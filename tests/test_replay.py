@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import SHARED_DATA, TINY_STREAM, build_method, matrix, needs_shared, run
 
-from clrun.data import prepare
 from clrun.data.stream import Split, Task
 from clrun.methods.er import ER
 from clrun.methods.parts.replay import Memory, herding, with_replay
@@ -198,7 +197,7 @@ def test_herding_memory_holds_each_class_picks_on_the_backbone_features(method):
     )
     for task in stream.tasks[:2]:
         method.learn(task)
-        images = prepare(task.train.x, stream.mean, stream.std, augment=False)  # as at test time
+        images = stream.prepare(task.train.x, train=False)  # as at test time
         features = method.model.eval().features(images)
         quota = budget // (2 * (task.index + 1))  # two classes per task
         for c in range(2):

@@ -59,7 +59,7 @@ def test_class_scenario_logits_are_the_heads_concatenated_and_domain_shares_one_
 
 def test_class_scenario_targets_shift_by_the_classes_of_earlier_tasks():
     cfg = compose_config(*TINY, "stream.scenario=class")
-    stream = build_stream(cfg.stream, cfg.data.root, False, 0, "cpu")
+    stream = build_stream(cfg.stream, cfg.data, 0, "cpu")
     stream.tasks[1].classes = [7, 8, 9]  # unequal class counts: offsets follow them
     assert [stream.class_offset(k) for k in range(3)] == [0, 2, 5]
     y, t = torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 1, 2])

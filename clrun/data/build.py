@@ -1,20 +1,42 @@
-"""Build a task stream from a stream config: load a dataset, cut it into tasks, place it on the device."""
+"""Build a task stream from a stream config: load a dataset (image files through the decoded-image cache), cut it
+into tasks, place it on the device where it fits."""
 
+import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+from rich.console import Console
 from torchvision.transforms.functional import InterpolationMode, rotate
 
-from clrun.config import SplitRule
-from clrun.data.readers import DATASETS, SYNTHETIC, check_dataset, is_reader, read_cifar100_names, read_custom
+from clrun.config import Normalization, SplitRule
+from clrun.data.batches import InputView
+from clrun.data.cache import decode_images
+from clrun.data.image_files import ImageFiles, TaskFiles
+from clrun.data.readers import (
+    DATASETS,
+    READER_KEY,
+    SYNTHETIC,
+    check_dataset,
+    is_reader,
+    read_cifar100_names,
+    read_custom,
+    read_image_files,
+    warn_if_partial,
+)
 from clrun.data.stream import Split, Stream, Task
 from clrun.data.synthetic import make_synthetic
 from clrun.errors import ClrunError
 
+log = logging.getLogger("clrun")
+
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 SYNTHETIC_PER_TASK = (1000, 400)  # synthetic training and test images per task when the config leaves them null
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DEVICE_SHARE = 0.5  # the stream's images stay on a CUDA device when they take at most this share of its free memory
 
 # CPG's 20 CIFAR-100 tasks: the superclasses in coarse-label order, each with its fine classes alphabetically
 SUPERCLASSES = {
@@ -41,8 +63,25 @@ SUPERCLASSES = {
 }
 
 
-def build_stream(cfg, root: str, download: bool, seed: int, device: torch.device | str) -> Stream:
-    """The stream a StreamConfig node describes, uint8 images on `device`.
+@dataclass
+class Loaded:
+    """A dataset as loaded: uint8 images and labels of each split, the class count, how to get the dataset's own
+    (mean, std) (called only when `stream.normalize=dataset`: a pass over every training image), the tasks its
+    release fixes (None: the split rule cuts), and the labels of files skipped as corrupt."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    n_classes: int
+    stats: Callable[[], tuple[tuple[float, ...], tuple[float, ...]]]
+    tasks: tuple[TaskFiles, ...] | None = None
+    train_rows: torch.Tensor | None = None  # per decoded image, its index in the reader's list (release tasks)
+    test_rows: torch.Tensor | None = None
+    skipped_labels: list[int] = field(default_factory=list)
+
+
+def build_stream(cfg, data, seed: int, device: torch.device | str, console: Console | None = None) -> Stream:
+    """The stream a StreamConfig node describes, with uint8 images on `device` where they fit (`data`: the run's
+    DataConfig: root, download, cache, skip_corrupt; `console`: where the cache shows its progress).
 
     Class order, permutations, subsets and synthetic images come from `cfg.split_seed`,
     or from `seed` when it is null. Task k's local label i is global class `classes[i]`.
@@ -53,36 +92,132 @@ def build_stream(cfg, root: str, download: bool, seed: int, device: torch.device
         raise ClrunError(f"stream {cfg.name}: n_tasks and classes_per_task must be at least 1")
     stream_seed = seed if cfg.split_seed is None else cfg.split_seed
     g = torch.Generator().manual_seed(stream_seed)
-    (x_train, y_train), (x_test, y_test), n_classes, (mean, std) = _load(cfg, kind, root, download, stream_seed)
-    specs = _task_specs(cfg, kind, n_classes, x_train.shape, root, download, g)
+    loaded = _load(cfg, kind, data, stream_seed, console)
+    (x_train, y_train), (x_test, y_test) = loaded.train, loaded.test
+    specs = _task_specs(cfg, kind, loaded, x_train.shape, data.root, data.download, g)
+    device = torch.device(device)
+    place = device if _fits(device, x_train, x_test) else torch.device("cpu")
     tasks = []
-    for index, (name, classes, transform) in enumerate(specs):
-        train = _task_split(x_train, y_train, classes, cfg.train_per_task, transform, g, device)
-        test = _task_split(x_test, y_test, classes, cfg.test_per_task, transform, g, device)
+    for index, (name, classes, transform, rows) in enumerate(specs):
+        train = _task_split(x_train, y_train, classes, cfg.train_per_task, transform, g, place, rows[0])
+        test = _task_split(x_test, y_test, classes, cfg.test_per_task, transform, g, place, rows[1])
         if not len(train) or not len(test):
-            raise ClrunError(f"stream {cfg.name}: task {name} has no {'training' if not len(train) else 'test'} images")
-        tasks.append(Task(index, name, classes, train, test))
-    return Stream(cfg.name, tasks, tuple(x_train.shape[1:]), mean, std, bool(cfg.augment), cfg.scenario.value)
+            split = "training" if not len(train) else "test"
+            raise ClrunError(
+                f"stream {cfg.name}: task {name} has no {split} images; add its {split} files under data.root, "
+                f"or leave the task out of the stream (e.g. stream.dataset.datasets, stream.n_tasks)"
+            )
+        skipped = sum(label in classes for label in loaded.skipped_labels)
+        tasks.append(Task(index, name, classes, train, test, skipped))
+    view = _input_view(cfg, loaded.stats, tuple(x_train.shape[1:]))
+    input_shape = (x_train.shape[1], *view.size) if view.size else tuple(x_train.shape[1:])
+    return Stream(cfg.name, tasks, input_shape, view, cfg.scenario.value, device)
 
 
-def _load(cfg, kind: SplitRule, root: str, download: bool, seed: int):
-    """Training and test (images, labels), the class count and the (mean, std) of the stream's dataset (the
-    synthetic one and a user's reader: measured on the training images)."""
+def _input_view(cfg, stats, image_shape: tuple[int, ...]) -> InputView:
+    """The stream's InputView: its augmentation keys and the normalisation `stream.normalize` names."""
+    if cfg.normalize is Normalization.dataset:
+        mean, std = stats()
+    elif cfg.normalize is Normalization.imagenet:
+        mean, std = IMAGENET_STATS
+    else:
+        mean, std = (0.5,) * image_shape[0], (0.5,) * image_shape[0]
+    if len(mean) != image_shape[0]:
+        channels = f"{len(mean)} channels, the images {image_shape[0]}"
+        raise ClrunError(f"stream.normalize={cfg.normalize.value} has {channels}")
+    size = tuple(cfg.input_size) if cfg.input_size is not None else None
+    if size is not None and (len(size) != 2 or size[0] > image_shape[1] or size[1] > image_shape[2]):
+        images = f"{image_shape[1]}x{image_shape[2]}"
+        raise ClrunError(f"stream.input_size={list(size)} must be [H, W] no larger than the images ({images})")
+    return InputView(
+        tuple(mean),
+        tuple(std),
+        bool(cfg.augment),
+        size,
+        cfg.crop.value,
+        cfg.padding,
+        tuple(cfg.scale),
+        tuple(cfg.ratio),
+        cfg.flip,
+        cfg.cutout,
+    )
+
+
+def _fits(device: torch.device, *images: torch.Tensor) -> bool:
+    """Whether images fit on `device` (always on the CPU; on CUDA within DEVICE_SHARE of its free memory)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(x.numel() for x in images) <= DEVICE_SHARE * free
+
+
+def _load(cfg, kind: SplitRule, data, seed: int, console: Console | None) -> Loaded:
+    """The stream's dataset: a reader of image files (decoded once into the cache), a reader of tensors, the
+    synthetic images, or a built-in dataset."""
+    root, download = data.root, data.download
     if is_reader(cfg.dataset):
+        files = read_image_files(cfg.dataset, root)
+        if files is not None:
+            return _decode(cfg, files, data, console)
         train, test = (read_custom(cfg.dataset, root, is_train) for is_train in (True, False))
-        return train, test, int(train[1].max()) + 1, _channel_stats(train[0])
+        return Loaded(train, test, int(train[1].max()) + 1, partial(_channel_stats, train[0]))
     if cfg.dataset == SYNTHETIC:
-        domain = kind in (SplitRule.permutation, SplitRule.rotation)
+        domain = kind in (SplitRule.permutation, SplitRule.rotation, SplitRule.label_permutation)
         n_classes = cfg.classes_per_task * (1 if domain else cfg.n_tasks)
         sizes = zip((cfg.train_per_task, cfg.test_per_task), SYNTHETIC_PER_TASK, strict=True)
         per_task = [default if n is None else n for n, default in sizes]
         x_train, y_train, x_test, y_test = make_synthetic(
             n_classes, *(math.ceil(n / cfg.classes_per_task) for n in per_task), seed
         )
-        return (x_train, y_train), (x_test, y_test), n_classes, _channel_stats(x_train)
+        return Loaded((x_train, y_train), (x_test, y_test), n_classes, partial(_channel_stats, x_train))
     dataset = DATASETS[cfg.dataset]
     train, test = (dataset.read(root, is_train, download)[:2] for is_train in (True, False))
-    return train, test, dataset.n_classes, (dataset.mean, dataset.std)
+    return Loaded(train, test, dataset.n_classes, lambda: (dataset.mean, dataset.std))
+
+
+def _decode(cfg, files: ImageFiles, data, console: Console | None) -> Loaded:
+    """An image-file dataset's splits decoded through the cache at `stream.image_size`."""
+    if cfg.image_size is None or len(cfg.image_size) != 2:
+        raise ClrunError(
+            f"stream {cfg.name} reads image files: set stream.image_size=[H,W], the size they are decoded to"
+        )
+    target = cfg.dataset._target_
+    splits = (files.train, files.test)
+    for official, split, part in zip(files.official or (None, None), splits, ("training", "test"), strict=True):
+        warn_if_partial(f"{READER_KEY}={target}", official, len(split), part)
+    size = (int(cfg.image_size[0]), int(cfg.image_size[1]))
+    decoded = [
+        decode_images(
+            split,
+            size,
+            cfg.resize.value,
+            data.cache,
+            name=f"{cfg.name}-{part}",
+            skip_corrupt=data.skip_corrupt,
+            console=console,
+        )
+        for part, split in (("train", files.train), ("test", files.test))
+    ]
+    train, test = decoded
+    skipped_labels = [
+        split.labels[i] for split, d in zip((files.train, files.test), decoded, strict=True) for i in _skipped(split, d)
+    ]
+    return Loaded(
+        (train.images, train.labels),
+        (test.images, test.labels),
+        len(files.classes),
+        partial(_measured_stats, train.images),
+        files.tasks,
+        train.kept,
+        test.kept,
+        skipped_labels,
+    )
+
+
+def _skipped(files, decoded) -> list[int]:
+    """Positions in the reader's list of the files the cache skipped as corrupt."""
+    kept = set(decoded.kept.tolist())
+    return [i for i in range(len(files)) if i not in kept]
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -91,19 +226,50 @@ def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float
     return tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
 
 
+def _measured_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1], summed `chunk` images at a time in float64 (the
+    decoded images of a file dataset can be larger than memory)."""
+    channels = images.shape[1]
+    total, squares = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        pixels = images[start : start + chunk].to(torch.float64).div_(255)
+        total += pixels.sum((0, 2, 3))
+        squares += pixels.square().sum((0, 2, 3))
+    count = max(images.numel() // channels, 2)
+    mean = total / count
+    std = ((squares - count * mean.square()) / (count - 1)).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+TaskSpec = tuple[str, list[int], Transform | None, tuple[torch.Tensor | None, torch.Tensor | None]]
+EVERY_ROW = (None, None)  # a task's images are those of its classes
+
+
 def _task_specs(
-    cfg, kind: SplitRule, n_classes: int, shape: torch.Size, root: str, download: bool, g: torch.Generator
-) -> list[tuple[str, list[int], Transform | None]]:
-    """Each task's name, global classes and input transform (None: the images as they are)."""
+    cfg, kind: SplitRule, loaded: Loaded, shape: torch.Size, root: str, download: bool, g: torch.Generator
+) -> list[TaskSpec]:
+    """Each task's name, global classes, input transform (None: the images as they are) and, for tasks a
+    release fixes, which decoded rows of each split may belong to it."""
+    n_classes = loaded.n_classes
     every = list(range(n_classes))
+    if kind is SplitRule.release:
+        return _release_tasks(cfg, loaded)
+    if loaded.tasks is not None:
+        raise ClrunError(f"stream {cfg.name}: its dataset's release fixes the tasks: set stream.split=release")
     if kind is SplitRule.permutation:
         perms = [torch.randperm(shape[2] * shape[3], generator=g) for _ in range(cfg.n_tasks - 1)]
-        return [("perm0", every, None)] + [(f"perm{k + 1}", every, _permute(p)) for k, p in enumerate(perms)]
+        specs = [("perm0", every, None)] + [(f"perm{k + 1}", every, _permute(p)) for k, p in enumerate(perms)]
+        return [(*spec, EVERY_ROW) for spec in specs]
+    if kind is SplitRule.label_permutation:
+        orders = [torch.randperm(n_classes, generator=g).tolist() for _ in range(cfg.n_tasks - 1)]
+        return [("labels0", every, None, EVERY_ROW)] + [
+            (f"labels{k + 1}", order, None, EVERY_ROW) for k, order in enumerate(orders)
+        ]
     if kind is SplitRule.rotation:
         degrees = [k * cfg.max_rotation / cfg.n_tasks for k in range(cfg.n_tasks)]
-        return [(f"rot{k}_{d:g}deg", every, _rotate(d) if d else None) for k, d in enumerate(degrees)]
+        return [(f"rot{k}_{d:g}deg", every, _rotate(d) if d else None, EVERY_ROW) for k, d in enumerate(degrees)]
     if kind is SplitRule.superclass:
-        return [(name, classes, None) for name, classes in _superclass_tasks(cfg, root, download)]
+        return [(name, classes, None, EVERY_ROW) for name, classes in _superclass_tasks(cfg, root, download)]
     c = cfg.classes_per_task
     if cfg.n_tasks * c > n_classes:
         raise ClrunError(
@@ -112,7 +278,24 @@ def _task_specs(
         )
     order = every if kind is SplitRule.contiguous else torch.randperm(n_classes, generator=g).tolist()
     cuts = [order[k * c : (k + 1) * c] for k in range(cfg.n_tasks)]
-    return [("-".join(map(str, classes)), classes, None) for classes in cuts]
+    return [("-".join(map(str, classes)), classes, None, EVERY_ROW) for classes in cuts]
+
+
+def _release_tasks(cfg, loaded: Loaded) -> list[TaskSpec]:
+    """The first `n_tasks` tasks the dataset's release fixes, each restricted to the decoded rows its files
+    became."""
+    if loaded.tasks is None:
+        raise ClrunError(f"stream {cfg.name}: split release needs a dataset whose reader lists its tasks")
+    if cfg.n_tasks > len(loaded.tasks):
+        raise ClrunError(f"stream {cfg.name}: the release has {len(loaded.tasks)} tasks, not {cfg.n_tasks}")
+    specs = []
+    for task in loaded.tasks[: cfg.n_tasks]:
+        rows = tuple(
+            None if listed is None else torch.isin(kept, torch.tensor(listed, dtype=torch.long)).nonzero().squeeze(1)
+            for listed, kept in ((task.train, loaded.train_rows), (task.test, loaded.test_rows))
+        )
+        specs.append((task.name, list(task.classes), None, rows))
+    return specs
 
 
 def _dataset_name(dataset) -> str:
@@ -150,10 +333,14 @@ def _task_split(
     transform: Transform | None,
     g: torch.Generator,
     device: torch.device | str,
+    rows: torch.Tensor | None = None,
 ) -> Split:
-    """The images of `classes` with local labels, a seeded subset of at most `limit`, transformed on `device`."""
+    """The images of `classes` (among `rows`, when given) with local labels, a seeded subset of at most `limit`,
+    transformed, on `device`."""
     wanted = torch.tensor(classes)
     keep = torch.isin(y, wanted).nonzero().squeeze(1)
+    if rows is not None:
+        keep = keep[torch.isin(keep, rows)]
     if limit is not None and len(keep) > limit:
         keep = keep[torch.randperm(len(keep), generator=g)[:limit].sort().values]
     images = x[keep].to(device)

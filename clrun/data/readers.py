@@ -8,6 +8,7 @@ warning: results on them are not comparable with papers.
 """
 
 import gzip
+import inspect
 import logging
 import pickle
 import zlib
@@ -21,6 +22,7 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 
 from clrun.config import import_target
+from clrun.data.image_files import ImageFiles
 from clrun.errors import ClrunError
 
 log = logging.getLogger("clrun")
@@ -171,14 +173,18 @@ def _check_labels(path: Path, labels: np.ndarray, n: int, n_classes: int, key: s
 
 
 def _warn_if_partial(path: Path, dataset: str, train: bool, n: int) -> None:
-    official = _OFFICIAL_SIZE[dataset][0 if train else 1]
-    if n < official:
+    warn_if_partial(f"{path}", _OFFICIAL_SIZE[dataset][0 if train else 1], n, "training" if train else "test")
+
+
+def warn_if_partial(where: str, official: int | None, found: int, split: str) -> None:
+    """Warn (through the `clrun` logger) when a copy of a dataset holds fewer `split` images than the official."""
+    if official is not None and found < official:
         log.warning(
             "%s: %d of the official %d %s images: a partial copy, results are not comparable with papers",
-            path,
-            n,
+            where,
+            found,
             official,
-            "training" if train else "test",
+            split,
         )
 
 
@@ -231,15 +237,40 @@ def check_dataset(stream) -> None:
         )
 
 
+def _reader_keys(dataset: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(dataset, resolve=True).items() if k != "_target_"}
+
+
+def read_image_files(dataset: DictConfig, root: str) -> ImageFiles | None:
+    """The files a reader of an image-file dataset lists, called `_target_(root=root, **its other keys)` (clrun's
+    own, e.g. `clrun.data.cl_benchmarks.read_tiny_imagenet`, or a user's); None when the `_target_` reads tensors
+    instead (it takes a `train` argument: `read_custom`). Partial copies are warned about by the caller."""
+    target = dataset._target_
+    read = import_target(target, READER_KEY)
+    if "train" in inspect.signature(read).parameters:
+        return None
+    try:
+        found = read(root=root, **_reader_keys(dataset))
+    except ClrunError:
+        raise
+    except Exception as error:  # the reader's own code: report whatever it raised, in one line
+        raise ClrunError(f"{READER_KEY}={target} failed: {type(error).__name__}: {_one_line(error)}") from error
+    if not isinstance(found, ImageFiles):
+        wrong = type(found).__name__
+        raise ClrunError(f"{READER_KEY}={target} must return clrun.data.image_files.ImageFiles, not {wrong}")
+    if not len(found.train) and not len(found.test):
+        raise ClrunError(f"{READER_KEY}={target} listed no image files under {root}")
+    return found
+
+
 def read_custom(dataset: DictConfig, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The images uint8 (N, C, H, W) and labels int64 (N,) a user's reader returns for a split: it is called
     `_target_(root=root, train=train, **its other keys)` (`root`: data.root) and returns (images (N, C, H, W) or
     (N, H, W) uint8, integer labels (N,))."""
     target = dataset._target_
     read = import_target(target, READER_KEY)
-    keys = {k: v for k, v in OmegaConf.to_container(dataset, resolve=True).items() if k != "_target_"}
     try:
-        found = read(root=root, train=train, **keys)
+        found = read(root=root, train=train, **_reader_keys(dataset))
     except Exception as error:  # the user's code: report whatever it raised, in one line
         raise ClrunError(f"{READER_KEY}={target} failed: {type(error).__name__}: {_one_line(error)}") from error
     where = f"{READER_KEY}={target} (train={train})"

@@ -1,16 +1,19 @@
-"""Task streams: an ordered list of tasks, each with device-resident uint8 images."""
+"""Task streams: an ordered list of tasks, each with uint8 images (on the device where they fit)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from clrun.data.batches import InputView, prepare
 
 
 @dataclass
 class Split:
     """Images and labels of one split of one task.
 
-    `x` is uint8 (N, C, H, W) on the run's device; `y` is int64 (N,) with labels
-    local to the task (0 .. n_classes-1).
+    `x` is uint8 (N, C, H, W) on the run's device, or in host memory when the stream's images do not fit
+    there (batches are then copied in chunks; see `clrun.data.batches.iterate`); `y` is int64 (N,) with
+    labels local to the task (0 .. n_classes-1), beside `x`.
     """
 
     x: torch.Tensor
@@ -22,13 +25,15 @@ class Split:
 
 @dataclass
 class Task:
-    """One task of a stream: its index, a readable name, the global class ids it covers."""
+    """One task of a stream: its index, a readable name, the global class ids it covers, and how many of its
+    image files were skipped as corrupt (`data.skip_corrupt`)."""
 
     index: int
     name: str
     classes: list[int]
     train: Split
     test: Split
+    skipped: int = 0
 
     @property
     def n_classes(self) -> int:
@@ -37,19 +42,24 @@ class Task:
 
 @dataclass
 class Stream:
-    """An ordered list of tasks sharing one input shape and one normalisation, and the scenario they are
-    learned in: `task`, `class` or `domain` (see `clrun.config.Scenario`)."""
+    """An ordered list of tasks sharing one input view (the network's input shape, augmentation and
+    normalisation), the scenario they are learned in (`task`, `class` or `domain`; see
+    `clrun.config.Scenario`) and the device batches are prepared on."""
 
     name: str
     tasks: list[Task]
     input_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool
+    view: InputView
     scenario: str = "task"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __len__(self) -> int:
         return len(self.tasks)
+
+    def prepare(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """Network inputs from uint8 images (moved to the stream's device first), as `self.view` says: augmented
+        when `train` and the stream augments, otherwise as at test time."""
+        return prepare(x.to(self.device, non_blocking=True), self.view, train)
 
     def class_offset(self, task: int) -> int:
         """Where task `task`'s classes start in the class scenario's one growing head."""

@@ -40,7 +40,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from clrun.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, checked
-from clrun.data import prepare
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
 from clrun.methods.base import Method, PerTaskMethodConfig
@@ -191,7 +190,7 @@ class PAH(Method):
                     raise ClrunError(f"pah: task {task.index} has no training image of class {c} to start from")
                 sources.append(int(candidates[torch.randint(len(candidates), ())]))
             keep[sources] = False
-            images = prepare(task.train.x[sources], self.stream.mean, self.stream.std, augment=False)
+            images = self.stream.prepare(task.train.x[sources], train=False)
             s, (_, h, w) = self.cfg.prototype_size, self.stream.input_shape
             top, left = (h - s) // 2, (w - s) // 2
             crops = images[:, :, top : top + s, left : left + s]

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev, vmap
 
-from clrun.data import prepare
 from clrun.data.stream import Stream, Task
 from clrun.hardware import Hardware
 from clrun.methods.base import task_loss
@@ -176,7 +175,7 @@ def _current(penalty: Penalty) -> tuple[Tensors, Tensors]:
 
 def _test_inputs(stream: Stream, hw: Hardware) -> Callable[[torch.Tensor], torch.Tensor]:
     """Float model inputs from uint8 images, without augmentation."""
-    return lambda images: hw.to_input(prepare(images, stream.mean, stream.std, augment=False))
+    return lambda images: hw.to_input(stream.prepare(images, train=False))
 
 
 def _output_head(task: Task, stream: Stream) -> int | None:

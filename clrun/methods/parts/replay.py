@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 
 from clrun.config import NON_NEGATIVE, NULL_OR_AT_LEAST_1, Rule, checked
-from clrun.data import prepare
 from clrun.data.stream import Stream, Task
 from clrun.hardware import Hardware
 from clrun.methods.base import SharedModelMethod, mixed_task_loss
@@ -144,7 +143,7 @@ class Memory:
         """`n` stored images, drawn uniformly with replacement and prepared for training (augmented when the
         stream is), with their labels and tasks."""
         index = torch.randint(len(self), (n,)).to(self.y.device)
-        x = hw.to_input(prepare(self.x[index], stream.mean, stream.std, stream.augment))
+        x = hw.to_input(stream.prepare(self.x[index], train=True))
         return x, self.y[index], self.t[index]
 
     def add_to(self, footprint: Footprint) -> Footprint:

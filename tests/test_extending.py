@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import clrun
+from conftest import clrun, run_tables
+from fixtures import write_image
 
 from clrun import results
 
@@ -68,6 +69,24 @@ def read(root: str, train: bool, file: str):
     return data[f"x_{split}"], data[f"y_{split}"]
 '''
 
+PHOTOS_READER = '''
+"""A dataset of the user's: image files listed by a folder per class under photos/{train,test}/."""
+
+from pathlib import Path
+
+from clrun.data.image_files import ImageFiles, ImageList, class_folders
+
+
+def read(root: str):
+    base = Path(root) / "photos"
+    splits = []
+    for split in ("train", "test"):
+        classes = class_folders(base / split, "photos/{train,test}/<class>/*.png", root)
+        files = [(p, label) for label, name in enumerate(classes) for p in sorted((base / split / name).iterdir())]
+        splits.append(ImageList(tuple(p for p, _ in files), tuple(label for _, label in files)))
+    return ImageFiles(*splits, classes=tuple(classes))
+'''
+
 
 @pytest.fixture
 def user(tmp_path) -> dict:
@@ -77,6 +96,7 @@ def user(tmp_path) -> dict:
     (code / "__init__.py").write_text("")
     (code / "smooth.py").write_text(SMOOTH_METHOD)
     (code / "letters.py").write_text(LETTERS_READER)
+    (code / "photos.py").write_text(PHOTOS_READER)
     conf = tmp_path / "conf"
     (conf / "method").mkdir(parents=True)
     (conf / "method" / "smooth.yaml").write_text(
@@ -114,6 +134,9 @@ def user(tmp_path) -> dict:
         for split, y in labels.items()
     }
     np.savez(data / "letters.npz", **{f"x_{s}": images[s] for s in images}, **{f"y_{s}": labels[s] for s in labels})
+    for split, n in (("train", 6), ("test", 2)):
+        for k in range(4 * n):
+            write_image(data / "photos" / split / f"c{k % 4}" / f"{k}.png", 60 * (k % 4))
     work = tmp_path / "work"  # an empty folder: the user's working directory
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(code.parent)}
@@ -192,3 +215,14 @@ def test_a_users_bad_dataset_is_one_line_naming_it(user):
     line = one_line_error(user["run"](*TINY, "stream.dataset=svhn"))
     assert "stream.dataset=svhn is not a dataset" in line and "fashion_mnist" in line
     assert not finished_runs(user["work"])
+
+
+def test_a_users_image_file_reader_goes_through_the_cache(user):
+    photos = ["stream=synthetic", "stream.dataset={_target_:mylab.photos.read}", "stream.split=contiguous"]
+    photos += ["stream.image_size=[12,16]", "stream.resize=stretch", "data.cache=cache", "method=finetune"]
+    result = user["run"](*photos, *TINY)
+    assert result.returncode == 0, result.stderr
+    tasks, accuracy = run_tables(user["work"])
+    assert tasks.n_train.tolist() == [12, 12] and accuracy.n_samples.tolist() == [4, 4, 4]
+    (cached,) = (user["work"] / "cache").glob("synthetic-train-*/images.npy")
+    assert np.load(cached).shape == (24, 3, 12, 16)

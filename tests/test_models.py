@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torchvision
+from fixtures import torchvision_model
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -156,15 +157,7 @@ def test_bad_name_or_shape_is_one_line_error(name, shape, words):
 @pytest.fixture(scope="module")
 def torchvision_resnet50(tmp_path_factory):
     """A torchvision ResNet50 with non-default BN statistics, and the path of its saved state_dict."""
-    torch.manual_seed(0)
-    tv = torchvision.models.resnet50().eval()
-    with torch.no_grad():
-        for m in tv.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    tv = torchvision_model("resnet50")
     path = tmp_path_factory.mktemp("weights") / "resnet50.pth"
     torch.save(tv.state_dict(), path)
     return tv, path

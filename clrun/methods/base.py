@@ -97,6 +97,7 @@ class Method:
 
     config_class: type = PerTaskMethodConfig  # the method's config dataclass (a subclass of MethodConfig)
     predicts_before_learning = False  # whether `predict_agnostic` works before the first task (FWT's baseline)
+    starts_head_from_classifier = False  # whether task 0's head honours `backbone.imagenet_head` (`new_model` does)
 
     def __init__(self, cfg, backbone_cfg, stream: Stream, hw: Hardware):
         self.cfg = cfg
@@ -116,7 +117,10 @@ class Method:
         """A freshly initialised backbone with heads for `tasks`, laid out for `scenario` (default: the
         stream's); in the domain scenario its one shared head exists from the start."""
         scenario = scenario or self.stream.scenario
-        model = TaskModel(build_backbone(self.backbone_cfg, self.stream.input_shape), scenario)
+        backbone = build_backbone(self.backbone_cfg, self.stream.input_shape)
+        if tasks and tasks[0].index != 0:  # only the stream's task 0 starts from the pretrained classifier
+            backbone.imagenet_head = None
+        model = TaskModel(backbone, scenario)
         for task in self.stream.tasks[:1] if scenario == "domain" else tasks:
             model.add_head(task.n_classes)
         return self.hw.prepare_model(model)
@@ -196,6 +200,7 @@ class SharedModelMethod(Method):
     it runs in every scenario."""
 
     config_class = MethodConfig
+    starts_head_from_classifier = True
     predicts_before_learning = True
 
     def __init__(self, cfg, backbone_cfg, stream: Stream, hw: Hardware):

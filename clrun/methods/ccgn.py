@@ -134,6 +134,7 @@ class ChannelGates:
 
 class CCGN(Method):
     config_class = CCGNConfig
+    starts_head_from_classifier = True
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)

@@ -63,6 +63,7 @@ class Autoencoder(nn.Module):
 
 class ExpertGate(Method):
     config_class = ExpertGateConfig
+    starts_head_from_classifier = True
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)

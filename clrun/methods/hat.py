@@ -76,6 +76,7 @@ class HATConfig(PerTaskMethodConfig):
 
 class HAT(Method):
     config_class = HATConfig
+    starts_head_from_classifier = True
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)

@@ -13,6 +13,8 @@ from clrun.results import Footprint, count_params, module_bytes
 
 
 class Scratch(Method):
+    starts_head_from_classifier = True
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.models = []

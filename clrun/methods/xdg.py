@@ -89,6 +89,7 @@ def draw_masks(layers: list[GatedLayer], n_tasks: int, gating: float, seed: int)
 
 class XdG(Method):
     config_class = XdGConfig
+    starts_head_from_classifier = True
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)

@@ -3,10 +3,14 @@
 Every backbone exposes `out_features` and maps (N, C, H, W) inputs to
 (N, out_features) features; classifiers live in `clrun.models.heads`. All
 convolutions, linear layers and batch norms are clrun layer types.
+resnet18, resnet50 and vgg16_bn have a choice of stem (`backbone.stem`); with
+the ImageNet one their modules and keys are torchvision's minus the classifier,
+so torchvision's ImageNet weights load (`backbone.pretrained=imagenet`).
 """
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +27,8 @@ def _scale(c: int, width: float) -> int:
     return max(1, round(c * width))
 
 
-def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
-    return [Conv2d(c_in, c_out, 3, padding=1, bias=False), BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+def _conv_bn_relu(c_in: int, c_out: int, bias: bool = False) -> list[nn.Module]:
+    return [Conv2d(c_in, c_out, 3, padding=1, bias=bias), BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class MLP(nn.Module):
@@ -65,9 +69,14 @@ VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 
 
 class VGG16BN(nn.Module):
-    """CPG's CIFAR VGG16-BN: 13 conv + BN + ReLU, 5 max-pools, then two 4096-unit Linear + ReLU (no dropout)."""
+    """VGG16-BN: 13 conv + BN + ReLU, 5 max-pools, then two 4096-unit Linear + ReLU.
 
-    def __init__(self, input_shape: Shape, width: float) -> None:
+    `imagenet_stem`: torchvision's `vgg16_bn` without its last Linear `classifier.6` (biased convs, a 7x7
+    adaptive average pool, dropout after each Linear + ReLU); otherwise CPG's CIFAR layout (bias-free convs, no
+    pool, no dropout).
+    """
+
+    def __init__(self, input_shape: Shape, width: float, imagenet_stem: bool = False) -> None:
         super().__init__()
         c, h, w = input_shape
         layers: list[nn.Module] = []
@@ -75,21 +84,33 @@ class VGG16BN(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += _conv_bn_relu(c, _scale(v, width))
+                layers += _conv_bn_relu(c, _scale(v, width), bias=imagenet_stem)
                 c = _scale(v, width)
         self.features = nn.Sequential(*layers)
         hidden = _scale(4096, width)
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            Linear(c * (h // 32) * (w // 32), hidden),
-            nn.ReLU(inplace=True),
-            Linear(hidden, hidden),
-            nn.ReLU(inplace=True),
-        )
+        if imagenet_stem:
+            self.avgpool = nn.AdaptiveAvgPool2d(7)
+            self.classifier = nn.Sequential(
+                Linear(c * 7 * 7, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(),
+                Linear(hidden, hidden),
+                nn.ReLU(inplace=True),
+                nn.Dropout(),
+            )
+        else:
+            self.avgpool = nn.Identity()
+            self.classifier = nn.Sequential(
+                nn.Flatten(),
+                Linear(c * (h // 32) * (w // 32), hidden),
+                nn.ReLU(inplace=True),
+                Linear(hidden, hidden),
+                nn.ReLU(inplace=True),
+            )
         self.out_features = hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 def _downsample(c_in: int, c_out: int, stride: int) -> nn.Module | None:
@@ -107,9 +128,9 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = Conv2d(c_in, planes, 3, stride, 1, bias=False)
         self.bn1 = BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
         self.conv2 = Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = _downsample(c_in, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,17 +258,44 @@ def _convnet(cfg: DictConfig, shape: Shape) -> nn.Module:
     return ConvNet(shape[0], cfg.width)
 
 
+@dataclass(frozen=True)
+class Stemmed:
+    """A backbone with a choice of stem (`backbone.stem`) and torchvision's ImageNet-1k weights."""
+
+    default: str  # the stem when `backbone.stem` is null
+    weights: str  # torchvision's weights enum; its IMAGENET1K_V1 is the legacy `pretrained=True` (CPG's)
+    head: str  # the key prefix of torchvision's ImageNet classifier, which the backbone leaves out
+
+
+STEMMED = {
+    "resnet18": Stemmed("cifar", "ResNet18_Weights", "fc."),
+    "resnet50": Stemmed("imagenet", "ResNet50_Weights", "fc."),
+    "vgg16_bn": Stemmed("cifar", "VGG16_BN_Weights", "classifier.6."),
+}
+
+
+def _stem(cfg: DictConfig) -> str:
+    """`cfg.stem` as text (`cifar` or `imagenet`), the backbone's default when null."""
+    stem = cfg.get("stem")
+    return STEMMED[cfg.name].default if stem is None else str(getattr(stem, "value", stem))
+
+
+def _head_prefix(name: str) -> str:
+    """The key prefix of the classifier a pretrained file of backbone `name` may hold."""
+    return STEMMED[name].head if name in STEMMED else "fc."
+
+
 def _vgg16_bn(cfg: DictConfig, shape: Shape) -> nn.Module:
     _require_min_size("vgg16_bn", shape, 32)
-    return VGG16BN(shape, cfg.width)
+    return VGG16BN(shape, cfg.width, imagenet_stem=_stem(cfg) == "imagenet")
 
 
 def _resnet18(cfg: DictConfig, shape: Shape) -> nn.Module:
-    return ResNet(BasicBlock, [2, 2, 2, 2], shape[0], cfg.width, imagenet_stem=False)
+    return ResNet(BasicBlock, [2, 2, 2, 2], shape[0], cfg.width, imagenet_stem=_stem(cfg) == "imagenet")
 
 
 def _resnet50(cfg: DictConfig, shape: Shape) -> nn.Module:
-    return ResNet(Bottleneck, [3, 4, 6, 3], shape[0], cfg.width, imagenet_stem=True)
+    return ResNet(Bottleneck, [3, 4, 6, 3], shape[0], cfg.width, imagenet_stem=_stem(cfg) == "imagenet")
 
 
 def _sphereface20(cfg: DictConfig, shape: Shape) -> nn.Module:
@@ -270,35 +318,83 @@ BACKBONES: dict[str, Callable[[DictConfig, Shape], nn.Module]] = {
 BACKBONE_TYPES = (MLP, ConvNet, VGG16BN, ResNet, SphereFace20)
 
 
-def _load_pretrained(model: nn.Module, cfg: DictConfig) -> None:
-    """Load `cfg.pretrained` into `model` strictly, dropping the classifier's `fc.*` keys."""
-    path = Path(cfg.pretrained).expanduser()
+def _imagenet_file(cfg: DictConfig) -> Path:
+    """torchvision's ImageNet-1k weights of `cfg.name` in the torch hub cache (never downloaded)."""
+    if cfg.name not in STEMMED:
+        raise ClrunError(
+            f"backbone.pretrained=imagenet: torchvision's ImageNet weights exist for {', '.join(STEMMED)}, "
+            f"not backbone.name={cfg.name}"
+        )
+    if _stem(cfg) != "imagenet" or cfg.width != 1:
+        raise ClrunError(
+            f"backbone.pretrained=imagenet needs backbone.stem=imagenet and backbone.width=1 "
+            f"(got stem={_stem(cfg)}, width={cfg.width})"
+        )
+    import torchvision.models  # imported here: slow to import, and only this needs it
+
+    url = getattr(torchvision.models, STEMMED[cfg.name].weights).IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
     if not path.is_file():
-        raise ClrunError(f"backbone.pretrained: file not found: {cfg.pretrained}")
+        raise ClrunError(
+            f"backbone.pretrained=imagenet: {path.name} is missing: put torchvision's file ({url}) into "
+            f"{path.parent}/ (TORCH_HOME moves it; nothing is downloaded), or set backbone.pretrained=<path>"
+        )
+    return path
+
+
+def _load_pretrained(model: nn.Module, cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """Load `cfg.pretrained` (a state dict file, or `imagenet`) into `model` strictly, apart from the classifier
+    (`fc.*`; VGG16-BN: `classifier.6.*`); return the classifier's tensors by their names within it."""
+    if cfg.pretrained == "imagenet":
+        path = _imagenet_file(cfg)
+    else:
+        path = Path(cfg.pretrained).expanduser()
+        if not path.is_file():
+            raise ClrunError(f"backbone.pretrained: file not found: {cfg.pretrained}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    prefix = _head_prefix(cfg.name)
+    head = {k.removeprefix(prefix): state.pop(k) for k in list(state) if k.startswith(prefix)}
     own = model.state_dict()
     bad = sorted(own.keys() ^ state.keys()) + sorted(
         k for k in own.keys() & state.keys() if own[k].shape != state[k].shape
     )
     if bad:
+        stem = f" (stem={_stem(cfg)})" if cfg.name in STEMMED else ""
         raise ClrunError(
-            f"backbone.pretrained: {cfg.pretrained} does not fit backbone.name={cfg.name} at width {cfg.width}: "
+            f"backbone.pretrained: {cfg.pretrained} does not fit backbone.name={cfg.name}{stem} at width {cfg.width}: "
             f"{len(bad)} keys missing, unexpected or of another shape, e.g. {bad[0]}"
         )
     model.load_state_dict(state, strict=True)
+    return head
+
+
+def _attach_imagenet_head(model: nn.Module, cfg: DictConfig, head: dict[str, torch.Tensor]) -> None:
+    """Keep the pretrained classifier on `model` as `imagenet_head` (weight, bias): task 0's head starts from it."""
+    if cfg.pretrained is None:
+        raise ClrunError("backbone.imagenet_head=true needs backbone.pretrained (imagenet or a state dict file)")
+    weight, bias = head.get("weight"), head.get("bias")
+    if weight is None or bias is None or weight.shape[1:] != (model.out_features,):
+        raise ClrunError(
+            f"backbone.imagenet_head=true: {cfg.pretrained} holds no classifier on the {model.out_features} features "
+            f"of backbone.name={cfg.name} (keys {_head_prefix(cfg.name)}weight and bias)"
+        )
+    model.imagenet_head = (weight, bias)
 
 
 def build_backbone(cfg: DictConfig, input_shape: tuple[int, int, int]) -> nn.Module:
-    """Build the backbone `cfg.name` for (C, H, W) inputs, loading `cfg.pretrained` if set.
+    """Build the backbone `cfg.name` for (C, H, W) inputs, loading `cfg.pretrained` if set; with
+    `cfg.imagenet_head`, the pretrained classifier is kept as the attribute `imagenet_head` (weight, bias).
 
-    Raises `ClrunError` for an unknown name, an input shape the backbone cannot
+    Raises `ClrunError` for an unknown name, a stem it has no choice of, an input shape the backbone cannot
     take, or a missing or non-matching pretrained file.
     """
     if cfg.name not in BACKBONES:
         raise ClrunError(f"backbone.name: unknown backbone '{cfg.name}' (valid: {', '.join(BACKBONES)})")
+    if cfg.get("stem") is not None and cfg.name not in STEMMED:
+        raise ClrunError(f"backbone.stem: only {', '.join(STEMMED)} have a choice of stem; set it null for {cfg.name}")
     shape = tuple(int(s) for s in input_shape)
     model = BACKBONES[cfg.name](cfg, shape)
-    if cfg.pretrained is not None:
-        _load_pretrained(model, cfg)
+    head = {} if cfg.pretrained is None else _load_pretrained(model, cfg)
+    if cfg.get("imagenet_head"):
+        _attach_imagenet_head(model, cfg, head)
     return model

@@ -3,7 +3,21 @@
 import torch
 from torch import nn
 
+from clrun.errors import ClrunError
 from clrun.models.layers import Linear
+
+
+def start_from_classifier(head: nn.Linear, classifier: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Copy a pretrained classifier's (weight, bias) into task 0's `head` (`backbone.imagenet_head`)."""
+    weight, bias = classifier
+    if head.out_features != len(weight):
+        raise ClrunError(
+            f"backbone.imagenet_head=true makes task 0's head the pretrained classifier of {len(weight)} classes, "
+            f"but task 0 has {head.out_features}; set backbone.imagenet_head=false"
+        )
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
 
 
 class MultiHead(nn.Module):
@@ -39,11 +53,15 @@ class TaskModel(nn.Module):
 
     def add_head(self, n_classes: int) -> int:
         """Add the output units of a new task, on the backbone's device; return the task's head index
-        (domain: the shared head, created on the first call only)."""
+        (domain: the shared head, created on the first call only). Task 0's head starts from the backbone's
+        `imagenet_head` when it has one (`build_backbone` with `backbone.imagenet_head`)."""
         if self.scenario == "domain" and len(self.heads.heads):
             return 0
         task = self.heads.add(self.backbone.out_features, n_classes)
         self.heads.heads[task].to(next(self.backbone.parameters()).device)
+        classifier = getattr(self.backbone, "imagenet_head", None)
+        if task == 0 and classifier is not None:
+            start_from_classifier(self.heads.heads[task], classifier)
         return task
 
     def trainable(self, task: int) -> list[nn.Parameter]:

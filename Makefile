@@ -24,8 +24,8 @@ test: $(STAMP)  ## the whole test suite
 lint: $(STAMP)
 	$(BIN)/ruff check clrun tests benchmarks
 
-bench: $(STAMP)  ## throughput, masking overhead, and clrun vs the reference-style path (speed.py); JSON into benchmarks/results/
-	cd benchmarks && ../$(BIN)/python throughput.py && ../$(BIN)/python masking.py && ../$(BIN)/python speed.py $(ARGS)
+bench: $(STAMP)  ## throughput, masking overhead, image files (cache, 224 epoch), clrun vs the reference-style path; JSON into benchmarks/results/
+	cd benchmarks && ../$(BIN)/python throughput.py && ../$(BIN)/python masking.py && ../$(BIN)/python images.py && ../$(BIN)/python speed.py $(ARGS)
 
 scenarios-mnist: $(STAMP)  ## every method in the task/domain/class scenarios of split and permuted MNIST vs van de Ven's numbers
 	$(BIN)/python benchmarks/scenarios_mnist.py $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)

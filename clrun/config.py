@@ -76,6 +76,7 @@ class Normalization(Enum):
     dataset = "dataset"  # the dataset's own (official training-set values; measured for a reader of your own)
     imagenet = "imagenet"  # ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)
     half = "half"  # 0.5 / 0.5 (CPG's face recipe)
+    task = "task"  # each task's own, measured on its training images (CPG's CIFAR code); task scenario only
 
 
 # The three scenarios of van de Ven & Tolias (2019); `class` is a keyword, hence the functional form.

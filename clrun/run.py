@@ -166,7 +166,7 @@ class Run:
                     {**row, "eval_mode": results.TASK_AGNOSTIC, "accuracy": acc, "task_id_accuracy": task_id_acc}
                 )
             if stream.scenario != "domain":
-                acc = accuracy(partial(method.predict, task=task.index), task.test, stream, hw, batch_size)
+                acc = accuracy(partial(method.predict, task=task.index), task.test, stream, hw, batch_size, task.index)
                 rows.append({**row, "eval_mode": results.TASK_AWARE, "accuracy": acc, "task_id_accuracy": float("nan")})
         return rows
 

@@ -169,9 +169,11 @@ class Trainer:
         after_backward: Callable[[Step, list[torch.optim.Optimizer]], None] | None = None,
         after_step: Callable[[Step], None] | None = None,
         after_epoch: Callable[[int], bool] | None = None,
+        task: int | None = None,
     ) -> FitStats:
         """Train `params` of `module` under `recipe` (a `TrainConfig`: `epochs`, or exactly `iterations` steps,
-        the last epoch then stopping part way) on `data` (uint8 images first, then aligned tensors, e.g. labels).
+        the last epoch then stopping part way) on `data` (uint8 images first, then aligned tensors, e.g. labels),
+        the images of task `task` (None: of several tasks; per-task normalisation then refuses them).
 
         Each batch's images are augmented (when the stream is) and normalised on the device; `loss` is handed the
         float images, the batch's other tensors and the `Step`. `groups` are (params, OptimizerConfig) pairs with
@@ -204,7 +206,7 @@ class Trainer:
                 if number == total_steps:
                     break
                 step = Step(number, epoch, batch_index, batches, seen, n)
-                x = hw.to_input(self.stream.prepare(batch[0], train=True))
+                x = hw.to_input(self.stream.prepare(batch[0], train=True, task=task))
                 with hw.autocast():
                     value = loss(x, *batch[1:], step)
                 for optimizer in optimizers:
@@ -234,20 +236,28 @@ class Trainer:
         return FitStats(epochs=epochs_done, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
 
 
-def eval_batches(tensors: tuple[torch.Tensor, ...], stream: Stream, hw: Hardware, batch_size: int):
-    """Batches of `tensors` (uint8 images first, then any aligned rows) in order, the images prepared as at
-    test time (no augmentation)."""
+def eval_batches(
+    tensors: tuple[torch.Tensor, ...], stream: Stream, hw: Hardware, batch_size: int, task: int | None = None
+):
+    """Batches of `tensors` (uint8 images first, then any aligned rows) in order, the images (of task `task`;
+    None: unknown) prepared as at test time (no augmentation)."""
     for x, *rest in iterate(tensors, batch_size, shuffle=False, device=hw.device):
-        yield hw.to_input(stream.prepare(x, train=False)), *rest
+        yield hw.to_input(stream.prepare(x, train=False, task=task)), *rest
 
 
 @torch.no_grad()
 def embed(
-    forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, stream: Stream, hw: Hardware, batch_size: int
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    stream: Stream,
+    hw: Hardware,
+    batch_size: int,
+    task: int | None = None,
 ) -> torch.Tensor:
-    """`forward`'s fp32 outputs (e.g. features) for uint8 `images` prepared as at test time, in batches."""
+    """`forward`'s fp32 outputs (e.g. features) for uint8 `images` (of task `task`; None: unknown) prepared as at
+    test time, in batches."""
     rows = []
-    for (x,) in eval_batches((images,), stream, hw, batch_size):
+    for (x,) in eval_batches((images,), stream, hw, batch_size, task):
         with hw.autocast():
             rows.append(forward(x).float())
     return torch.cat(rows)
@@ -255,11 +265,16 @@ def embed(
 
 @torch.inference_mode()
 def accuracy(
-    predict: Callable[[torch.Tensor], torch.Tensor], split: Split, stream: Stream, hw: Hardware, batch_size: int
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    split: Split,
+    stream: Stream,
+    hw: Hardware,
+    batch_size: int,
+    task: int | None = None,
 ) -> float:
-    """Top-1 accuracy of `predict` (float images -> logits) on a split."""
+    """Top-1 accuracy of `predict` (float images -> logits) on a split (of task `task`; None: unknown)."""
     correct = torch.zeros((), dtype=torch.long, device=hw.device)
-    for x, y in eval_batches((split.x, split.y), stream, hw, batch_size):
+    for x, y in eval_batches((split.x, split.y), stream, hw, batch_size, task):
         with hw.autocast():
             logits = predict(x)
         correct += (logits.argmax(1) == y).sum()

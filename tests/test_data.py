@@ -14,7 +14,7 @@ from fixtures import CIFAR100_COARSE_OF_FINE, CIFAR100_FINE_NAMES, write_cifar10
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.config import DataConfig, SplitRule, StreamConfig
+from clrun.config import DataConfig, Normalization, Scenario, SplitRule, StreamConfig
 from clrun.data import batches, build_stream, iterate, prepare
 from clrun.data.batches import InputView
 from clrun.data.readers import read_cifar10, read_cifar100, read_cifar100_names, read_fashion_mnist, read_mnist
@@ -482,3 +482,35 @@ def test_label_permuted_mnist_through_the_cli(tmp_path):
     tasks, accuracy = run_tables(tmp_path)
     assert tasks.name.tolist() == ["labels0", "labels1"] and tasks.n_train.tolist() == [40, 40]
     assert set(accuracy.eval_mode) == {"task_agnostic"} and set(accuracy.n_samples) == {20}
+
+
+def test_per_task_normalisation_uses_each_tasks_own_statistics(tmp_path):
+    write_cifar100(tmp_path, 300, 200)
+    fields = {"dataset": "cifar100", "split": SplitRule.superclass, "n_tasks": 3, "normalize": Normalization.task}
+    stream = build(tmp_path, classes_per_task=5, **fields)
+    assert len(stream.view.task_stats) == 3
+    for task, (mean, std) in zip(stream.tasks, stream.view.task_stats, strict=True):
+        pixels = task.train.x.double() / 255  # the task's training pixels, per channel
+        assert mean == pytest.approx(pixels.mean((0, 2, 3)).tolist(), abs=1e-9)
+        assert std == pytest.approx(pixels.std((0, 2, 3)).tolist(), abs=1e-9)
+    assert stream.view.task_stats[0] != stream.view.task_stats[1]
+    x = stream.tasks[1].test.x[:4]
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in stream.view.task_stats[1])
+    torch.testing.assert_close(stream.prepare(x, train=False, task=1), (x.float() / 255 - mean) / std)
+    mixed = torch.cat([stream.tasks[0].test.x[:2], x[:2]])  # per image: the first two of task 0, then task 1
+    per_image = stream.prepare(mixed, train=False, task=torch.tensor([0, 0, 1, 1]))
+    torch.testing.assert_close(per_image[2:], stream.prepare(x[:2], train=False, task=1))
+    torch.testing.assert_close(per_image[:2], stream.prepare(mixed[:2], train=False, task=0))
+    with pytest.raises(ClrunError, match="stream.normalize=task needs the task of every image"):
+        stream.prepare(x, train=False)
+    scenario = Scenario["class"]
+    one_line_error("stream.normalize=task .* stream.scenario=task only", build, tmp_path, **fields, scenario=scenario)
+
+
+def test_per_task_normalisation_through_the_cli(tmp_path):
+    tiny = ["stream.normalize=task", "stream.n_tasks=2", "hardware=cpu", "backbone=mlp", "method.train.iterations=2"]
+    done = clrun(tmp_path, "method=finetune", *tiny)
+    assert done.returncode == 0, done.stderr
+    refused = clrun(tmp_path, "method=joint", *tiny)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "stream.normalize=task needs the task of every image" in refused.stderr

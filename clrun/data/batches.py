@@ -8,6 +8,7 @@ from functools import lru_cache
 import torch
 
 from clrun.data import augment
+from clrun.errors import ClrunError
 
 CHUNK_BATCHES = 16  # batches per host-to-device copy when the images stay in host memory
 
@@ -17,8 +18,8 @@ class InputView:
     """How uint8 images (N, C, H, W) become network inputs: while training (with `augment`) the random `crop`
     (`pad`: an H x W window of the image zero-padded by `padding`; `resized`: torchvision's RandomResizedCrop
     to `size` over `scale` and `ratio`; `none`), a random horizontal flip (`flip`); always a centre crop to `size`
-    where the image is larger, scaling to [0, 1] and normalisation by `mean` / `std`; then, while training, one
-    `cutout` x `cutout` square zeroed per image (0: none)."""
+    where the image is larger, scaling to [0, 1] and normalisation by `mean` / `std` (with `task_stats`: by the
+    images' task's); then, while training, one `cutout` x `cutout` square zeroed per image (0: none)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -30,6 +31,7 @@ class InputView:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     cutout: int = 0
+    task_stats: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] | None = None  # per task (mean, std)
 
 
 def iterate(
@@ -85,9 +87,10 @@ def _chunked(tensors, batch_size: int, order: torch.Tensor | None, device: torch
             yield tuple(t[offset : offset + batch_size] for t in current)
 
 
-def prepare(x: torch.Tensor, view: InputView, train: bool) -> torch.Tensor:
+def prepare(x: torch.Tensor, view: InputView, train: bool, task: int | torch.Tensor | None = None) -> torch.Tensor:
     """Float32 network inputs from a uint8 (N, C, H, W) batch as `view` says; the random draws (crops, flips,
-    Cutout; only when `train` and `view.augment`) come from torch's global RNG on the batch's device."""
+    Cutout; only when `train` and `view.augment`) come from torch's global RNG on the batch's device. `task`: the
+    images' task (an index, or one per image), which per-task normalisation (`view.task_stats`) needs."""
     augmenting = train and view.augment
     if augmenting and view.crop == "pad":
         x = augment.pad_crop(x, view.padding)
@@ -99,7 +102,7 @@ def prepare(x: torch.Tensor, view: InputView, train: bool) -> torch.Tensor:
         x = augment.center_crop(x, view.size)
     if augmenting and view.flip:
         x = augment.random_flip(x)
-    scale, shift = _affine(tuple(view.mean), tuple(view.std), x.device)
+    scale, shift = _normalisation(view, task, x.device)
     x = x.to(torch.float32, copy=True)
     x = torch.addcmul(shift, x, scale, out=x)  # in place: 4x faster on a CPU than a new output, the same values
     if augmenting and view.cutout:
@@ -107,7 +110,22 @@ def prepare(x: torch.Tensor, view: InputView, train: bool) -> torch.Tensor:
     return x
 
 
-@lru_cache(maxsize=16)
+def _normalisation(view: InputView, task, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (scale, shift) of the view's normalisation: per channel, or with `task_stats` per image of `task`."""
+    if view.task_stats is None:
+        return _affine(tuple(view.mean), tuple(view.std), device)
+    if task is None:
+        raise ClrunError(
+            "stream.normalize=task needs the task of every image, and this method trains or embeds images of "
+            "several tasks together; use stream.normalize=dataset"
+        )
+    scales, shifts = (torch.stack(t) for t in zip(*(_affine(m, s, device) for m, s in view.task_stats), strict=True))
+    if isinstance(task, torch.Tensor):
+        task = task.to(device)
+    return scales[task], shifts[task]
+
+
+@lru_cache(maxsize=64)
 def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) mapping uint8 values to normalised ones, made once per device (no copy per batch)."""
     mean_t = torch.tensor(mean, device=device).view(-1, 1, 1)

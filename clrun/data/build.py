@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from torchvision.transforms.functional import InterpolationMode, rotate
 
-from clrun.config import Normalization, SplitRule
+from clrun.config import Normalization, Scenario, SplitRule
 from clrun.data.batches import InputView
 from clrun.data.cache import decode_images
 from clrun.data.image_files import ImageFiles, TaskFiles
@@ -109,14 +109,23 @@ def build_stream(cfg, data, seed: int, device: torch.device | str, console: Cons
             )
         skipped = sum(label in classes for label in loaded.skipped_labels)
         tasks.append(Task(index, name, classes, train, test, skipped))
-    view = _input_view(cfg, loaded.stats, tuple(x_train.shape[1:]))
+    view = _input_view(cfg, loaded.stats, tuple(x_train.shape[1:]), tasks)
     input_shape = (x_train.shape[1], *view.size) if view.size else tuple(x_train.shape[1:])
     return Stream(cfg.name, tasks, input_shape, view, cfg.scenario.value, device)
 
 
-def _input_view(cfg, stats, image_shape: tuple[int, ...]) -> InputView:
+def _input_view(cfg, stats, image_shape: tuple[int, ...], tasks: list[Task]) -> InputView:
     """The stream's InputView: its augmentation keys and the normalisation `stream.normalize` names."""
-    if cfg.normalize is Normalization.dataset:
+    task_stats = None
+    if cfg.normalize is Normalization.task:
+        if cfg.scenario is not Scenario.task:
+            raise ClrunError(
+                f"stream.normalize=task normalises each task's images by its own statistics, which needs the task "
+                f"id at test time: stream.scenario=task only (got {cfg.scenario.value})"
+            )
+        task_stats = tuple(_measured_stats(task.train.x) for task in tasks)
+        mean, std = task_stats[0]
+    elif cfg.normalize is Normalization.dataset:
         mean, std = stats()
     elif cfg.normalize is Normalization.imagenet:
         mean, std = IMAGENET_STATS
@@ -140,6 +149,7 @@ def _input_view(cfg, stats, image_shape: tuple[int, ...]) -> InputView:
         tuple(cfg.ratio),
         cfg.flip,
         cfg.cutout,
+        task_stats,
     )
 
 

@@ -56,10 +56,11 @@ class Stream:
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def prepare(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor, train: bool, task: int | torch.Tensor | None = None) -> torch.Tensor:
         """Network inputs from uint8 images (moved to the stream's device first), as `self.view` says: augmented
-        when `train` and the stream augments, otherwise as at test time."""
-        return prepare(x.to(self.device, non_blocking=True), self.view, train)
+        when `train` and the stream augments, otherwise as at test time. `task`: the images' task (an index, or
+        one per image; None: unknown, which per-task normalisation refuses)."""
+        return prepare(x.to(self.device, non_blocking=True), self.view, train, task)
 
     def class_offset(self, task: int) -> int:
         """Where task `task`'s classes start in the class scenario's one growing head."""

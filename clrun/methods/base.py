@@ -135,11 +135,13 @@ class Method:
         phase: str = "",
         data: tuple[torch.Tensor, ...] | None = None,
         groups: Groups = (),
+        mixed: bool = False,
         **hooks,
     ) -> FitStats:
-        """Train `params` of `module` with `loss` on `task`'s training images and labels (or `data`) under
-        `recipe` (default: `cfg.train`); `phase` names the phase in the progress display; `groups` and the hooks
-        (`after_backward`, `after_step`, `after_epoch`) as `Trainer.fit` takes them."""
+        """Train `params` of `module` with `loss` on `task`'s training images and labels (or `data`: `mixed` when
+        its images come from several tasks) under `recipe` (default: `cfg.train`); `phase` names the phase in the
+        progress display; `groups` and the hooks (`after_backward`, `after_step`, `after_epoch`) as `Trainer.fit`
+        takes them."""
         label = f"task {task.index} {task.name}" + (f": {phase}" if phase else "")
         return self.trainer.fit(
             module,
@@ -150,6 +152,7 @@ class Method:
             label,
             groups,
             **hooks,
+            task=None if mixed else task.index,
         )
 
     def learn(self, task: Task) -> dict:

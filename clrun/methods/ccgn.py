@@ -202,7 +202,7 @@ class CCGN(Method):
         """Per layer, the share of the task's training images on which each test-mode gate fires."""
         self.model.eval()
         counts = [torch.zeros(g.units, device=self.hw.device) for g in self.layers]
-        for (x,) in eval_batches((task.train.x,), self.stream, self.hw, self.cfg.eval_batch_size):
+        for (x,) in eval_batches((task.train.x,), self.stream, self.hw, self.cfg.eval_batch_size, task.index):
             self.gates.use(gaters)
             self.model.backbone(x)
             self.gates.off()
@@ -222,7 +222,7 @@ class CCGN(Method):
 
     def branch_features(self, images: torch.Tensor, task: int) -> torch.Tensor:
         """Task `task`'s branch features of uint8 images (what the `herding` memory policy ranks)."""
-        return embed(partial(self.features, task=task), images, self.stream, self.hw, self.cfg.eval_batch_size)
+        return embed(partial(self.features, task=task), images, self.stream, self.hw, self.cfg.eval_batch_size, task)
 
     # ---- the task classifier -----------------------------------------------------------
     def new_classifier(self, n_tasks: int) -> nn.Sequential:

@@ -293,7 +293,7 @@ class DER(Method):
             return F.cross_entropy(head(self.extractors(x, everything)) / temperature, y)
 
         data = self.balanced_subset(task)
-        self.fit(task, head, head.parameters(), loss, self.cfg.rebalance_train, "re-balancing", data=data)
+        self.fit(task, head, head.parameters(), loss, self.cfg.rebalance_train, "re-balancing", data=data, mixed=True)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Every extractor's features (under its mask, eval mode) of uint8 images, without augmentation."""

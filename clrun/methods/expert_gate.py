@@ -86,7 +86,7 @@ class ExpertGate(Method):
 
     def mean_errors(self, task: Task) -> torch.Tensor:
         """Every gate's mean reconstruction error over `task`'s training images, (tasks,)."""
-        batches = eval_batches((task.train.x,), self.stream, self.hw, self.cfg.eval_batch_size)
+        batches = eval_batches((task.train.x,), self.stream, self.hw, self.cfg.eval_batch_size, task.index)
         return sum(self.gate_errors(x).sum(1) for (x,) in batches) / len(task.train)
 
     def learn(self, task: Task) -> dict:

@@ -32,4 +32,5 @@ class Joint(SharedModelMethod):
         y = torch.cat([t.train.y for t in seen])
         t = torch.cat([torch.full_like(s.train.y, s.index) for s in seen])
         loss = mixed_task_loss(self.model, self.stream, len(seen))
-        return self.fit(task, self.model, self.model.parameters(), loss, phase="joint", data=(x, y, t)).row()
+        stats = self.fit(task, self.model, self.model.parameters(), loss, phase="joint", data=(x, y, t), mixed=True)
+        return stats.row()

@@ -190,7 +190,7 @@ class PAH(Method):
                     raise ClrunError(f"pah: task {task.index} has no training image of class {c} to start from")
                 sources.append(int(candidates[torch.randint(len(candidates), ())]))
             keep[sources] = False
-            images = self.stream.prepare(task.train.x[sources], train=False)
+            images = self.stream.prepare(task.train.x[sources], train=False, task=task.index)
             s, (_, h, w) = self.cfg.prototype_size, self.stream.input_shape
             top, left = (h - s) // 2, (w - s) // 2
             crops = images[:, :, top : top + s, left : left + s]

@@ -173,9 +173,9 @@ def _current(penalty: Penalty) -> tuple[Tensors, Tensors]:
     return (penalty.importance[0], penalty.anchors[0]) if penalty.importance else ({}, {})
 
 
-def _test_inputs(stream: Stream, hw: Hardware) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Float model inputs from uint8 images, without augmentation."""
-    return lambda images: hw.to_input(stream.prepare(images, train=False))
+def _test_inputs(stream: Stream, hw: Hardware, task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Float model inputs from uint8 images of `task`, without augmentation."""
+    return lambda images: hw.to_input(stream.prepare(images, train=False, task=task.index))
 
 
 def _output_head(task: Task, stream: Stream) -> int | None:
@@ -213,7 +213,7 @@ class FisherPenalty(Penalty):
         images = sample_images(task, self.samples)
         outputs = FISHER_OUTPUTS[self.labels]
         head = _output_head(task, stream)
-        return sample_mean(model, names, images, _test_inputs(stream, hw), head, outputs, torch.square)
+        return sample_mean(model, names, images, _test_inputs(stream, hw, task), head, outputs, torch.square)
 
     def end(self, model, task, trained, stream, hw) -> None:
         fisher = self.fisher(model, task, list(trained), stream, hw)
@@ -286,7 +286,7 @@ class MASPenalty(Penalty):
         """Mean |gradient of the squared output norm| on `samples` of the task's training images."""
         images = sample_images(task, self.samples)
         head = _output_head(task, stream)
-        return sample_mean(model, names, images, _test_inputs(stream, hw), head, squared_norm, torch.abs)
+        return sample_mean(model, names, images, _test_inputs(stream, hw, task), head, squared_norm, torch.abs)
 
     def end(self, model, task, trained, stream, hw) -> None:
         omega, anchor = _current(self)

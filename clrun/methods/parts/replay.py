@@ -143,7 +143,7 @@ class Memory:
         """`n` stored images, drawn uniformly with replacement and prepared for training (augmented when the
         stream is), with their labels and tasks."""
         index = torch.randint(len(self), (n,)).to(self.y.device)
-        x = hw.to_input(stream.prepare(self.x[index], train=True))
+        x = hw.to_input(stream.prepare(self.x[index], train=True, task=self.t[index]))
         return x, self.y[index], self.t[index]
 
     def add_to(self, footprint: Footprint) -> Footprint:

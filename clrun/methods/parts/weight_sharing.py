@@ -140,7 +140,12 @@ class WeightSharingMethod(Method):
         """Accuracy of the task being learned (live masks), e.g. to compare with its goal."""
         self.net.eval()
         return accuracy(
-            lambda x: self.net.forward_current(x, task.index), split, self.stream, self.hw, self.cfg.eval_batch_size
+            lambda x: self.net.forward_current(x, task.index),
+            split,
+            self.stream,
+            self.hw,
+            self.cfg.eval_batch_size,
+            task.index,
         )
 
     def snapshot(self) -> SharedNet:

@@ -135,6 +135,34 @@ def test_a_step_that_misses_the_goal_is_rolled_back():
         assert torch.equal(layer.weight, kept[f"backbone.{name}.weight"] * (layer.owner > 0))
 
 
+@pytest.mark.parametrize("stop_at_first_miss, kept, steps", [(False, 0.9, 4), (True, 0.3, 2)])
+def test_the_search_keeps_the_largest_step_that_meets_the_goal(stop_at_first_miss, kept, steps):
+    """CPG's record {0.3: pass, 0.6: miss, 0.9: pass, 0.95: train accuracy fails}: it keeps 0.9."""
+    overrides = [
+        "method.sparsities=[0.3,0.6,0.9,0.95]",
+        "method.goals=0.0",
+        f"method.stop_at_first_miss={stop_at_first_miss}",
+    ]
+    method = make_method("method=pae", "stream.n_tasks=1", *overrides)
+    step = method._prune_step
+    record = {0.3: (1.0, 0.5), 0.6: (1.0, -1.0), 0.9: (1.0, 0.4), 0.95: (0.0, 0.9)}  # (train acc, acc) per step
+    starts, states = [], {}
+
+    def scripted(task, initial, target, phase):
+        step(task, initial, target, phase)
+        starts.append(initial)
+        states[target] = method._state()
+        return record[target]
+
+    method._prune_step = scripted
+    row = method.learn(method.stream.tasks[0])
+    assert (row["sparsity"], row["prune_steps"], row["acc_kept"]) == (kept, steps, record[kept][1])
+    assert starts == [0.0, 0.3, 0.6, 0.9][:steps]  # each step from the one before, passed or missed
+    for name, layer in shared_layers(method.net.backbone).items():  # the kept step's owner map and weights
+        assert torch.equal(layer.owner, states[kept][f"backbone.{name}.owner"])
+        assert int((layer.owner == 0).sum()) == round(kept * layer.owner.numel())
+
+
 # ---- no forgetting --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["cpg", "pae"])
 def test_earlier_tasks_logits_are_bit_identical(name):

@@ -23,8 +23,10 @@ Each task t (owner tag t + 1) runs ivclab/CPG's CIFAR-100 pipeline
    recomputed every `pruning_frequency` iterations. The remaining epochs train at
    the target. The sparsity is measured per layer over the pool: the task's own
    weights plus the free ones. The kept sparsity is the largest step whose accuracy
-   still meets the goal (`allow_acc_loss` 0). If no step meets it, the task stays
-   unpruned. A task still below its goal at the maximum width is pruned anyway, to
+   still meets the goal (`allow_acc_loss` 0): every step runs, each from the one
+   before, until training accuracy fails `min_train_acc` (`stop_at_first_miss`
+   stops at the first step below the goal instead, quicker). If no step meets it,
+   the task stays unpruned. A task still below its goal at the maximum width is pruned anyway, to
    at least `1 - round(1 / (remaining tasks + 1), 1)`, which leaves room for the
    tasks after it.
 4. **Retrain** (tasks >= 2, CPG only). The picking masks are reset to `mask_init`,
@@ -44,10 +46,6 @@ Deviations from the official code (each is also noted where it happens):
   exactly at its target. CPG's last update is at the last multiple of the frequency
   before the end, a hair below the target when the ramp length is not such a
   multiple. The ramp spans min(`pruning_interval`, `prune_train.epochs`) epochs.
-- The pruning loop stops at the first step that misses the goal. CPG runs every
-  step, stopping only on training accuracy, and keeps the largest step that met the
-  goal. The two differ only when accuracy comes back at a higher sparsity after
-  missing the goal.
 - At the maximum width, a task that meets its goal but not `min_train_acc` is
   pruned normally. CPG's script would widen the network past its maximum there.
 - The least sparsity forced on a task below its goal is rounded to 6 decimals. CPG
@@ -108,6 +106,8 @@ class CPGConfig(PerTaskMethodConfig):
     # picking masks in the retrain pass (epochs follow `retrain`)
     retrain_mask: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(optimizer=Optimizer.adam, lr=1e-4))
     retrain_patience: int = checked(AT_LEAST_1, 5)  # stop the retrain pass after this many epochs without a gain
+    # stop pruning at the first step below the goal (CPG runs every step and keeps the largest that meets it)
+    stop_at_first_miss: bool = False
     retrain_pass: bool = True  # the picking-mask retrain pass after pruning (tasks >= 2)
     picking: bool = True  # learn picking masks over earlier tasks' weights (false: PAE, use them all)
     mask_init: float = 1e-2
@@ -255,16 +255,19 @@ class CPG(WeightSharingMethod):
             if least <= 0:  # the last task may keep all its weights (CPG exits before the first step)
                 return 0.0, least, acc, 0
         kept, kept_acc, kept_state = 0.0, acc, self._state()
-        current, steps = True, 0  # whether the live network is the kept one
+        current, steps, initial = True, 0, 0.0  # current: whether the live network is the kept one
         for target in cfg.sparsities:
-            train_acc, step_acc = self._prune_step(task, kept, target, phase)
-            steps += 1
-            # CPG records a step only above min_train_acc and stops there (exit 6); we also stop at the first step
-            # that misses the goal, while CPG runs every step and keeps the largest that meets it.
-            if train_acc <= cfg.min_train_acc or (not below_goal and step_acc < goal):
+            train_acc, step_acc = self._prune_step(task, initial, target, phase)
+            initial, steps = target, steps + 1  # each step starts from the one before, kept or not (CPG's)
+            if train_acc <= cfg.min_train_acc:  # CPG records no such step and stops (exit 6)
                 current = False
                 break
-            kept, kept_acc = target, step_acc
+            if not below_goal and step_acc < goal:
+                current = False
+                if cfg.stop_at_first_miss:
+                    break
+                continue
+            kept, kept_acc, current = target, step_acc, True
             if below_goal and target >= least:
                 break
             if target != cfg.sparsities[-1]:

@@ -149,6 +149,15 @@ class HardwareConfig:
     memory_fraction: Optional[float] = checked(Rule(lambda v: 0 < v <= 1, "null or in (0, 1]"), None)
 
 
+class Init(Enum):
+    """How a backbone's and its heads' weights start (`backbone.init`)."""
+
+    torch = "torch"  # PyTorch's layer defaults
+    # CPG's and PackNet's code (torchvision's VGG): Kaiming-normal (fan_out, ReLU) convolutions, N(0, 0.01) linear
+    # layers and heads, zero biases, batch norm 1 / 0; grown weights start the same way
+    cpg = "cpg"
+
+
 class Stem(Enum):
     """The input layers of resnet18, resnet50 and vgg16_bn (`backbone.stem`)."""
 
@@ -164,6 +173,7 @@ class BackboneConfig:
     pretrained: Optional[str] = None
     stem: Optional[Stem] = None  # resnet18, resnet50, vgg16_bn only (null: the backbone's default)
     imagenet_head: bool = False  # task 0's head starts as the pretrained classifier (ImageNet: 1000 classes)
+    init: Init = Init.torch
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Backbones, clrun layer types and task heads."""
 
+import math
+
 import pytest
 import torch
 import torchvision
@@ -12,6 +14,7 @@ from clrun.errors import ClrunError
 from clrun.models import MultiHead, TaskModel, build_backbone
 from clrun.models.backbones import SphereUnit
 from clrun.models.layers import BatchNorm1d, BatchNorm2d, Conv2d, Linear
+from clrun.models.shared_net import SharedNet, shared_layers
 
 CLRUN_TYPES = (Conv2d, Linear, BatchNorm2d, BatchNorm1d)
 
@@ -236,3 +239,47 @@ def test_task_model_adds_heads_on_backbone_device():
     model = TaskModel(build_backbone(config("mlp", hidden=[16]), (1, 8, 8))).to("meta")
     model.add_head(2)
     assert model.heads.heads[0].weight.device.type == "meta"
+
+
+def test_cpg_init_draws_each_layer_type_as_the_official_code():
+    cfg = OmegaConf.merge(OmegaConf.structured(BackboneConfig), {"name": "vgg16_bn", "width": 0.5, "init": "cpg"})
+    torch.manual_seed(0)
+    model = TaskModel(build_backbone(cfg, (3, 32, 32)))
+    model.add_head(5)
+    convs = [m for m in model.backbone.modules() if isinstance(m, Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(convs) == 13 and len(linears) == 3  # two hidden layers and the head
+    for conv in convs:  # Kaiming-normal, fan_out, ReLU gain: std sqrt(2 / (out channels x kernel area))
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.1)
+        assert abs(conv.weight.mean().item()) < 0.1 * math.sqrt(2 / fan_out)
+    for linear in linears:  # N(0, 0.01), bias 0: the head too
+        assert linear.weight.std().item() == pytest.approx(0.01, rel=0.1) and not linear.bias.any()
+    norms = [m for m in model.modules() if isinstance(m, BatchNorm2d)]
+    assert all(bool((m.weight == 1).all()) and not m.bias.any() for m in norms)
+    default = build_backbone(OmegaConf.merge(cfg, {"init": "torch"}), (3, 32, 32))
+    first = next(m for m in default.modules() if isinstance(m, Linear))
+    assert first.weight.std().item() > 0.02  # PyTorch's default is another draw: 1 / sqrt(3 x fan_in)
+
+
+def test_grown_weights_start_by_the_same_rule():
+    cfg = OmegaConf.merge(OmegaConf.structured(BackboneConfig), {"name": "vgg16_bn", "width": 0.25, "init": "cpg"})
+
+    def build(channels: float):
+        return build_backbone(OmegaConf.merge(cfg, {"width": 0.25 * channels}), (3, 32, 32))
+
+    torch.manual_seed(0)
+    net = SharedNet(build)
+    net.begin_task(1, picking=False)
+    net.heads.add(net.backbone.out_features, 5)
+    net.end_task(1)
+    old = {name: layer.weight.shape for name, layer in shared_layers(net.backbone).items()}
+    net.grow(4.0)  # channels x2
+    for name, layer in shared_layers(net.backbone).items():
+        rows, cols = old[name][:2]
+        new = torch.cat([layer.weight[rows:].flatten(), layer.weight[:rows, cols:].flatten()])
+        if isinstance(layer, Conv2d):
+            fan_out = layer.out_channels * layer.kernel_size[0] * layer.kernel_size[1]
+            assert new.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.15)
+        else:
+            assert new.std().item() == pytest.approx(0.01, rel=0.15)

@@ -79,6 +79,7 @@ def test_presets_compose(method, scale):
     assert cfg.method.train.epochs == (100 if scale == "full" else 2)
     assert cfg.stream.n_tasks == (20 if scale == "full" else 4)
     assert cfg.backbone.width == (1.0 if scale == "full" else 0.25)
+    assert (cfg.backbone.init.value, cfg.stream.normalize.value) == ("cpg", "task")  # CPG's code's, every row
     if method == "scratch":  # CPG's baseline recipe, not the scratch option's own Adam default
         assert (cfg.method.train.optimizer.value, cfg.method.train.lr, cfg.method.train.batch_size) == (
             "sgd",

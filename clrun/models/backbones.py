@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from clrun.errors import ClrunError
-from clrun.models.layers import BatchNorm2d, Conv2d, Linear
+from clrun.models.layers import BatchNorm2d, Conv2d, Linear, init_as_cpg
 
 Shape = tuple[int, int, int]
 
@@ -382,8 +382,9 @@ def _attach_imagenet_head(model: nn.Module, cfg: DictConfig, head: dict[str, tor
 
 
 def build_backbone(cfg: DictConfig, input_shape: tuple[int, int, int]) -> nn.Module:
-    """Build the backbone `cfg.name` for (C, H, W) inputs, loading `cfg.pretrained` if set; with
-    `cfg.imagenet_head`, the pretrained classifier is kept as the attribute `imagenet_head` (weight, bias).
+    """Build the backbone `cfg.name` for (C, H, W) inputs, initialised by the rule `cfg.init` (kept as the
+    attribute `init`, for its heads), loading `cfg.pretrained` if set; with `cfg.imagenet_head`, the pretrained
+    classifier is kept as the attribute `imagenet_head` (weight, bias).
 
     Raises `ClrunError` for an unknown name, a stem it has no choice of, an input shape the backbone cannot
     take, or a missing or non-matching pretrained file.
@@ -394,6 +395,9 @@ def build_backbone(cfg: DictConfig, input_shape: tuple[int, int, int]) -> nn.Mod
         raise ClrunError(f"backbone.stem: only {', '.join(STEMMED)} have a choice of stem; set it null for {cfg.name}")
     shape = tuple(int(s) for s in input_shape)
     model = BACKBONES[cfg.name](cfg, shape)
+    model.init = str(getattr(cfg.get("init"), "value", cfg.get("init") or "torch"))  # the heads' rule too
+    if model.init == "cpg":
+        init_as_cpg(model)
     head = {} if cfg.pretrained is None else _load_pretrained(model, cfg)
     if cfg.get("imagenet_head"):
         _attach_imagenet_head(model, cfg, head)

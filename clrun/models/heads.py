@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from clrun.errors import ClrunError
-from clrun.models.layers import Linear
+from clrun.models.layers import Linear, init_as_cpg
 
 
 def start_from_classifier(head: nn.Linear, classifier: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -21,15 +21,20 @@ def start_from_classifier(head: nn.Linear, classifier: tuple[torch.Tensor, torch
 
 
 class MultiHead(nn.Module):
-    """One linear head per task; `forward` routes features to the task's head."""
+    """One linear head per task, initialised by the rule `init` (`backbone.init`: `torch` or `cpg`); `forward`
+    routes features to the task's head."""
 
-    def __init__(self) -> None:
+    def __init__(self, init: str = "torch") -> None:
         super().__init__()
         self.heads = nn.ModuleList()
+        self.init = init
 
     def add(self, in_features: int, n_classes: int) -> int:
         """Append a head for a new task and return its task index."""
-        self.heads.append(Linear(in_features, n_classes))
+        head = Linear(in_features, n_classes)
+        if self.init == "cpg":
+            init_as_cpg(head)
+        self.heads.append(head)
         return len(self.heads) - 1
 
     def forward(self, features: torch.Tensor, task: int) -> torch.Tensor:
@@ -48,7 +53,7 @@ class TaskModel(nn.Module):
     def __init__(self, backbone: nn.Module, scenario: str = "task") -> None:
         super().__init__()
         self.backbone = backbone
-        self.heads = MultiHead()
+        self.heads = MultiHead(getattr(backbone, "init", "torch"))  # `build_backbone`'s rule
         self.scenario = scenario
 
     def add_head(self, n_classes: int) -> int:

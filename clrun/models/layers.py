@@ -37,6 +37,25 @@ class Linear(_WeightFn, nn.Linear):
         return F.linear(x, self.effective_weight(), self.bias)
 
 
+HEAD_STD = 0.01  # `init_as_cpg`'s std of linear layers, heads included
+
+
+def init_as_cpg(module: nn.Module) -> None:
+    """CPG's and PackNet's initialisation (torchvision's VGG): every convolution Kaiming-normal (fan_out, ReLU),
+    every linear layer N(0, HEAD_STD), biases 0, batch norm weight 1 and bias 0."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(layer, nn.Linear):
+            nn.init.normal_(layer.weight, 0.0, HEAD_STD)
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.affine:
+            nn.init.ones_(layer.weight)
+        else:
+            continue
+        if getattr(layer, "bias", None) is not None:
+            nn.init.zeros_(layer.bias)
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """A `torch.nn.BatchNorm2d` that clrun's methods can find (per-task statistics)."""
 

@@ -65,7 +65,7 @@ class SharedNet(nn.Module):
         self.build = build
         self.multiplier = 1.0
         self.backbone = self._with_owners(build(1.0))
-        self.heads = MultiHead()
+        self.heads = MultiHead(getattr(self.backbone, "init", "torch"))  # `build_backbone`'s rule
         self.records: list[dict] = []  # per learned task: multiplier, private tensors, picks
         self.base_params = sum(p.numel() for p in self.backbone.parameters())
         self._view: tuple[int, nn.Module] | None = None  # (task index, backbone view) cached for predict

@@ -283,3 +283,13 @@ def test_grown_weights_start_by_the_same_rule():
             assert new.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.15)
         else:
             assert new.std().item() == pytest.approx(0.01, rel=0.15)
+
+
+@pytest.mark.parametrize("multiplier, shared", [(1.0, 33_584_832), (1.5, 50_350_644), (2.0, 67_152_663)])
+def test_grown_vgg16_widths_truncate_as_cpgs_code(multiplier, shared):
+    """Channels int(c * sqrt(m)) (64 -> 78, 128 -> 156, 256 -> 313, 4096 -> 5016 at 1.5): CPG's shared-weight counts,
+    x1.499 (CPG, max 1.5) and x1.9995 (PAE, max 2.0) of 33,584,832."""
+    cfg = OmegaConf.merge(OmegaConf.structured(BackboneConfig), {"name": "vgg16_bn", "width": math.sqrt(multiplier)})
+    with torch.device("meta"):
+        backbone = build_backbone(cfg, (3, 32, 32))
+    assert sum(layer.weight.numel() for layer in shared_layers(backbone).values()) == shared

@@ -24,7 +24,9 @@ Shape = tuple[int, int, int]
 
 
 def _scale(c: int, width: float) -> int:
-    return max(1, round(c * width))
+    """`c` channels or units at width multiplier `width`, truncated as CPG's code does (`int(c * sqrt(m))`:
+    growth to 1.5x parameters gives 64 -> 78, 128 -> 156, 256 -> 313, 4096 -> 5016); the 1e-6 absorbs float error."""
+    return max(1, int(c * width + 1e-6))
 
 
 def _conv_bn_relu(c_in: int, c_out: int, bias: bool = False) -> list[nn.Module]:

@@ -203,7 +203,9 @@ def measured_row(run_dir: Path) -> dict:
     red = _last(summary, "redundancy")
     if math.isnan(red) and summary["method"].iloc[0] == "scratch":
         red = 0.0
+    precision = str(summary["precision"].iloc[0]) if "precision" in summary else "unknown"
     row.update(exp=exp, red=red, exp_source=source, n_tasks=n_tasks, run_id=str(summary["run_id"].iloc[0]))
+    row["precision"] = precision
     return row
 
 
@@ -224,8 +226,9 @@ def compare(paper: pd.DataFrame, measured: dict[str, dict]) -> pd.DataFrame:
         got = measured[method]
         got_row = {c: got.get(c, math.nan) for c in [*tasks, "avg", "exp", "red"]}
         diff_row = {c: got_row[c] - paper_row[c] for c in got_row}
-        meta = {"exp_source": got["exp_source"], "run_id": got["run_id"]}
-        rows.append({"method": LABELS[method], "row": "paper", **paper_row, "exp_source": "paper", "run_id": ""})
+        meta = {"exp_source": got["exp_source"], "run_id": got["run_id"], "precision": got.get("precision", "unknown")}
+        paper_meta = {"exp_source": "paper", "run_id": "", "precision": "fp32"}
+        rows.append({"method": LABELS[method], "row": "paper", **paper_row, **paper_meta})
         rows.append({"method": LABELS[method], "row": "measured", **got_row, **meta})
         rows.append({"method": LABELS[method], "row": "diff", **diff_row, **meta})
     return pd.DataFrame(rows)
@@ -260,6 +263,7 @@ def print_comparison(console: Console, table: pd.DataFrame, title: str, goals: s
             view.add_row(row["method"] if i == 0 else "", row["row"], *cells, end_section=i == len(rows) - 1)
     console.print(view)
     sources = sorted({s for s in table["exp_source"] if s != "paper"})
+    measured_precision = table.loc[table["row"] != "paper", "precision"]
     notes = [
         f"diff = measured - paper. Accuracy (%) of each task after all {n} tasks; Avg. over tasks 1..{n}"
         + ("" if n == PAPER_TASKS else " (the paper's printed Avg. is over 20 tasks)")
@@ -268,6 +272,7 @@ def print_comparison(console: Console, table: pd.DataFrame, title: str, goals: s
         "weight-sharing methods, as clrun's expansion (stored parameters / one model, = T) for Scratch"
         + (f"; used here: {', '.join(sources)}." if sources else "."),
         "Red.: the share of free (released, unused) weights in the final network (summary `redundancy`).",
+        f"Precision: the paper's numbers are fp32; measured in {', '.join(sorted(set(measured_precision)))}.",
         "Goals of PAE and CPG: the Scratch run's per-task accuracies (the paper's CPG row used fine-Avg goals, "
         "Table 2 avg 78.6, close to Scratch's 78.8; its PAE used fine-Max)."
         if goals == "scratch"

@@ -134,7 +134,8 @@ class Run:
             **results.second_matrix_metrics(accuracy_table, len(stream)),
             **method.summary(),
         }
-        summary = {**self.labels, "clrun_version": version("clrun"), **metrics}
+        precision = "fp32" if hw.autocast_dtype is None else str(hw.autocast_dtype).removeprefix("torch.")
+        summary = {**self.labels, "clrun_version": version("clrun"), "precision": precision, **metrics}
         results.write_parquet(pd.DataFrame([summary]), self.run_dir / results.SUMMARY_FILE)
         results.save_plots(R, names, self.run_dir, self.run_id)
         results.print_report(self.console, R, names, metrics, self.run_dir)

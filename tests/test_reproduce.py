@@ -80,6 +80,7 @@ def test_presets_compose(method, scale):
     assert cfg.stream.n_tasks == (20 if scale == "full" else 4)
     assert cfg.backbone.width == (1.0 if scale == "full" else 0.25)
     assert (cfg.backbone.init.value, cfg.stream.normalize.value) == ("cpg", "task")  # CPG's code's, every row
+    assert cfg.hardware.precision.value == "fp32"  # the paper's numbers are fp32
     if method == "scratch":  # CPG's baseline recipe, not the scratch option's own Adam default
         assert (cfg.method.train.optimizer.value, cfg.method.train.lr, cfg.method.train.batch_size) == (
             "sgd",
@@ -215,5 +216,7 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert table["row"].tolist() == ["paper", "measured", "diff"] * len(labels)
     assert [c for c in table.columns if c.startswith("task")] == ["task1", "task2"]
     assert table[table["row"] == "measured"][["task1", "task2", "avg", "exp", "red"]].notna().all().all()
+    assert set(table["precision"]) == {"fp32"}  # the presets' precision, recorded per run
+    assert "measured in fp32" in " ".join(capsys.readouterr().out.split())
     folders = sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir())
     assert folders == sorted(methods)

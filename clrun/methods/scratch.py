@@ -1,18 +1,46 @@
-"""Individual models: an independent backbone and head trained from scratch per task.
+"""Individual models: an independent backbone and head per task, trained from scratch or, with
+`start: random_earlier`, fine-tuned from the model of an earlier task drawn at random.
 
 Task scenario; the class and domain scenarios with `task_id` (the model whose
 head is most confident answers).
 
-The "individual models" baseline of CPG's Table 2 (Hung et al., NeurIPS 2019) and the
-source of its accuracy goals: no forgetting and no transfer, at T times the parameters.
+The "individual models" baselines of CPG's Table 2 (Hung et al., NeurIPS 2019) and the
+sources of its accuracy goals: no forgetting, at T times the parameters. Scratch is
+ivclab/CPG's experiment1/baseline_cifar100.sh; `random_earlier` its finetune_cifar100.sh
+(five rounds give fine-Avg and fine-Max): task 1 from scratch, each later task from a copy of
+a uniformly drawn earlier task's backbone (a fresh head) at `finetune_lr` (CPG: 5e-3), with
+its other settings as `train`'s.
 """
 
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from clrun.config import POSITIVE, checked
 from clrun.data.stream import Task
-from clrun.methods.base import Method, task_loss
+from clrun.methods.base import Method, PerTaskMethodConfig, task_loss
 from clrun.results import Footprint, count_params, module_bytes
 
 
+class Start(Enum):
+    """Where each task's model starts."""
+
+    scratch = "scratch"  # a fresh backbone
+    random_earlier = "random_earlier"  # from task 2 on: the backbone of an earlier task drawn uniformly
+
+
+@dataclass
+class ScratchConfig(PerTaskMethodConfig):
+    start: Start = Start.scratch
+    # learning rate of the tasks started from an earlier model (null: train.lr)
+    finetune_lr: Optional[float] = checked(POSITIVE, None)
+
+
 class Scratch(Method):
+    config_class = ScratchConfig
     starts_head_from_classifier = True
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
@@ -21,8 +49,15 @@ class Scratch(Method):
 
     def learn(self, task: Task) -> dict:
         model = self.new_model([task], scenario="task")
+        source, recipe = -1, self.cfg.train
+        if self.cfg.start is Start.random_earlier and task.index > 0:
+            source = int(torch.randint(task.index, ()))  # the run's seeded RNG (tools/random_generate_task_id.py)
+            model.backbone.load_state_dict(self.models[source].backbone.state_dict())
+            if self.cfg.finetune_lr is not None:
+                recipe = OmegaConf.merge(recipe, {"lr": self.cfg.finetune_lr})
         self.models.append(model)
-        return self.fit(task, model, model.parameters(), task_loss(model, 0, self.stream)).row()
+        stats = self.fit(task, model, model.parameters(), task_loss(model, 0, self.stream), recipe)
+        return {**stats.row(), "source_task": source}
 
     def predict(self, x, task):
         model = self.models[task]

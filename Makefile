@@ -7,7 +7,7 @@ SCALE ?= full
 # reproduce-table1 reads CIFAR-100 from DATA_ROOT (the folder holding cifar-100-python/); empty: $CLRUN_DATA, else ~/.cache/clrun/data
 DATA_ROOT ?=
 
-.PHONY: run test lint bench reproduce-table1 scenarios-mnist clean-outputs
+.PHONY: run test lint bench reproduce-table1 reproduce-table2 scenarios-mnist clean-outputs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ scenarios-mnist: $(STAMP)  ## every method in the task/domain/class scenarios of
 
 reproduce-table1: $(STAMP)  ## CPG's Table 1 (scratch, packnet, pae, cpg on cifar100_20 / vgg16_bn) vs the paper; SCALE=smoke: minutes on a CPU
 	$(BIN)/python benchmarks/reproduce_table1.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+
+reproduce-table2: $(STAMP)  ## CPG's Table 2 (scratch, 5 fine-tune rounds -> fine-Avg/Max, CPG avg/max/top) vs the paper; SCALE=smoke on a CPU
+	$(BIN)/python benchmarks/reproduce_table2.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 clean-outputs:
 	rm -rf outputs/runs outputs/bench

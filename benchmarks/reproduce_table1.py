@@ -209,15 +209,18 @@ def measured_row(run_dir: Path) -> dict:
     return row
 
 
-def compare(paper: pd.DataFrame, measured: dict[str, dict]) -> pd.DataFrame:
-    """Paper, measured and diff (measured - paper) rows per method, over the tasks measured.
+def compare(
+    paper: pd.DataFrame, measured: dict[str, dict], order: tuple[str, ...] = METHODS, labels: dict = LABELS
+) -> pd.DataFrame:
+    """Paper, measured and diff (measured - paper) rows per row key of `order` (shown as `labels[key]`), over the
+    tasks measured.
 
     Avg. is the mean over tasks 1..T of each row (the paper's printed Avg. when all 20 were run), so the
     difference compares like with like at the smoke scale too."""
     n = max((int(m["n_tasks"]) for m in measured.values()), default=PAPER_TASKS)
     tasks = task_columns(n)
     rows = []
-    for method in METHODS:
+    for method in order:
         if method not in measured:
             continue
         ref = paper.loc[method]
@@ -228,9 +231,9 @@ def compare(paper: pd.DataFrame, measured: dict[str, dict]) -> pd.DataFrame:
         diff_row = {c: got_row[c] - paper_row[c] for c in got_row}
         meta = {"exp_source": got["exp_source"], "run_id": got["run_id"], "precision": got.get("precision", "unknown")}
         paper_meta = {"exp_source": "paper", "run_id": "", "precision": "fp32"}
-        rows.append({"method": LABELS[method], "row": "paper", **paper_row, **paper_meta})
-        rows.append({"method": LABELS[method], "row": "measured", **got_row, **meta})
-        rows.append({"method": LABELS[method], "row": "diff", **diff_row, **meta})
+        rows.append({"method": labels[method], "row": "paper", **paper_row, **paper_meta})
+        rows.append({"method": labels[method], "row": "measured", **got_row, **meta})
+        rows.append({"method": labels[method], "row": "diff", **diff_row, **meta})
     return pd.DataFrame(rows)
 
 
@@ -246,10 +249,9 @@ def _cell(value: float, kind: str, column: str) -> str:
     return f"{value:.{digits}f}"
 
 
-def print_comparison(console: Console, table: pd.DataFrame, title: str, goals: str = "scratch") -> None:
-    """The comparison as one rich table: a section per method with its paper, measured and difference rows."""
+def print_table(console: Console, table: pd.DataFrame, title: str) -> None:
+    """`compare`'s rows as one rich table: a section per method with its paper, measured and difference rows."""
     tasks = [c for c in table.columns if c.startswith("task")]
-    n = len(tasks)
     view = Table(title=title, show_lines=False, pad_edge=False)
     view.add_column("method")
     view.add_column("")
@@ -262,6 +264,12 @@ def print_comparison(console: Console, table: pd.DataFrame, title: str, goals: s
             cells = [_cell(row[c], row["row"], c) for c in [*tasks, "avg", "exp", "red"]]
             view.add_row(row["method"] if i == 0 else "", row["row"], *cells, end_section=i == len(rows) - 1)
     console.print(view)
+
+
+def print_comparison(console: Console, table: pd.DataFrame, title: str, goals: str = "scratch") -> None:
+    """The Table 1 comparison and its notes."""
+    print_table(console, table, title)
+    n = len([c for c in table.columns if c.startswith("task")])
     sources = sorted({s for s in table["exp_source"] if s != "paper"})
     measured_precision = table.loc[table["row"] != "paper", "precision"]
     notes = [

@@ -1,0 +1,70 @@
+"""`benchmarks/reproduce_table2.py` (`make reproduce-table2`): fine-Avg / fine-Max / top, goal files, the presets,
+the smoke pipeline."""
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import SHARED_DATA, compose_config, needs_shared
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import reproduce_table2 as r2  # noqa: E402  (a script beside the package, not part of it)
+
+
+def test_fine_rows_by_hand():
+    rounds = [
+        {"task1": 60.0, "task2": 80.0, "exp": 2.0, "run_id": "a", "precision": "fp32"},
+        {"task1": 70.0, "task2": 70.0, "exp": 2.0, "run_id": "b", "precision": "fp32"},
+        {"task1": 65.0, "task2": 90.0, "exp": 2.0, "run_id": "c", "precision": "fp32"},
+    ]
+    rows = r2.fine_rows(rounds, margin=0.5)
+    assert (rows["fine_avg"]["task1"], rows["fine_avg"]["task2"]) == pytest.approx((65.0, 80.0))
+    assert (rows["fine_max"]["task1"], rows["fine_max"]["task2"]) == (70.0, 90.0)
+    assert (rows["top"]["task1"], rows["top"]["task2"]) == (70.5, 90.5)  # max(avg, max) + margin
+    assert rows["fine_avg"]["avg"] == pytest.approx(72.5) and rows["fine_max"]["avg"] == 80.0
+    assert rows["fine_max"]["run_id"] == "a+b+c" and rows["fine_max"]["n_tasks"] == 2
+
+
+def test_goal_files_are_cpgs_format(tmp_path):
+    path = r2.write_goals({"task1": 65.25, "task2": 80.0, "task10": 51.0, "avg": 1.0}, tmp_path / "g.json")
+    assert json.loads(path.read_text()) == {"1": "0.6525", "2": "0.8000", "10": "0.5100"}
+    cfg = compose_config("method=cpg", f"method.goals={path}", "stream=cifar100_20")
+    assert cfg.method.goals == str(path)
+
+
+@pytest.mark.parametrize("scale, epochs, tasks", [("full", 100, 20), ("smoke", 2, 4)])
+def test_finetune_presets_compose_to_cpgs_script(scale, epochs, tasks):
+    cfg = compose_config(f"experiment={r2.finetune_preset(scale)}")
+    method = cfg.method
+    assert (method.name, method.start.value, method.finetune_lr, method.train.lr) == (
+        "scratch", "random_earlier", 5e-3, 1e-2,
+    )  # fmt: skip
+    assert (method.train.epochs, cfg.stream.n_tasks, cfg.backbone.init.value) == (epochs, tasks, "cpg")
+
+
+def test_paper_rows():
+    paper = r2.load_paper()
+    assert list(paper.index) == list(r2.ROWS) and paper.loc["cpg_top", "avg"] == 81.7
+
+
+@needs_shared("CIFAR-100-subset")
+def test_smoke_pipeline_end_to_end(tmp_path, capsys):
+    out = tmp_path / "table2.csv"
+    tiny = ["stream.n_tasks=2", "stream.train_per_task=8", "stream.test_per_task=8", "backbone.width=0.0625"]
+    argv = ["--scale", "smoke", "--data-root", str(SHARED_DATA / "CIFAR-100-subset"), "--runs-dir", str(tmp_path)]
+    code = r2.main([*argv, "--rounds", "2", "--out", str(out), *tiny, "hardware.threads=1"])
+    assert code == 0, capsys.readouterr().err
+    table = pd.read_csv(out)
+    assert table["method"].unique().tolist() == [r2.LABELS[key] for key in r2.ROWS]
+    measured = table[table["row"] == "measured"].set_index("method")
+    assert measured[["task1", "task2", "avg"]].notna().all().all()
+    fine = [p for p in tmp_path.iterdir() if p.name.startswith("scratch-") and "seed0" not in p.name]
+    assert len(fine) == 2  # the two rounds
+    sources = [pd.read_parquet(p / "tasks.parquet")["source_task"].tolist() for p in fine]
+    assert all(s == [-1, 0] for s in sources)  # task 2 can only start from task 1
+    (goals,) = tmp_path.glob("table2-goals-*")
+    top = json.loads((goals / "top.json").read_text())
+    assert float(top["1"]) == pytest.approx(measured.loc["fine-Max", "task1"] / 100 + 0.005, abs=1e-4)
+    assert "measured in fp32" in " ".join(capsys.readouterr().out.split())

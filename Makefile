@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SCALE ?= full
+SEEDS ?= 1
 # reproduce-table1 reads CIFAR-100 from DATA_ROOT (the folder holding cifar-100-python/); empty: $CLRUN_DATA, else ~/.cache/clrun/data
 DATA_ROOT ?=
 
@@ -31,10 +32,10 @@ scenarios-mnist: $(STAMP)  ## every method in the task/domain/class scenarios of
 	$(BIN)/python benchmarks/scenarios_mnist.py $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 reproduce-table1: $(STAMP)  ## CPG's Table 1 (scratch, packnet, pae, cpg on cifar100_20 / vgg16_bn) vs the paper; SCALE=smoke: minutes on a CPU
-	$(BIN)/python benchmarks/reproduce_table1.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+	$(BIN)/python benchmarks/reproduce_table1.py --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 reproduce-table2: $(STAMP)  ## CPG's Table 2 (scratch, 5 fine-tune rounds -> fine-Avg/Max, CPG avg/max/top) vs the paper; SCALE=smoke on a CPU
-	$(BIN)/python benchmarks/reproduce_table2.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+	$(BIN)/python benchmarks/reproduce_table2.py --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 clean-outputs:
 	rm -rf outputs/runs outputs/bench

@@ -7,8 +7,10 @@ as one Hydra multirun with `method.goals=<the scratch run's folder>`. Then print
 benchmarks/results/table1-<scale>-<date>.csv. Finished runs are not retrained, so running it again
 only prints the table again; an interrupted run resumes.
 
-    python benchmarks/reproduce_table1.py [--scale full|smoke] [--data-root DIR] [--seed N] [KEY=VALUE ...]
+    python benchmarks/reproduce_table1.py [--scale full|smoke] [--data-root DIR] [--seed N] [--seeds N] [KEY=VALUE ...]
 
+`--seeds N` runs seeds seed..seed+N-1 (each method's seeds one multirun) and prints mean +- std per cell, flagging
+with ! each difference whose paper value lies outside mean +- 2 std (one seed: a stated tolerance).
 `--scale smoke` runs the `table1_smoke_*` presets: 4 tasks, a quarter-width VGG16-BN and a few epochs,
 minutes on a CPU (its accuracies are not comparable with the paper). KEY=VALUE are extra Hydra overrides
 given to every job.
@@ -37,6 +39,9 @@ GOAL_METHODS = ("pae", "cpg")  # take accuracy goals: the scratch run's accuraci
 # --goals paper: the goals the paper used, from its Table 2 (CPG: fine-Avg; PAE: fine-Max, ivclab/CPG's PAE script)
 PAPER_GOALS = {"cpg": "cpg_goals_fine_avg.json", "pae": "cpg_goals_fine_max.json"}
 PAPER_TASKS = 20
+# with one seed, a measured cell counts as off the paper beyond these (accuracies in points); with several, beyond
+# 2 std of the seeds
+ONE_SEED_TOLERANCE = {"accuracy": 2.0, "exp": 0.05, "red": 0.05}
 CIFAR100_FILES = ("train", "test", "meta")
 CIFAR100_TRAIN_BYTES = 155_249_918  # the official cifar-100-python/train
 
@@ -129,44 +134,70 @@ def goals_override(method: str, goals: str, scratch_dir: Path | None) -> str:
 def run_pipeline(
     scale: str,
     data_root: Path,
-    seed: int,
+    seeds: list[int],
     runs_dir: Path,
     extra: list[str],
     methods: tuple[str, ...],
     goals: str,
     console: Console,
-) -> tuple[dict[str, Path], dict[str, float]]:
-    """Run scratch, packnet, then pae and cpg (one multirun with scratch's goals, else one run each with the
-    paper's goals); return the run folders and the wall time of each clrun command."""
-    common = [f"data.root='{data_root}'", f"seed={seed}", *extra]  # quoted: a path may hold `,` or `=`
-    hydra_dirs = ["hydra.run.dir=" + str(runs_dir / "${clrun_run_name:}"), f"hydra.sweep.dir={runs_dir}"]
+) -> tuple[dict[str, list[Path]], dict[str, float]]:
+    """Run scratch, packnet, then pae and cpg, each method's seeds as one multirun (pae and cpg with scratch's
+    goals: one multirun per seed, with that seed's scratch run as goals); return each method's run folders (one
+    per seed) and the wall time of each clrun command."""
+    common = [f"data.root='{data_root}'", *extra]  # quoted: a path may hold `,` or `=`
+    sweep_dir = f"hydra.sweep.dir={runs_dir}"
+    all_seeds = "seed=" + ",".join(map(str, seeds))
     folders, seconds = {}, {}
     wanted = set(methods)
     if wanted & set(GOAL_METHODS) and goals == "scratch":
         wanted.add("scratch")
+
+    def folders_of(experiment: str, *overrides: str) -> list[Path]:
+        return [run_folder([experiment, f"seed={seed}", *common, *overrides], runs_dir) for seed in seeds]
+
     for method in ("scratch", "packnet"):
         if method in wanted:
-            overrides = [f"experiment={preset(method, scale)}", *common]
-            folders[method] = run_folder(overrides, runs_dir)
-            seconds[method] = run_clrun([*overrides, *hydra_dirs], console)
+            experiment = f"experiment={preset(method, scale)}"
+            folders[method] = folders_of(experiment)
+            seconds[method] = run_clrun(["-m", experiment, all_seeds, *common, sweep_dir], console)
     goal_methods = [m for m in GOAL_METHODS if m in wanted]
-    if goal_methods and goals == "scratch":  # the same goals for both: one multirun
-        override = goals_override("cpg", goals, folders["scratch"])
-        for method in goal_methods:
-            folders[method] = run_folder([f"experiment={preset(method, scale)}", *common, override], runs_dir)
-        # a one-value sweep: Hydra applies it per job, after the experiment chose a method that has `goals`
-        # (a plain override would first be tried on the multirun's base config, whose method has none)
-        key, value = override.split("=", 1)
+    # goals go in as one-value sweeps: Hydra applies them per job, after the experiment chose a method that has
+    # `goals` (a plain override would first be tried on the multirun's base config, whose method has none)
+    if goal_methods and goals == "scratch":  # the same goals for both: one multirun per seed
         sweep = "experiment=" + ",".join(preset(m, scale) for m in goal_methods)
-        seconds["+".join(goal_methods)] = run_clrun(
-            ["-m", sweep, *common, f"{key}=choice('{value}')", f"hydra.sweep.dir={runs_dir}"], console
-        )
+        for seed, scratch_dir in zip(seeds, folders["scratch"], strict=True):
+            key, value = goals_override("cpg", goals, scratch_dir).split("=", 1)
+            for method in goal_methods:
+                experiment = f"experiment={preset(method, scale)}"
+                folder = run_folder([experiment, f"seed={seed}", *common, f"{key}={value}"], runs_dir)
+                folders.setdefault(method, []).append(folder)
+            label = "+".join(goal_methods) + f" seed {seed}"
+            seconds[label] = run_clrun(
+                ["-m", sweep, f"seed={seed}", *common, f"{key}=choice('{value}')", sweep_dir], console
+            )
     else:
         for method in goal_methods:
-            overrides = [f"experiment={preset(method, scale)}", *common, goals_override(method, goals, None)]
-            folders[method] = run_folder(overrides, runs_dir)
-            seconds[method] = run_clrun([*overrides, *hydra_dirs], console)
+            experiment = f"experiment={preset(method, scale)}"
+            key, value = goals_override(method, goals, None).split("=", 1)
+            folders[method] = folders_of(experiment, f"{key}={value}")
+            seconds[method] = run_clrun(
+                ["-m", experiment, all_seeds, *common, f"{key}=choice('{value}')", sweep_dir], console
+            )
     return folders, seconds
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """One measured row from the rows of several seeds: each number's mean, its sample std as `std_<column>`
+    (NaN for one seed), `seeds` their count; the text columns of the first, precisions joined."""
+    frame = pd.DataFrame(rows)
+    numbers = [c for c in frame.columns if pd.api.types.is_numeric_dtype(frame[c]) and c != "n_tasks"]
+    row = {**rows[0], **frame[numbers].mean().to_dict()}
+    row.update({f"std_{c}": frame[c].std() if len(rows) > 1 else math.nan for c in numbers})
+    row["seeds"] = len(rows)
+    row["run_id"] = "+".join(frame["run_id"])
+    if "precision" in frame:
+        row["precision"] = ",".join(sorted(set(frame["precision"])))
+    return row
 
 
 # ---- measured rows and the comparison --------------------------------------------------------------------------
@@ -228,13 +259,39 @@ def compare(
         paper_row.update(avg=ref["avg"] if n == PAPER_TASKS else ref[tasks].mean(), exp=ref["exp"], red=ref["red"])
         got = measured[method]
         got_row = {c: got.get(c, math.nan) for c in [*tasks, "avg", "exp", "red"]}
+        std_row = {c: got.get(f"std_{c}", math.nan) for c in got_row}
         diff_row = {c: got_row[c] - paper_row[c] for c in got_row}
+        seeds = int(got.get("seeds", 1))
+        outside = [c for c in got_row if _outside(diff_row[c], std_row[c], seeds, c)]
         meta = {"exp_source": got["exp_source"], "run_id": got["run_id"], "precision": got.get("precision", "unknown")}
-        paper_meta = {"exp_source": "paper", "run_id": "", "precision": "fp32"}
+        meta.update(seeds=seeds, outside=" ".join(outside))
+        paper_meta = {"exp_source": "paper", "run_id": "", "precision": "fp32", "seeds": 0, "outside": ""}
         rows.append({"method": labels[method], "row": "paper", **paper_row, **paper_meta})
         rows.append({"method": labels[method], "row": "measured", **got_row, **meta})
+        if seeds > 1:
+            rows.append({"method": labels[method], "row": "std", **std_row, **meta})
         rows.append({"method": labels[method], "row": "diff", **diff_row, **meta})
     return pd.DataFrame(rows)
+
+
+def _outside(diff: float, std: float, seeds: int, column: str) -> bool:
+    """Whether the paper's value lies outside the measured mean +- 2 std (one seed: ONE_SEED_TOLERANCE)."""
+    if math.isnan(diff):
+        return False
+    kind = column if column in ("exp", "red") else "accuracy"
+    return abs(diff) > (2 * std if seeds > 1 else ONE_SEED_TOLERANCE[kind])
+
+
+def flag_note(table: pd.DataFrame) -> str:
+    """What the ! beside a difference means, for the seeds `table` was measured over."""
+    seeds = sorted({int(s) for s in table.loc[table["row"] != "paper", "seeds"]})
+    if seeds == [1]:
+        bounds = ONE_SEED_TOLERANCE
+        return (
+            f"!: the paper's value lies beyond the tolerance of one seed ({bounds['accuracy']:g} points of "
+            f"accuracy, {bounds['exp']:g} of Exp. and Red.); SEEDS=n runs n seeds and flags by mean +- 2 std."
+        )
+    return f"!: the paper's value lies outside the measured mean +- 2 std ({', '.join(map(str, seeds))} seeds)."
 
 
 def _cell(value: float, kind: str, column: str) -> str:
@@ -261,7 +318,9 @@ def print_table(console: Console, table: pd.DataFrame, title: str) -> None:
         view.add_column(label, justify="right")
     for _, rows in table.groupby("method", sort=False):
         for i, (_, row) in enumerate(rows.iterrows()):
-            cells = [_cell(row[c], row["row"], c) for c in [*tasks, "avg", "exp", "red"]]
+            flagged = str(row["outside"]).split() if row["row"] == "diff" else []
+            columns = [*tasks, "avg", "exp", "red"]
+            cells = [_cell(row[c], row["row"], c) + ("!" if c in flagged else "") for c in columns]
             view.add_row(row["method"] if i == 0 else "", row["row"], *cells, end_section=i == len(rows) - 1)
     console.print(view)
 
@@ -288,6 +347,7 @@ def print_comparison(console: Console, table: pd.DataFrame, title: str, goals: s
     ]
     if not {"PAE", "CPG"} & set(table["method"]):
         notes.pop()  # no goals were used
+    notes.append(flag_note(table))
     for note in notes:
         console.print(f"[dim]{note}[/]")
 
@@ -301,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-root", help="the folder holding cifar-100-python/ (default: $CLRUN_DATA, else ~/.cache/clrun/data)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, ...): mean +- std")
     parser.add_argument(
         "--runs-dir",
         type=Path,
@@ -331,17 +392,22 @@ def main(argv: list[str] | None = None) -> int:
                 "the accuracies will not be comparable with the paper[/]"
             )
         start = time.perf_counter()
+        if args.seeds < 1:
+            raise ReproduceError("--seeds must be at least 1")
+        seeds = list(range(args.seed, args.seed + args.seeds))
         folders, seconds = run_pipeline(
-            args.scale, data_root, args.seed, args.runs_dir, args.overrides, tuple(args.methods), args.goals, console
+            args.scale, data_root, seeds, args.runs_dir, args.overrides, tuple(args.methods), args.goals, console
         )
-        measured = {m: measured_row(ROOT / folders[m]) for m in METHODS if m in folders}  # runs_dir: from ROOT
+        # runs_dir is relative to ROOT
+        measured = {m: mean_row([measured_row(ROOT / f) for f in folders[m]]) for m in METHODS if m in folders}
     except ReproduceError as error:
         print(f"reproduce_table1: error: {error}", file=sys.stderr)
         return 2
     table = compare(load_paper(), measured)
     title = (
         f"CPG Table 1, CIFAR-100 20 tasks, VGG16-BN: paper vs measured "
-        f"(scale {args.scale}, seed {args.seed}, {next(iter(measured.values()))['n_tasks']} tasks)"
+        f"(scale {args.scale}, seeds {args.seed}..{args.seed + args.seeds - 1}, "
+        f"{next(iter(measured.values()))['n_tasks']} tasks)"
     )
     print_comparison(console, table, title, args.goals)
     out = args.out or RESULTS / f"table1-{args.scale}-{datetime.date.today().isoformat()}.csv"

@@ -220,3 +220,45 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert "measured in fp32" in " ".join(capsys.readouterr().out.split())
     folders = sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir())
     assert folders == sorted(methods)
+
+
+# ---- many seeds ------------------------------------------------------------------------------------------------
+
+
+def test_seeds_average_and_flag_the_paper_outside_two_std():
+    paper = rt.load_paper()
+    tasks = rt.task_columns(2)
+    ref = paper.loc["cpg", tasks].to_numpy()
+    base = {"exp": 1.5, "red": 0.41, "exp_source": "width_multiplier", "n_tasks": 2, "precision": "fp32"}
+    rows = [  # task 1: 1.5 and 2.5 points above the paper (mean +2 > 2 std = 1.41); task 2: -1 and +1 (inside)
+        {"task1": ref[0] + 1.5, "task2": ref[1] - 1, **base, "run_id": "s0"},
+        {"task1": ref[0] + 2.5, "task2": ref[1] + 1, **base, "run_id": "s1"},
+    ]
+    row = rt.mean_row(rows)
+    assert (row["task1"], row["std_task1"], row["seeds"], row["run_id"]) == pytest.approx(
+        (ref[0] + 2, 0.5**0.5, 2, "s0+s1")
+    )
+    table = rt.compare(paper, {"cpg": row}).set_index("row")
+    assert list(table.index) == ["paper", "measured", "std", "diff"]
+    assert table.loc["diff", "outside"].split() == ["task1"]
+    console = Console(record=True, width=200)
+    rt.print_table(console, table.reset_index(), "title")
+    assert "+2.0!" in console.export_text() and "+0.0!" not in console.export_text()
+    assert "mean +- 2 std (2 seeds)" in rt.flag_note(table.reset_index())
+    one = rt.compare(paper, {"cpg": rt.mean_row(rows[1:])}).set_index("row")  # one seed: the 2-point tolerance
+    assert "std" not in one.index and one.loc["diff", "outside"].split() == ["task1"]
+
+
+def test_seeds_run_as_one_multirun_per_method_and_goals_per_seed(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(rt, "run_clrun", lambda args, console: commands.append(args) or 0.0)
+    folders, _ = rt.run_pipeline("smoke", tmp_path, [3, 4], tmp_path, [], rt.METHODS, "scratch", Console(quiet=True))
+    assert [len(folders[m]) for m in rt.METHODS] == [2, 2, 2, 2]
+    assert [c[:3] for c in commands[:2]] == [
+        ["-m", "experiment=table1_smoke_scratch", "seed=3,4"],
+        ["-m", "experiment=table1_smoke_packnet", "seed=3,4"],
+    ]
+    for seed, command, scratch in zip((3, 4), commands[2:], folders["scratch"], strict=True):  # pae + cpg per seed
+        assert command[1:3] == ["experiment=table1_smoke_pae,table1_smoke_cpg", f"seed={seed}"]
+        assert f"method.goals=choice('{scratch}')" in command
+    assert len(commands) == 4

@@ -60,7 +60,11 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert table["method"].unique().tolist() == [r2.LABELS[key] for key in r2.ROWS]
     measured = table[table["row"] == "measured"].set_index("method")
     assert measured[["task1", "task2", "avg"]].notna().all().all()
-    fine = [p for p in tmp_path.iterdir() if p.name.startswith("scratch-") and "seed0" not in p.name]
+    fine = [
+        p
+        for p in tmp_path.iterdir()
+        if p.name.startswith(("scratch-cifar100_20-vgg16_bn-seed1000-", "scratch-cifar100_20-vgg16_bn-seed2000-"))
+    ]
     assert len(fine) == 2  # the two rounds
     sources = [pd.read_parquet(p / "tasks.parquet")["source_task"].tolist() for p in fine]
     assert all(s == [-1, 0] for s in sources)  # task 2 can only start from task 1

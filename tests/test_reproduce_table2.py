@@ -1,5 +1,5 @@
 """`benchmarks/reproduce_table2.py` (`make reproduce-table2`): fine-Avg / fine-Max / top, goal files, the presets,
-the smoke pipeline."""
+the smoke pipeline; and `benchmarks/reproduce_fig2.py` (`make reproduce-fig2`), which builds on its runs."""
 
 import json
 import sys
@@ -10,7 +10,8 @@ import pytest
 from conftest import SHARED_DATA, compose_config, needs_shared
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import reproduce_table2 as r2  # noqa: E402  (a script beside the package, not part of it)
+import reproduce_fig2 as f2  # noqa: E402  (scripts beside the package, not part of it)
+import reproduce_table2 as r2  # noqa: E402
 
 
 def test_fine_rows_by_hand():
@@ -72,3 +73,26 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     top = json.loads((goals / "top.json").read_text())
     assert float(top["1"]) == pytest.approx(measured.loc["fine-Max", "task1"] / 100 + 0.005, abs=1e-4)
     assert "measured in fp32" in " ".join(capsys.readouterr().out.split())
+
+    # Fig. 2 on the same runs: only DEN is new
+    png = tmp_path / "fig2.png"
+    code = f2.main([*argv, "--rounds", "2", "--out", str(png), *tiny, "hardware.threads=1"])
+    assert code == 0, capsys.readouterr().err
+    fig = pd.read_csv(png.with_suffix(".csv"))
+    assert set(fig["line"]) == {"DEN", "CPG", "Finetune Avg"} and fig["task"].unique().tolist() == [1]
+    assert png.stat().st_size > 10_000 and len(list(tmp_path.glob("den-*"))) == 1
+    flat = fig[fig["line"] == "Finetune Avg"]["accuracy"]
+    assert flat.tolist() == pytest.approx([measured.loc["fine-Avg", "task1"]] * 2, abs=0.01)
+    assert "paper about 1.09x" in capsys.readouterr().out
+
+
+def test_fig2_lines_by_hand():
+    den = [[70, 0, 0, 0, 0], [50, 80, 0, 0, 0], [30, 60, 90, 0, 0], [25, 40, 70, 75, 0], [20, 30, 60, 70, 81]]
+    cpg = [[65, 0, 0, 0, 0], [65, 77, 0, 0, 0], [65, 77, 80, 0, 0], [65, 77, 80, 82, 0], [65, 77, 80, 82, 86]]
+    frame = f2.lines(den, cpg, {"task1": 64.0, "task5": 85.0})
+    assert sorted(frame["task"].unique()) == [1, 5]  # tasks 10 and 15 are past this 5-task stream
+    task1 = frame[frame["task"] == 1].pivot(index="after_task", columns="line", values="accuracy")
+    assert task1["DEN"].tolist() == [70, 50, 30, 25, 20] and task1["CPG"].tolist() == [65] * 5
+    assert task1["Finetune Avg"].tolist() == [64.0] * 5
+    task5 = frame[frame["task"] == 5]
+    assert task5["after_task"].unique().tolist() == [5] and set(task5["accuracy"]) == {81, 86, 85.0}

@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## finetune on the embedded synthetic stream (under a minute on 2 CPU cores)
 	$(BIN)/clrun $(ARGS)
 
-test: $(STAMP)  ## the whole test suite
-	$(BIN)/python -m pytest -q
+test: $(STAMP)  ## the whole test suite, in parallel workers (pytest-xdist; at most 4)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check clrun tests benchmarks

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA, TINY_STREAM, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
 
-from clrun.methods.lwf import LwF, distillation
+from clrun.methods.lwf import KDForm, LwF, distillation
 from clrun.results import module_bytes
 
 TINY = [
@@ -38,6 +38,31 @@ def test_distillation_matches_a_hand_computed_case():
     assert distillation(batch, torch.cat([teacher, teacher]), 2.0).item() == pytest.approx(
         (expected + math.log(e + 2) - e / (e + 2)) / 2, rel=1e-6
     )
+
+
+def test_van_de_vens_2019_form_is_t_squared_times_the_mean_over_batch_and_classes():
+    e = math.e
+    student, teacher = torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[2.0, 0.0, 0.0]])
+    summed = math.log(e + 2) - 1 / (e + 2)  # the case above: one row, summed over its 3 classes
+    assert distillation(student, teacher, 2.0, KDForm.vdv2019).item() == pytest.approx(4 * summed / 3, rel=1e-6)
+    padded = torch.tensor([[2.0, 0.0, 0.0, -math.inf]])  # a new class: target 0, still counted in the mean
+    wider = torch.tensor([[0.0, 2.0, 0.0, 5.0]])
+    terms = -(torch.softmax(padded / 2, 1) * torch.log_softmax(wider / 2, 1))
+    assert distillation(wider, padded, 2.0, KDForm.vdv2019).item() == pytest.approx(4 * terms.sum().item() / 4)
+
+
+def test_kd_form_reaches_the_loss():
+    losses = {}
+    for form in ("summed", "vdv2019"):
+        torch.manual_seed(0)
+        method, stream = make_lwf(f"method.kd_form={form}")
+        method.model.add_head(stream.tasks[0].n_classes)
+        teacher = method.make_teacher()
+        method.model.add_head(stream.tasks[1].n_classes)
+        loss = method.lwf_loss(1, teacher)
+        x = stream.prepare(stream.tasks[1].train.x[:8], train=False)
+        losses[form] = loss(x, stream.tasks[1].train.y[:8], None).item()
+    assert losses["summed"] != pytest.approx(losses["vdv2019"])
 
 
 def soft_ce(student, teacher, temperature):

@@ -7,7 +7,10 @@ images as the student, and the student is trained on
     CE(current task) + lambda * KD,   KD(s, t) = -sum_c softmax(t / T)_c log softmax(s / T)_c
 
 (cross-entropy against the teacher's soft targets, averaged over the batch, no
-T^2 factor: Li & Hoiem's L_old and van de Ven's `loss_fn_kd` in GMvandeVen/continual-learning).
+T^2 factor: Li & Hoiem's L_old and van de Ven's 2022 `loss_fn_kd` in GMvandeVen/continual-learning).
+`kd_form: vdv2019` is the form of that repository's 2019 code (utils.py `loss_fn_kd` at e17b714, behind
+the three-scenario MNIST tables): T^2 times the mean over the batch *and the classes*, i.e. the sum form
+times T^2 / (number of classes).
 
 - task: one KD term per earlier head, each with its own softmax, summed (Li & Hoiem's
   sum over old tasks; van de Ven 2022's `L_cur + (t-1) mean_j KD_j` is the same sum).
@@ -35,6 +38,7 @@ is the model plus the memory.
 
 import copy
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +50,13 @@ from clrun.methods.base import MethodConfig
 from clrun.methods.parts.replay import ReplayConfig, Replaying
 from clrun.models import TaskModel
 from clrun.train import FitStats, Loss
+
+
+class KDForm(Enum):
+    """How a distillation term is reduced (`kd_form`)."""
+
+    summed = "summed"  # summed over classes, averaged over the batch (Li & Hoiem; van de Ven 2022)
+    vdv2019 = "vdv2019"  # T^2 x the mean over batch and classes (van de Ven's 2019 code)
 
 
 @dataclass
@@ -63,14 +74,20 @@ class LwFConfig(MethodConfig):
     # false: CE + lambda KD (Li & Hoiem; van de Ven 2022); true: (1/t) CE + (1 - 1/t) lambda KD, t the tasks so far
     # (van de Ven's 2019 code, behind the MNIST tables the vdv presets compare with)
     weight_by_tasks: bool = False
+    kd_form: KDForm = KDForm.summed
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # budget 0: no replay
 
 
-def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy of the student's temperature-softmax against the teacher's, summed over classes,
-    averaged over the batch (no T^2 factor)."""
+def distillation(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, form: KDForm = KDForm.summed
+) -> torch.Tensor:
+    """Cross-entropy of the student's temperature-softmax against the teacher's: summed over classes and averaged
+    over the batch (no T^2 factor), or with `KDForm.vdv2019` T^2 times its mean over batch and classes."""
     targets = F.softmax(teacher.float() / temperature, dim=1)
-    return -(targets * F.log_softmax(student.float() / temperature, dim=1)).sum(1).mean()
+    terms = -(targets * F.log_softmax(student.float() / temperature, dim=1))
+    if form is KDForm.vdv2019:
+        return terms.mean() * temperature**2
+    return terms.sum(1).mean()
 
 
 class LwF(Replaying):
@@ -88,6 +105,9 @@ class LwF(Replaying):
         model, scenario, temperature = self.model, self.model.scenario, self.cfg.temperature
         offset = self.stream.class_offset(task)
 
+        def distil(student: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+            return distillation(student, teacher_logits, temperature, self.cfg.kd_form)
+
         def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             features = model.features(x)
             if scenario == "task":
@@ -100,16 +120,14 @@ class LwF(Replaying):
             with torch.no_grad():
                 old = teacher.features(x)
             if scenario == "task":
-                kd = sum(
-                    distillation(model.logits(features, j), teacher.logits(old, j), temperature) for j in range(task)
-                )
+                kd = sum(distil(model.logits(features, j), teacher.logits(old, j)) for j in range(task))
             elif scenario == "class" and self.cfg.kd_over_seen:  # probability 0 for the new classes
                 padded = F.pad(teacher.logits(old, None), (0, logits.shape[1] - offset), value=-torch.inf)
-                kd = distillation(logits, padded, temperature)
+                kd = distil(logits, padded)
             elif scenario == "class":
-                kd = distillation(logits[:, :offset], teacher.logits(old, None), temperature)
+                kd = distil(logits[:, :offset], teacher.logits(old, None))
             else:
-                kd = distillation(logits, teacher.logits(old, None), temperature)
+                kd = distil(logits, teacher.logits(old, None))
             if self.cfg.weight_by_tasks:
                 return (ce + task * self.cfg.lwf_lambda * kd) / (task + 1)
             return ce + self.cfg.lwf_lambda * kd

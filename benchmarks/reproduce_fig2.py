@@ -92,14 +92,9 @@ def print_ends(console: Console, frame: pd.DataFrame, paper: pd.DataFrame, expan
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", choices=("full", "smoke"), default="full", help="full: the paper's recipes")
-    parser.add_argument("--data-root", help="the folder holding cifar-100-python/ (default: $CLRUN_DATA)")
+    t2.add_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="DEN's, CPG's and Scratch's seed")
-    parser.add_argument("--rounds", type=int, default=5, help="Table 2's fine-tune rounds (fine-Avg)")
-    parser.add_argument("--margin", type=float, default=0.5, help="Table 2's top margin (points)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("outputs/runs"), help="relative: to the checkout")
     parser.add_argument("--out", type=Path, help="the PNG (default benchmarks/results/fig2-<scale>-<date>.png)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra Hydra overrides for every job")
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:

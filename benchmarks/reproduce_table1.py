@@ -355,20 +355,34 @@ def print_comparison(console: Console, table: pd.DataFrame, title: str, goals: s
 # ---- the command -----------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every reproduce-* script takes: --scale, --data-root, --runs-dir, and Hydra overrides."""
     parser.add_argument("--scale", choices=("full", "smoke"), default="full", help="full: the paper's recipes")
     parser.add_argument(
         "--data-root", help="the folder holding cifar-100-python/ (default: $CLRUN_DATA, else ~/.cache/clrun/data)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="the first seed")
-    parser.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, ...): mean +- std")
     parser.add_argument(
         "--runs-dir",
         type=Path,
         default=Path("outputs/runs"),
         help="where the run folders go (relative: to the checkout)",
     )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra Hydra overrides for every job")
+
+
+def write_table(table: pd.DataFrame, out: Path, console: Console, seconds: dict[str, float], start: float) -> None:
+    """Write the comparison CSV to `out` and print the wall time of each clrun command."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False, float_format="%.4f")
+    times = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
+    console.print(f"wall time {time.perf_counter() - start:.0f} s ({times}); wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, ...): mean +- std")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="a subset to run")
     parser.add_argument(
         "--goals",
@@ -380,7 +394,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="the CSV to write (default benchmarks/results/table1-<scale>-<date>.csv)"
     )
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra Hydra overrides for every job")
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 200)  # logs get the 20-task table unsqueezed
     try:
@@ -411,10 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_comparison(console, table, title, args.goals)
     out = args.out or RESULTS / f"table1-{args.scale}-{datetime.date.today().isoformat()}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False, float_format="%.4f")
-    times = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
-    console.print(f"wall time {time.perf_counter() - start:.0f} s ({times}); wrote {out}")
+    write_table(table, out, console, seconds, start)
     return 0
 
 

@@ -106,17 +106,19 @@ def run_pipeline(args, seed: int, data_root: Path, console: Console) -> tuple[di
     return measured, seconds
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", choices=("full", "smoke"), default="full", help="full: the paper's recipes")
-    parser.add_argument("--data-root", help="the folder holding cifar-100-python/ (default: $CLRUN_DATA)")
-    parser.add_argument("--seed", type=int, default=0, help="the first base seed (Scratch's and CPG's)")
-    parser.add_argument("--seeds", type=int, default=1, help="how many base seeds: mean +- std per cell")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Table 2's arguments (Fig. 2 takes them too): the common ones, --rounds and --margin."""
+    t1.add_common_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5, help="fine-tune rounds (the paper: 5)")
     parser.add_argument("--margin", type=float, default=0.5, help="top = max(fine-Avg, fine-Max) + this (points)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("outputs/runs"), help="relative: to the checkout")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="the first base seed (Scratch's and CPG's)")
+    parser.add_argument("--seeds", type=int, default=1, help="how many base seeds: mean +- std per cell")
     parser.add_argument("--out", type=Path, help="the CSV (default benchmarks/results/table2-<scale>-<date>.csv)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="extra Hydra overrides for every job")
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 200)
     if args.rounds < 1 or args.seeds < 1:
@@ -145,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(sorted(set(table.loc[table['row'] != 'paper', 'precision'])))}. {t1.flag_note(table)}[/]"
     )
     out = args.out or t1.RESULTS / f"table2-{args.scale}-{datetime.date.today().isoformat()}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False, float_format="%.4f")
-    times = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
-    console.print(f"wall time {time.perf_counter() - start:.0f} s ({times}); wrote {out}")
+    t1.write_table(table, out, console, seconds, start)
     return 0
 
 

@@ -129,6 +129,19 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, hw: Hardware) -> t
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
+def _resume_state(optimizer: torch.optim.Optimizer, carry: dict) -> None:
+    """Give `optimizer`'s parameters their state in `carry` (maybe loaded on the CPU), placed as the optimizer keeps
+    it: tensors on the parameter's device, Adam's `step` there only for the fused kernels (else on the CPU)."""
+    fused = bool(optimizer.defaults.get("fused"))
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p in carry:
+                optimizer.state[p] = {
+                    k: v.to(p.device if fused or k != "step" else "cpu") if torch.is_tensor(v) else v
+                    for k, v in carry[p].items()
+                }
+
+
 def make_schedule(optimizer: torch.optim.Optimizer, cfg, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The per-epoch learning-rate schedule an `OptimizerConfig` names, over `epochs` epochs."""
     name = cfg.schedule.value
@@ -170,6 +183,7 @@ class Trainer:
         after_step: Callable[[Step], None] | None = None,
         after_epoch: Callable[[int], bool] | None = None,
         task: int | None = None,
+        carry: dict | None = None,
     ) -> FitStats:
         """Train `params` of `module` under `recipe` (a `TrainConfig`: `epochs`, or exactly `iterations` steps,
         the last epoch then stopping part way) on `data` (uint8 images first, then aligned tensors, e.g. labels),
@@ -180,6 +194,8 @@ class Trainer:
         an optimizer and schedule of their own (e.g. masks under Adam beside weights under SGD). Hooks:
         `after_backward(step, optimizers)` before the optimizers step (e.g. to mask gradients; `optimizers[0]`
         holds `params`), `after_step(step)` after them, `after_epoch(epochs_done)` after each epoch (True stops).
+        `carry` (parameter -> optimizer state): the state `params`' optimizer starts from and leaves, so that
+        successive phases act as one optimizer (e.g. Adam's moments and step count across tasks).
         """
         hw = self.hw
         n = len(data[0])
@@ -192,6 +208,8 @@ class Trainer:
         schedules = [
             make_schedule(opt, group_cfg, epochs) for opt, (_, group_cfg) in zip(optimizers, pairs, strict=True)
         ]
+        if carry:
+            _resume_state(optimizers[0], carry)
         progress = self.progress
         bar = None
         if progress is not None:
@@ -233,6 +251,8 @@ class Trainer:
             epochs_done = epoch + 1
             if after_epoch is not None and after_epoch(epochs_done):
                 break
+        if carry is not None:
+            carry.update(optimizers[0].state)
         return FitStats(epochs=epochs_done, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
 
 

@@ -4,6 +4,7 @@ import copy
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +179,21 @@ def test_resume_with_replay_equals_the_uninterrupted_run(tmp_path):
     memory_bytes = sum(v.numel() * v.element_size() for v in (method.memory.x, method.memory.y, method.memory.t))
     assert method.footprint().bytes == module_bytes(method.model) + memory_bytes
     assert summary["model_mb"] == pytest.approx(method.footprint().bytes / 2**20)
+
+
+def test_one_optimizer_carries_adams_state_across_tasks():
+    for one in (False, True):
+        method, stream = make_lwf(f"method.one_optimizer={one}")
+        for task in stream.tasks[:2]:
+            method.learn(task)
+        carried = method.carry.get(next(method.model.backbone.parameters()))
+        assert (int(carried["step"]) if one else carried) == (8 if one else None)  # 4 iterations a task, one Adam
+
+
+def test_resume_with_one_optimizer_equals_the_uninterrupted_run(tmp_path):
+    overrides = [*TINY, "method.one_optimizer=true"]
+    _, uninterrupted = run(tmp_path, *overrides)
+    resumed = run_interrupted_then_resumed(tmp_path, *overrides)
+    np.testing.assert_array_equal(matrix(resumed), matrix(uninterrupted))
+    losses = [pd.read_parquet(folder / "tasks.parquet")["train_loss"].tolist() for folder in (resumed, uninterrupted)]
+    assert losses[0] == losses[1]  # task 3 went on with the carried Adam state

@@ -136,12 +136,13 @@ class Method:
         data: tuple[torch.Tensor, ...] | None = None,
         groups: Groups = (),
         mixed: bool = False,
+        carry: dict | None = None,
         **hooks,
     ) -> FitStats:
         """Train `params` of `module` with `loss` on `task`'s training images and labels (or `data`: `mixed` when
         its images come from several tasks) under `recipe` (default: `cfg.train`); `phase` names the phase in the
-        progress display; `groups` and the hooks (`after_backward`, `after_step`, `after_epoch`) as `Trainer.fit`
-        takes them."""
+        progress display; `groups`, `carry` (optimizer state kept across phases) and the hooks (`after_backward`,
+        `after_step`, `after_epoch`) as `Trainer.fit` takes them."""
         label = f"task {task.index} {task.name}" + (f": {phase}" if phase else "")
         return self.trainer.fit(
             module,
@@ -153,6 +154,7 @@ class Method:
             groups,
             **hooks,
             task=None if mixed else task.index,
+            carry=carry,
         )
 
     def learn(self, task: Task) -> dict:

@@ -26,6 +26,9 @@ times T^2 / (number of classes).
 `weight_by_tasks`: (1/t) CE + (1 - 1/t) lambda KD with t = task + 1, as van de Ven's 2019 code
 (the MNIST tables the vdv presets compare with; its KD may also carry a T^2 factor, unverified here).
 
+`one_optimizer`: the optimizer's state goes on from task to task (van de Ven's code builds one optimizer for the
+whole run); by default each task starts a fresh one.
+
 `warmup_epochs`: first train only the new head with the backbone and earlier heads
 frozen (the paper's warm-up; off by default as in FACIL). In the domain scenario
 that is the shared head.
@@ -75,6 +78,9 @@ class LwFConfig(MethodConfig):
     # (van de Ven's 2019 code, behind the MNIST tables the vdv presets compare with)
     weight_by_tasks: bool = False
     kd_form: KDForm = KDForm.summed
+    # one optimizer for the whole run: its state (Adam's moments, step count) goes on from task to task, as in van de
+    # Ven's code; false: a fresh optimizer per task
+    one_optimizer: bool = False
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # budget 0: no replay
 
 
@@ -92,6 +98,10 @@ def distillation(
 
 class LwF(Replaying):
     config_class = LwFConfig
+
+    def __init__(self, cfg, backbone_cfg, stream, hw):
+        super().__init__(cfg, backbone_cfg, stream, hw)
+        self.carry: dict = {}  # with `one_optimizer`: each parameter's optimizer state, kept across tasks
 
     def make_teacher(self) -> TaskModel:
         """A frozen copy of the current model, in eval mode."""
@@ -145,6 +155,17 @@ class LwF(Replaying):
             self.model.eval()
             warmup = OmegaConf.merge(self.cfg.train, {"epochs": self.cfg.warmup_epochs, "iterations": None})
             stats.append(self.fit(task, new_head, new_head.parameters(), loss, warmup, "warm-up"))
-        stats.append(self.fit(task, self.model, self.model.parameters(), loss))
+        carry = self.carry if self.cfg.one_optimizer else None
+        stats.append(self.fit(task, self.model, self.model.parameters(), loss, carry=carry))
         self.remember(task)
         return FitStats.total(stats).row()
+
+    def state_dict(self) -> dict:
+        names = {p: name for name, p in self.model.named_parameters()}
+        carried = {names[p]: state for p, state in self.carry.items() if p in names}
+        return {**super().state_dict(), "optimizer_state": carried}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        params = dict(self.model.named_parameters())
+        self.carry = {params[name]: s for name, s in state.get("optimizer_state", {}).items()}

@@ -158,3 +158,22 @@ def test_tuning_files_name_a_method_and_a_preset_and_apply():
         "contiguous",
         False,
     )
+    # the released code's setup: torchvision's ImageNet ResNet-18, its KD, 0.5 normalisation (TinyImageNet: ImageNet's)
+    code = ("imagenet", "imagenet", "code", "adamw", 15, 64)
+    for preset, normalize, tasks in [
+        ("pah_split_cifar100", "half", (10, 10)),
+        ("pah_tiny_imagenet_10", "imagenet", (10, 20)),
+        ("pah_tiny_imagenet_20", "imagenet", (20, 10)),
+    ]:
+        cfg = compose_config(f"experiment={preset}")
+        train = cfg.method.train
+        got = (
+            cfg.backbone.stem.value,
+            cfg.backbone.pretrained,
+            cfg.method.kd.value,
+            train.optimizer.value,
+            train.epochs,
+            train.batch_size,
+        )
+        assert got == code and cfg.stream.normalize.value == normalize, preset
+        assert (cfg.stream.n_tasks, cfg.stream.classes_per_task) == tasks, preset

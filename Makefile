@@ -8,7 +8,7 @@ SEEDS ?= 1
 # reproduce-table1 reads CIFAR-100 from DATA_ROOT (the folder holding cifar-100-python/); empty: $CLRUN_DATA, else ~/.cache/clrun/data
 DATA_ROOT ?=
 
-.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-fig2 scenarios-mnist clean-outputs
+.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-fig2 reproduce-pah scenarios-mnist clean-outputs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ reproduce-table2: $(STAMP)  ## CPG's Table 2 (scratch, 5 fine-tune rounds -> fin
 
 reproduce-fig2: $(STAMP)  ## CPG's Fig. 2 (tasks 1, 5, 10, 15 after each later task: DEN, CPG, Finetune Avg): PNG + CSV; SCALE=smoke on a CPU
 	$(BIN)/python benchmarks/reproduce_fig2.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+
+reproduce-pah: $(STAMP)  ## PAH's table (PAH, SI) on Split-CIFAR100 (ARGS="--dataset tiny": TinyImageNet) vs the paper; SCALE=smoke on a CPU
+	$(BIN)/python benchmarks/reproduce_pah.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 clean-outputs:
 	rm -rf outputs/runs outputs/bench

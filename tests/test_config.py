@@ -159,7 +159,7 @@ def test_tuning_files_name_a_method_and_a_preset_and_apply():
         False,
     )
     # the released code's setup: torchvision's ImageNet ResNet-18, its KD, 0.5 normalisation (TinyImageNet: ImageNet's)
-    code = ("imagenet", "imagenet", "code", "adamw", 15, 64)
+    code = ("imagenet", "imagenet", "code", "adamw", 15, 64)  # kd: pah's default
     for preset, normalize, tasks in [
         ("pah_split_cifar100", "half", (10, 10)),
         ("pah_tiny_imagenet_10", "imagenet", (10, 20)),

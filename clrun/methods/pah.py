@@ -75,7 +75,8 @@ class PAHConfig(PerTaskMethodConfig):
     lambda_sm: float = checked(NON_NEGATIVE, 0.5)
     lambda_sp: float = checked(NON_NEGATIVE, 1.0)  # distillation on earlier tasks' prototypes, the prototype step
     temperature: float = checked(POSITIVE, 2.0)  # KD temperature T (code: 2)
-    kd: KDForm = KDForm.paper
+    # the released code's KD, as the published numbers were made (the paper writes the other form: kd=paper)
+    kd: KDForm = KDForm.code
     # prototypes, both optimizers (code: 1e-3); the backbone's lr is train.lr (code: 1e-4)
     prototype_lr: float = checked(POSITIVE, 1e-3)
     hyper_lr: float = checked(POSITIVE, 1e-3)  # hypernetwork (code: 1e-3)

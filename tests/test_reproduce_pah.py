@@ -1,0 +1,41 @@
+"""`benchmarks/reproduce_pah.py` (`make reproduce-pah`): the comparison with PAH's table, the smoke pipeline."""
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import SHARED_DATA, compose_config, needs_shared
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import reproduce_pah as rp  # noqa: E402  (a script beside the package, not part of it)
+import reproduce_table1 as t1  # noqa: E402
+
+
+def test_compare_with_the_papers_table():
+    paper = pd.read_csv(t1.PAPER / "pah_table.csv").set_index("method")
+    rows = {"pah": {"acc": 70.0, "forg": 2.0, "run_id": "a"}, "si": {"acc": 60.0, "forg": 30.0, "run_id": "b"}}
+    table = rp.compare(paper, rows, "tiny").set_index("method")
+    assert table.loc["PAH", ["paper_acc", "diff_acc", "paper_forg", "diff_forg"]].tolist() == pytest.approx(
+        [63.65, 6.35, 4.43, -2.43]
+    )
+    assert table.loc["SI", "diff_acc"] == pytest.approx(60.0 - 44.96)
+
+
+@pytest.mark.parametrize("dataset", ["split_cifar100", "tiny_imagenet_10"])
+def test_smoke_presets_keep_the_protocol_without_weights(dataset):
+    full, smoke = (compose_config(f"experiment=pah_{s}{dataset}") for s in ("", "smoke_"))
+    assert (full.backbone.pretrained, smoke.backbone.pretrained) == ("imagenet", None)
+    assert smoke.backbone.stem.value == "imagenet" and smoke.method.kd.value == "code" and smoke.stream.n_tasks == 2
+    assert smoke.stream.normalize == full.stream.normalize
+
+
+@needs_shared("CIFAR-100-subset")
+def test_smoke_pipeline_end_to_end(tmp_path, capsys):
+    out = tmp_path / "pah.csv"
+    argv = ["--scale", "smoke", "--data-root", str(SHARED_DATA / "CIFAR-100-subset"), "--runs-dir", str(tmp_path)]
+    assert rp.main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
+    table = pd.read_csv(out)
+    assert table["method"].tolist() == ["PAH", "SI"] and table["paper_acc"].tolist() == [74.46, 63.58]
+    assert table[["acc", "forg"]].notna().all().all()
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()) == ["pah", "si"]

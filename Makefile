@@ -8,7 +8,7 @@ SEEDS ?= 1
 # reproduce-table1 reads CIFAR-100 from DATA_ROOT (the folder holding cifar-100-python/); empty: $CLRUN_DATA, else ~/.cache/clrun/data
 DATA_ROOT ?=
 
-.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-fig2 reproduce-pah scenarios-mnist clean-outputs
+.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-fig2 reproduce-pah reproduce-pah-ablation scenarios-mnist clean-outputs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ reproduce-fig2: $(STAMP)  ## CPG's Fig. 2 (tasks 1, 5, 10, 15 after each later t
 
 reproduce-pah: $(STAMP)  ## PAH's table (PAH, SI) on Split-CIFAR100 (ARGS="--dataset tiny": TinyImageNet) vs the paper; SCALE=smoke on a CPU
 	$(BIN)/python benchmarks/reproduce_pah.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+
+reproduce-pah-ablation: $(STAMP)  ## PAH's ablations (prototype size, semantic init, L_sp, lambda_sm) as one multirun vs the poster's
+	$(BIN)/python benchmarks/reproduce_pah.py --ablation --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 clean-outputs:
 	rm -rf outputs/runs outputs/bench

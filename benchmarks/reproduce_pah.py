@@ -9,12 +9,17 @@ connections. Finished runs are reused.
 
     python benchmarks/reproduce_pah.py [--dataset cifar|tiny] [--scale full|smoke] [--data-root DIR] [KEY=VALUE ...]
 
+`--ablation` instead sweeps PAH alone over prototype sizes x semantic / random prototype initialisation x L_sp on
+and off x lambda_sm values (one multirun; `--sizes`, `--lambda-sm`) and prints each run beside the poster's
+ablation values where there is one (benchmarks/paper/pah_ablation.csv: sizes 5/10/16/20, random init).
+
 `--scale smoke` runs `pah_smoke_<dataset>` (2 tasks, a quarter-width ResNet-18 without pretrained weights, 1
 epoch): the pipeline on a CPU, at chance.
 """
 
 import argparse
 import datetime
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -66,6 +71,34 @@ def print_table(console: Console, table: pd.DataFrame, title: str) -> None:
     console.print(view)
 
 
+ABLATION_KEYS = ("prototype_size", "semantic_init", "lambda_sp", "lambda_sm")
+
+
+def ablation(args, common: list[str], console: Console) -> tuple[pd.DataFrame, float]:
+    """One multirun of PAH over the ablation grid; each run's values, its measured ACC and forgetting, and the
+    poster's where it has them (the default lambdas)."""
+    grid = {
+        "prototype_size": args.sizes,
+        "semantic_init": ["true", "false"],
+        "lambda_sp": [1.0, 0.0],
+        "lambda_sm": args.lambda_sm,
+    }
+    sweep = [f"method.{key}=" + ",".join(map(str, values)) for key, values in grid.items()]
+    seconds = t1.run_clrun(["-m", "method=pah", *sweep, *common, f"hydra.sweep.dir={args.runs_dir}"], console)
+    paper = pd.read_csv(t1.PAPER / "pah_ablation.csv")
+    rows = []
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(ABLATION_KEYS, values, strict=True))
+        folder = t1.run_folder(["method=pah", *(f"method.{k}={v}" for k, v in setting.items()), *common], args.runs_dir)
+        row = {**setting, "semantic_init": setting["semantic_init"] == "true", **measured(t1.ROOT / folder)}
+        same = (paper["prototype_size"] == row["prototype_size"]) & (paper["semantic_init"] == row["semantic_init"])
+        ref = paper[same]
+        defaults = row["lambda_sp"] == 1.0 and row["lambda_sm"] == 0.5
+        row["paper_acc"], row["paper_forg"] = ref.iloc[0][["acc", "forg"]] if defaults and len(ref) else (None, None)
+        rows.append(row)
+    return pd.DataFrame(rows), seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     t1.add_common_arguments(parser)
@@ -73,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, help="the CSV (default benchmarks/results/pah-<dataset>-<scale>-<date>)")
+    parser.add_argument("--ablation", action="store_true", help="PAH's ablation grid instead of the method table")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[5, 10, 16, 20], help="ablation: prototype sizes")
+    parser.add_argument("--lambda-sm", nargs="+", type=float, default=[0.5, 1.0], help="ablation: lambda_sm values")
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 160)
     root = Path(args.data_root or t1.default_data_root()).expanduser().resolve()
@@ -82,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     preset = f"pah_{'smoke_' if args.scale == 'smoke' else ''}{PRESETS[args.dataset]}"
     common = [f"experiment={preset}", f"seed={args.seed}", f"data.root='{root}'", *args.overrides]
     start = time.perf_counter()
+    if args.ablation:
+        try:
+            table, seconds = ablation(args, common, console)
+        except t1.ReproduceError as error:
+            print(f"reproduce_pah: error: {error}", file=sys.stderr)
+            return 2
+        console.print(table.drop(columns="run_id").to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+        name = f"pah-ablation-{args.dataset}-{args.scale}-{datetime.date.today().isoformat()}.csv"
+        t1.write_table(table, args.out or t1.RESULTS / name, console, {"ablation": seconds}, start)
+        return 0
     try:
         sweep = ["-m", "method=" + ",".join(args.methods), *common, f"hydra.sweep.dir={args.runs_dir}"]
         seconds = t1.run_clrun(sweep, console)

@@ -39,3 +39,16 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert table["method"].tolist() == ["PAH", "SI"] and table["paper_acc"].tolist() == [74.46, 63.58]
     assert table[["acc", "forg"]].notna().all().all()
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()) == ["pah", "si"]
+
+
+@needs_shared("CIFAR-100-subset")
+def test_smoke_ablation_is_one_grid(tmp_path, capsys):
+    out = tmp_path / "ablation.csv"
+    argv = ["--scale", "smoke", "--data-root", str(SHARED_DATA / "CIFAR-100-subset"), "--runs-dir", str(tmp_path)]
+    grid = ["--ablation", "--sizes", "5", "10", "--lambda-sm", "0.5"]
+    assert rp.main([*argv, *grid, "--out", str(out)]) == 0, capsys.readouterr().err
+    table = pd.read_csv(out)
+    assert len(table) == 8 and len(list(tmp_path.glob("pah-*"))) == 8  # 2 sizes x 2 inits x L_sp on/off
+    known = table.dropna(subset=["paper_acc"]).set_index(["prototype_size", "semantic_init"])
+    assert known["paper_acc"].to_dict() == {(5, True): 73.72, (10, True): 74.46, (10, False): 72.54}
+    assert set(known["lambda_sp"]) == {1.0}  # the poster's values are for the default lambdas

@@ -119,10 +119,17 @@ def _normalisation(view: InputView, task, device: torch.device) -> tuple[torch.T
             "stream.normalize=task needs the task of every image, and this method trains or embeds images of "
             "several tasks together; use stream.normalize=dataset"
         )
-    scales, shifts = (torch.stack(t) for t in zip(*(_affine(m, s, device) for m, s in view.task_stats), strict=True))
+    scales, shifts = _task_affines(view.task_stats, device)
     if isinstance(task, torch.Tensor):
         task = task.to(device)
     return scales[task], shifts[task]
+
+
+@lru_cache(maxsize=16)
+def _task_affines(task_stats: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every task's (scale, shift) stacked (tasks, C, 1, 1), made once per device (not per batch)."""
+    affines = [_affine(tuple(mean), tuple(std), device) for mean, std in task_stats]
+    return torch.stack([scale for scale, _ in affines]), torch.stack([shift for _, shift in affines])
 
 
 @lru_cache(maxsize=64)

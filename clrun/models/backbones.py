@@ -276,10 +276,15 @@ STEMMED = {
 }
 
 
+def _choice(cfg: DictConfig, key: str, default: str) -> str:
+    """`cfg.<key>`, an enum choice (or its text in a plain config), as text; `default` when absent or null."""
+    value = cfg.get(key)
+    return default if value is None else str(getattr(value, "value", value))
+
+
 def _stem(cfg: DictConfig) -> str:
     """`cfg.stem` as text (`cifar` or `imagenet`), the backbone's default when null."""
-    stem = cfg.get("stem")
-    return STEMMED[cfg.name].default if stem is None else str(getattr(stem, "value", stem))
+    return _choice(cfg, "stem", STEMMED[cfg.name].default)
 
 
 def _head_prefix(name: str) -> str:
@@ -397,7 +402,7 @@ def build_backbone(cfg: DictConfig, input_shape: tuple[int, int, int]) -> nn.Mod
         raise ClrunError(f"backbone.stem: only {', '.join(STEMMED)} have a choice of stem; set it null for {cfg.name}")
     shape = tuple(int(s) for s in input_shape)
     model = BACKBONES[cfg.name](cfg, shape)
-    model.init = str(getattr(cfg.get("init"), "value", cfg.get("init") or "torch"))  # the heads' rule too
+    model.init = _choice(cfg, "init", "torch")  # the heads' rule too
     if model.init == "cpg":
         init_as_cpg(model)
     head = {} if cfg.pretrained is None else _load_pretrained(model, cfg)

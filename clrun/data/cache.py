@@ -26,13 +26,14 @@ from rich.text import Text
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
+from clrun.config import ResizeRule
 from clrun.data.image_files import ImageList
 from clrun.errors import ClrunError
 
 log = logging.getLogger("clrun")
 
 FORMAT = 1  # the cache layout's version, part of the key
-RESIZE_RULES = ("short_side", "stretch")
+RESIZE_RULES = tuple(rule.value for rule in ResizeRule)  # stream.resize's choices
 CHUNK = 1024  # images handed to the thread pool at a time
 
 

@@ -65,3 +65,43 @@ def expansion(stored_params: int, base_params: int) -> float:
 def model_mb(stored_bytes: int) -> float:
     """Model size in MB (2**20 bytes) of everything that must be stored."""
     return stored_bytes / 2**20
+
+
+# ---- face verification ------------------------------------------------------------------------------------------
+
+VERIFICATION_THRESHOLDS = np.arange(0, 4, 0.01)  # CPG's `fv_evaluate` grid over its angular distance
+
+
+def verification_folds(n_pairs: int, n_folds: int = 10) -> np.ndarray:
+    """Each pair's fold: the pairs in order cut into `n_folds` contiguous parts, the first n_pairs % n_folds one
+    larger (scikit-learn's unshuffled KFold, which CPG's `fv_evaluate` uses; LFW's 6000 pairs give its ten official
+    folds of 600)."""
+    if not 2 <= n_folds <= n_pairs:
+        raise ValueError(f"{n_pairs} pairs cannot be cut into {n_folds} folds (need 2 <= folds <= pairs)")
+    sizes = np.full(n_folds, n_pairs // n_folds)
+    sizes[: n_pairs % n_folds] += 1
+    return np.repeat(np.arange(n_folds), sizes)
+
+
+def verification_accuracy(similarity, same, n_folds: int = 10) -> tuple[float, float, np.ndarray]:
+    """Face-verification accuracy over folds, as CPG's `fv_evaluate` (cosine form, `distance_metric=1`) computes it
+    on LFW: fold k tests on the k-th tenth of the pairs (`verification_folds`) with the threshold that classifies the
+    other folds' pairs best (the smallest of equals); returns (mean, population std, per-fold accuracies).
+
+    `similarity`: each pair's cosine similarity; `same`: whether it shows one person. A pair is predicted the same
+    when its distance arccos(clip(similarity, 0, 1)) * 4 / pi is below the threshold, the thresholds being 0, 0.01,
+    ..., 3.99 (`VERIFICATION_THRESHOLDS`; negative similarities all sit at distance 2)."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    same = np.asarray(same, dtype=bool)
+    if similarity.shape != same.shape or similarity.ndim != 1:
+        raise ValueError(f"similarity {similarity.shape} and same {same.shape} must be two vectors of one length")
+    distance = np.arccos(np.clip(similarity, 0.0, 1.0)) * 4 / np.pi
+    folds = verification_folds(len(same), n_folds)
+    correct = (distance[None, :] < VERIFICATION_THRESHOLDS[:, None]) == same[None, :]  # thresholds x pairs
+    per_fold = np.stack([correct[:, folds == k].sum(1) for k in range(n_folds)], axis=1)  # thresholds x folds
+    sizes = np.bincount(folds, minlength=n_folds)
+    accuracies = np.empty(n_folds)
+    for k in range(n_folds):
+        best = int(np.argmax(per_fold.sum(1) - per_fold[:, k]))  # the others' correct count; the first of equals
+        accuracies[k] = per_fold[best, k] / sizes[k]
+    return float(accuracies.mean()), float(accuracies.std()), accuracies

@@ -18,7 +18,7 @@ from clrun.config import check_config
 from clrun.data import build_stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
-from clrun.train import accuracy, agnostic_accuracy, make_progress
+from clrun.train import accuracy, agnostic_accuracy, make_progress, verification
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
@@ -89,6 +89,12 @@ class Run:
         torch.manual_seed(cfg.seed)
         stream = build_stream(cfg.stream, cfg.data, cfg.seed, hw.device, self.console)
         method = method_class(cfg.method, cfg.backbone, stream, hw)
+        verifying = [task.name for task in stream.tasks if task.verification]
+        if verifying and not method.scores_verification:
+            raise ClrunError(
+                f"method {cfg.method.name} cannot score the verification task {verifying[0]} (it has no `embed`); "
+                "leave it out of the stream (stream.dataset.tasks) or score it by class"
+            )
         accuracy_rows, task_rows = self._resume(method)
         names = [task.name for task in stream.tasks]
         if not task_rows and stream.scenario == "domain" and method.predicts_before_learning:
@@ -146,7 +152,8 @@ class Run:
 
         task scenario: each task seen, task id given. class: each task seen without the task id
         and again with it (`eval_mode`). domain: every task of the stream (future ones too, for FWT),
-        without the task id.
+        without the task id. A verification task (face verification, task id given) scores its pairs with the
+        method's `embed`: `accuracy` is the mean over its folds and `accuracy_std` their std (NaN elsewhere).
         """
         batch_size = self.cfg.method.eval_batch_size
         seen = train_task + 1
@@ -159,7 +166,14 @@ class Run:
                 "eval_task": task.index,
                 "eval_task_name": task.name,
                 "n_samples": len(task.test),
+                "accuracy_std": float("nan"),
             }
+            if task.verification:
+                embed = partial(method.embed, task=task.index)
+                acc, std = verification(embed, task.test, stream, hw, batch_size, task.index)
+                aware = {"eval_mode": results.TASK_AWARE, "accuracy": acc, "task_id_accuracy": float("nan")}
+                rows.append({**row, **aware, "accuracy_std": std})
+                continue
             if stream.scenario != "task":
                 predict = partial(method.predict_agnostic, seen=seen)
                 acc, task_id_acc = agnostic_accuracy(predict, task.test, stream, hw, batch_size, task.index)

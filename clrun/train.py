@@ -16,8 +16,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clrun.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, NULL_OR_AT_LEAST_1, POSITIVE, Rule, checked
 from clrun.data import iterate
-from clrun.data.stream import Split, Stream
+from clrun.data.stream import Pairs, Split, Stream
 from clrun.hardware import Hardware
+from clrun.metrics import verification_accuracy
 
 
 class Optimizer(Enum):
@@ -324,3 +325,20 @@ def agnostic_accuracy(
             inferring = True
             right_task += (inferred == task).sum()
     return correct.item() / len(split), right_task.item() / len(split) if inferring else float("nan")
+
+
+def verification(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    pairs: Pairs,
+    stream: Stream,
+    hw: Hardware,
+    batch_size: int,
+    task: int | None = None,
+    n_folds: int = 10,
+) -> tuple[float, float]:
+    """Verification accuracy (mean, std over `n_folds` folds; `clrun.metrics.verification_accuracy`) of the cosine
+    similarity between `forward`'s embeddings of each pair's two images (of task `task`), as CPG scores LFW."""
+    embeddings = embed(forward, pairs.x, stream, hw, batch_size, task)
+    similarity = torch.nn.functional.cosine_similarity(embeddings[pairs.a], embeddings[pairs.b], dim=1)
+    mean, std, _ = verification_accuracy(similarity.double().cpu().numpy(), pairs.same.cpu().numpy(), n_folds)
+    return mean, std

@@ -25,7 +25,7 @@ BACKBONES = {
     "vgg16_bn": (0.25, [(3, 32, 32), (3, 64, 48)], 1024),
     "resnet18": (0.25, [(3, 32, 32), (1, 28, 28)], 128),
     "resnet50": (0.25, [(3, 64, 64)], 512),
-    "sphereface20": (0.25, [(3, 112, 96), (3, 112, 112)], 128),
+    "sphereface20": (0.25, [(3, 112, 112)], 128 * 7 * 7),  # the flattened trunk (112x96: test_sphereface20_layout)
 }
 CANONICAL = {
     "mlp": (1, 28, 28),
@@ -127,7 +127,10 @@ def test_sphereface20_layout():
     prelus = [m for m in model.modules() if isinstance(m, nn.PReLU)]
     assert len(prelus) == 20  # per channel: one slope per channel of its stage
     assert sum(p.num_parameters for p in prelus) == 64 * 3 + 128 * 5 + 256 * 9 + 512 * 3
-    assert model.fc5.in_features == 512 * 7 * 6 and model.fc5.out_features == 512
+    assert not [m for m in model.modules() if isinstance(m, nn.Linear)]  # CPG: fc5 is the face task's head
+    assert model.out_features == 512 * 7 * 6
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 112, 96)).shape == (1, 512 * 7 * 6)
 
 
 def test_sphereface_units_have_identity_skip():

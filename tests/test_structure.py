@@ -25,7 +25,7 @@ MAY_IMPORT = {
     "clrun.data": {"clrun.errors", "clrun.config", "clrun.data"},
     "clrun.hardware": {"clrun.errors", "clrun.config", "clrun.models"},
     "clrun.results": {"clrun", "clrun.metrics"},
-    "clrun.train": {"clrun.errors", "clrun.config", "clrun.data", "clrun.hardware"},
+    "clrun.train": {"clrun.errors", "clrun.metrics", "clrun.config", "clrun.data", "clrun.hardware"},
     "clrun.methods.base": {"clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.models"}
     | {"clrun.results", "clrun.train"},
     "clrun.run": {"clrun", "clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.results"}

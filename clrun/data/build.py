@@ -14,7 +14,7 @@ from torchvision.transforms.functional import InterpolationMode, rotate
 from clrun.config import Normalization, Scenario, SplitRule
 from clrun.data.batches import InputView
 from clrun.data.cache import decode_images
-from clrun.data.image_files import ImageFiles, TaskFiles
+from clrun.data.image_files import ImageFiles, ImageList, PairFiles, TaskFiles
 from clrun.data.readers import (
     DATASETS,
     READER_KEY,
@@ -26,7 +26,7 @@ from clrun.data.readers import (
     read_image_files,
     warn_if_partial,
 )
-from clrun.data.stream import Split, Stream, Task
+from clrun.data.stream import Pairs, Split, Stream, Task
 from clrun.data.synthetic import make_synthetic
 from clrun.errors import ClrunError
 
@@ -77,6 +77,7 @@ class Loaded:
     train_rows: torch.Tensor | None = None  # per decoded image, its index in the reader's list (release tasks)
     test_rows: torch.Tensor | None = None
     skipped_labels: list[int] = field(default_factory=list)
+    pairs: dict[str, Pairs] = field(default_factory=dict)  # verification tasks' test pairs, by task name (on the CPU)
 
 
 def build_stream(cfg, data, seed: int, device: torch.device | str, console: Console | None = None) -> Stream:
@@ -95,12 +96,22 @@ def build_stream(cfg, data, seed: int, device: torch.device | str, console: Cons
     loaded = _load(cfg, kind, data, stream_seed, console)
     (x_train, y_train), (x_test, y_test) = loaded.train, loaded.test
     specs = _task_specs(cfg, kind, loaded, x_train.shape, data.root, data.download, g)
+    verifying = sorted(set(loaded.pairs) & {spec[0] for spec in specs})
+    if verifying and cfg.scenario is not Scenario.task:
+        raise ClrunError(
+            f"stream {cfg.name}: {verifying[0]} is a verification task (scored by pairs, with its task id): "
+            f"stream.scenario=task only (got {cfg.scenario.value})"
+        )
     device = torch.device(device)
     place = device if _fits(device, x_train, x_test) else torch.device("cpu")
     tasks = []
     for index, (name, classes, transform, rows) in enumerate(specs):
         train = _task_split(x_train, y_train, classes, cfg.train_per_task, transform, g, place, rows[0])
-        test = _task_split(x_test, y_test, classes, cfg.test_per_task, transform, g, place, rows[1])
+        if name in loaded.pairs:  # a verification task: tested on every pair (a fold needs them all)
+            pairs = loaded.pairs[name]
+            test = Pairs(pairs.x.to(place), pairs.a.to(place), pairs.b.to(place), pairs.same.to(place))
+        else:
+            test = _task_split(x_test, y_test, classes, cfg.test_per_task, transform, g, place, rows[1])
         if not len(train) or not len(test):
             split = "training" if not len(train) else "test"
             raise ClrunError(
@@ -209,6 +220,11 @@ def _decode(cfg, files: ImageFiles, data, console: Console | None) -> Loaded:
         for part, split in (("train", files.train), ("test", files.test))
     ]
     train, test = decoded
+    pairs = {
+        task.name: _decode_pairs(cfg, task.name, task.pairs, size, data, console)
+        for task in files.tasks or ()
+        if task.pairs is not None
+    }
     skipped_labels = [
         split.labels[i] for split, d in zip((files.train, files.test), decoded, strict=True) for i in _skipped(split, d)
     ]
@@ -221,7 +237,29 @@ def _decode(cfg, files: ImageFiles, data, console: Console | None) -> Loaded:
         train.kept,
         test.kept,
         skipped_labels,
+        pairs,
     )
+
+
+def _decode_pairs(cfg, task: str, files: PairFiles, size: tuple[int, int], data, console: Console | None) -> Pairs:
+    """A verification task's pair images decoded through the cache, the pairs left whose images both decoded."""
+    listed = ImageList(files.paths, (0,) * len(files.paths))
+    decoded = decode_images(
+        listed,
+        size,
+        cfg.resize.value,
+        data.cache,
+        name=f"{cfg.name}-{task}-pairs",
+        skip_corrupt=data.skip_corrupt,
+        console=console,
+    )
+    position = torch.full((len(files.paths),), -1, dtype=torch.long)
+    position[decoded.kept] = torch.arange(len(decoded.kept))
+    a, b = position[torch.tensor(files.a, dtype=torch.long)], position[torch.tensor(files.b, dtype=torch.long)]
+    keep = (a >= 0) & (b >= 0)
+    if not bool(keep.any()):
+        raise ClrunError(f"stream {cfg.name}: task {task} has no verification pair whose two images decode")
+    return Pairs(decoded.images, a[keep], b[keep], torch.tensor(files.same, dtype=torch.bool)[keep])
 
 
 def _skipped(files, decoded) -> list[int]:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
-from clrun.data.image_files import ImageFiles, ImageList, TaskFiles, class_folders
+from clrun.data.image_files import ImageFiles, ImageList, PairFiles, TaskFiles, class_folders
 from clrun.errors import ClrunError
 
 log = logging.getLogger("clrun")
@@ -24,11 +24,24 @@ log = logging.getLogger("clrun")
 CPG_FACE_TASKS = ("face_verification", "gender", "emotion", "age0")
 
 
-def read_cpg_faces(root: str | Path, tasks: Sequence[str] = CPG_FACE_TASKS, folder: str = "face_data") -> ImageFiles:
+VERIFICATION_TASK = "face_verification"  # the task CPG scores on LFW's pairs
+
+
+def read_cpg_faces(
+    root: str | Path,
+    tasks: Sequence[str] = CPG_FACE_TASKS,
+    folder: str = "face_data",
+    lfw_pairs: str | None = None,
+    lfw_folder: str | None = None,
+) -> ImageFiles:
     """CPG's face tasks, in the order given, from `<root>/<folder>/<task>/{train,val}/<class>/<image>` (the class
     folders torchvision's ImageFolder reads, as CPG's `utils/face_dataset.py` does; `val` is the test split; CPG's
     checkout keeps them in `data/`). A task's classes are its sorted `train` class folders (ImageFolder's order),
-    numbered after the previous tasks' and named `<task>/<folder name>`; its `val` folders must be among them."""
+    numbered after the previous tasks' and named `<task>/<folder name>`; its `val` folders must be among them.
+
+    With `lfw_pairs` (a pairs.txt under `root`; CPG: `face_data/lfw_pairs.txt`) the task `face_verification` is a
+    verification task: its test split is LFW's pairs (`read_lfw_pairs`) over the images in `<root>/<lfw_folder>`
+    (default: `<folder>/face_verification/val`, where CPG keeps LFW)."""
     base = Path(root).expanduser() / folder
     if isinstance(tasks, str) or not tasks or len(set(tasks)) != len(tasks):
         raise ClrunError(f"stream.dataset.tasks={tasks!r} must be a list of distinct task folders under {base}")
@@ -37,16 +50,24 @@ def read_cpg_faces(root: str | Path, tasks: Sequence[str] = CPG_FACE_TASKS, fold
     for task in tasks:
         train_dir, val_dir = base / task / "train", base / task / "val"
         classes = class_folders(train_dir, layout, folder)
-        unknown = sorted(set(class_folders(val_dir, layout, folder)) - set(classes))
+        pairs = None
+        if task == VERIFICATION_TASK and lfw_pairs is not None:
+            pairs = _pair_files(read_lfw_pairs(root, lfw_folder or f"{folder}/{task}/val", lfw_pairs))
+            val_dir = None  # LFW's identities are not the task's classes: no labelled test images
+        unknown = [] if val_dir is None else sorted(set(class_folders(val_dir, layout, folder)) - set(classes))
         if unknown:
             raise ClrunError(
                 f"{val_dir / unknown[0]}: {len(unknown)} val class folders have no train folder of that name: a "
                 f"task's val classes must be among its train classes (CPG's face_verification/val is LFW, scored by "
-                f"pairs: give {task} a val split of its training identities, or leave it out of stream.dataset.tasks)"
+                f"pairs: set stream.dataset.lfw_pairs to its pairs.txt, give {task} a val split of its training "
+                "identities, or leave it out of stream.dataset.tasks)"
             )
         offset = len(names)
         labels = {name: offset + i for i, name in enumerate(classes)}
-        listed = [make_dataset(str(d), labels, IMG_EXTENSIONS, allow_empty=True) for d in (train_dir, val_dir)]
+        listed = [
+            [] if d is None else make_dataset(str(d), labels, IMG_EXTENSIONS, allow_empty=True)
+            for d in (train_dir, val_dir)
+        ]
         empty = sorted(set(classes) - {classes[label - offset] for _, label in listed[0]})
         if empty:
             raise ClrunError(
@@ -56,7 +77,7 @@ def read_cpg_faces(root: str | Path, tasks: Sequence[str] = CPG_FACE_TASKS, fold
             paths += [Path(path) for path, _ in split]
             found += [label for _, label in split]
         names += [f"{task}/{name}" for name in classes]
-        task_files.append(TaskFiles(task, tuple(range(offset, len(names)))))
+        task_files.append(TaskFiles(task, tuple(range(offset, len(names))), pairs=pairs))
     return ImageFiles(
         ImageList(tuple(train[0]), tuple(train[1])),
         ImageList(tuple(test[0]), tuple(test[1])),
@@ -242,3 +263,16 @@ def read_lfw_pairs(root: str | Path, folder: str = "lfw", pairs: str | None = No
             result.missing[0],
         )
     return result
+
+
+def _pair_files(pairs: LfwPairs) -> PairFiles:
+    """LFW's pairs, fold after fold, as indices into the list of the distinct images they name."""
+    flat = [pair for fold in pairs.folds for pair in fold]
+    paths = tuple(dict.fromkeys(path for pair in flat for path in (pair.a, pair.b)))
+    index = {path: i for i, path in enumerate(paths)}
+    return PairFiles(
+        paths,
+        tuple(index[pair.a] for pair in flat),
+        tuple(index[pair.b] for pair in flat),
+        tuple(pair.same for pair in flat),
+    )

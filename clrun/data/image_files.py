@@ -25,15 +25,31 @@ class ImageList:
 
 
 @dataclass(frozen=True)
+class PairFiles:
+    """Verification pairs over image files: pair i compares `paths[a[i]]` with `paths[b[i]]`, `same[i]` whether
+    they show one identity; in the order of the release's list (LFW's pairs.txt: fold by fold)."""
+
+    paths: tuple[Path, ...]
+    a: tuple[int, ...]
+    b: tuple[int, ...]
+    same: tuple[bool, ...]
+
+    def __len__(self) -> int:
+        return len(self.same)
+
+
+@dataclass(frozen=True)
 class TaskFiles:
     """A task fixed by the dataset's release: its name, the global labels it covers (its local label i is
     `classes[i]`), and which images of each split belong to it (indices into `ImageFiles.train` / `.test`;
-    None: every image whose label is in `classes`)."""
+    None: every image whose label is in `classes`). A verification task (`pairs` set) is tested on those pairs
+    instead of labelled images (its `test` is then unused)."""
 
     name: str
     classes: tuple[int, ...]
     train: tuple[int, ...] | None = None
     test: tuple[int, ...] | None = None
+    pairs: PairFiles | None = None
 
 
 @dataclass(frozen=True)

@@ -24,20 +24,40 @@ class Split:
 
 
 @dataclass
+class Pairs:
+    """The test split of a verification task: pair i compares images `x[a[i]]` and `x[b[i]]` (uint8, placed as a
+    `Split`'s), `same[i]` whether they show one identity; pairs in their release's order (LFW: fold by fold)."""
+
+    x: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    same: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.same)
+
+
+@dataclass
 class Task:
     """One task of a stream: its index, a readable name, the global class ids it covers, and how many of its
-    image files were skipped as corrupt (`data.skip_corrupt`)."""
+    image files were skipped as corrupt (`data.skip_corrupt`). A verification task (face verification) trains on
+    labelled identities and is tested on `Pairs`: `verification` says which."""
 
     index: int
     name: str
     classes: list[int]
     train: Split
-    test: Split
+    test: Split | Pairs
     skipped: int = 0
 
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def verification(self) -> bool:
+        """Whether the task is scored by verification pairs rather than by class."""
+        return isinstance(self.test, Pairs)
 
 
 @dataclass

@@ -127,3 +127,56 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * (h % 1.0)[:, None]) % 6
     rgb = v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
     return rgb[:, :, None, None]
+
+
+# CPG's face tasks and their class counts (experiment3: face_verification has 4630 identities; a few here)
+FACE_TASKS = {"face_verification": 6, "gender": 3, "emotion": 7, **{f"age{k}": 8 for k in range(5)}}
+
+
+def write_face_folders(
+    root,
+    tasks: dict[str, int] | None = None,
+    train_per_class: int = 4,
+    val_per_class: int = 2,
+    pairs_per_fold: int = 2,
+    folds: int = 10,
+    folder: str = "face_data",
+    seed: int = 0,
+) -> None:
+    """Synthetic stand-ins for CPG's face data in its layout (`clrun.data.faces.read_cpg_faces`), for smoke runs and
+    tests: `<root>/<folder>/<task>/{train,val}/<class>/<n>.png` for each task of `tasks` (name -> classes; default
+    `FACE_TASKS`), each class drawn from its own `make_synthetic` recipe. `face_verification/val` is an LFW copy
+    instead: identities `id<k>` with `<name>/<name>_<nnnn>.jpg` images of the training identities' recipes, and
+    `<folder>/lfw_pairs.txt` lists `folds` folds of `pairs_per_fold` matched then as many mismatched pairs."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    base = Path(root).expanduser() / folder
+    tasks = FACE_TASKS if tasks is None else tasks
+    offset = 0
+    for task, n_classes in tasks.items():
+        verification = task == "face_verification"
+        lfw = 2 * pairs_per_fold * folds if verification else val_per_class  # LFW images per identity, at most
+        x_train, y_train, x_val, y_val = make_synthetic(n_classes + offset, train_per_class, lfw, seed)
+        for split, x, y in (("train", x_train, y_train), ("val", x_val, y_val)):
+            for c in range(n_classes):
+                images = x[y == offset + c]
+                for i, image in enumerate(images):
+                    if split == "val" and verification:
+                        path = base / task / split / f"id{c}" / f"id{c}_{i + 1:04d}.jpg"
+                    else:
+                        path = base / task / split / f"c{c}" / f"{i}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+        if verification:
+            lines = [f"{folds}\t{pairs_per_fold}"]
+            for fold in range(folds):
+                for p in range(pairs_per_fold):
+                    k, first = (fold + p) % n_classes, 2 * (fold * pairs_per_fold + p) % lfw + 1
+                    lines.append(f"id{k}\t{first}\t{first + 1}")
+                for p in range(pairs_per_fold):
+                    k, other = (fold + p) % n_classes, (fold + p + 1) % n_classes
+                    lines.append(f"id{k}\t{p + 1}\tid{other}\t{fold + 1}")
+            (base / "lfw_pairs.txt").write_text("\n".join(lines) + "\n")
+        offset += n_classes

@@ -13,6 +13,7 @@ from omegaconf import MISSING
 
 from clrun.config import AT_LEAST_1, checked
 from clrun.data.stream import Stream, Task
+from clrun.errors import ClrunError
 from clrun.hardware import Hardware
 from clrun.models import TaskModel, build_backbone
 from clrun.results import Footprint, count_params, module_bytes
@@ -98,6 +99,7 @@ class Method:
     config_class: type = PerTaskMethodConfig  # the method's config dataclass (a subclass of MethodConfig)
     predicts_before_learning = False  # whether `predict_agnostic` works before the first task (FWT's baseline)
     starts_head_from_classifier = False  # whether task 0's head honours `backbone.imagenet_head` (`new_model` does)
+    scores_verification = False  # whether it trains verification tasks' `FaceHead`s and implements `embed`
 
     def __init__(self, cfg, backbone_cfg, stream: Stream, hw: Hardware):
         self.cfg = cfg
@@ -164,6 +166,11 @@ class Method:
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """Logits over task `task`'s classes for a batch of prepared images (the task id is given)."""
         raise NotImplementedError
+
+    def embed(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """Embeddings of prepared images under learned task `task`, for a verification task (`Task.verification`:
+        its test pairs are compared by the cosine of these): its `FaceHead`'s embedding layer on the features."""
+        raise ClrunError(f"method {self.cfg.name} cannot score verification tasks (`scores_verification` is false)")
 
     def predict_agnostic(self, x: torch.Tensor, seen: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits with no task id after learning tasks 0..seen-1: over every class seen (class scenario,

@@ -222,7 +222,10 @@ class SphereUnit(nn.Module):
 
 
 class SphereFace20(nn.Module):
-    """SphereFace-20 ("sphere20a", Liu et al. 2017) without its angular classifier; features from fc5."""
+    """SphereFace-20's convolutional trunk ("sphere20a", Liu et al. 2017; CPG's `spherenet20`), flattened: 20 conv
+    layers, 512 x 7 x 7 = 25088 features from 112x112 faces (512 x 7 x 6 from 112x96). As in CPG, the 512-d
+    embedding layer (SphereFace's fc5) belongs to the face-verification head (`clrun.models.faces.FaceHead`), and
+    the other tasks' heads are linear on the trunk's features."""
 
     def __init__(self, input_shape: Shape, width: float) -> None:
         super().__init__()
@@ -233,11 +236,10 @@ class SphereFace20(nn.Module):
             layers += [SphereUnit(c_out) for _ in range(units)]
             c = c_out
         self.features = nn.Sequential(*layers, nn.Flatten())
-        self.out_features = _scale(512, width)
-        self.fc5 = Linear(c * (h // 16) * (w // 16), self.out_features)
+        self.out_features = c * (h // 16) * (w // 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc5(self.features(x))
+        return self.features(x)
 
 
 def _shape_text(shape: Shape) -> str:

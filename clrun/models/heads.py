@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from clrun.errors import ClrunError
+from clrun.models.faces import FaceHead
 from clrun.models.layers import Linear, init_as_cpg
 
 
@@ -21,25 +22,44 @@ def start_from_classifier(head: nn.Linear, classifier: tuple[torch.Tensor, torch
 
 
 class MultiHead(nn.Module):
-    """One linear head per task, initialised by the rule `init` (`backbone.init`: `torch` or `cpg`); `forward`
-    routes features to the task's head."""
+    """One head per task, initialised by the rule `init` (`backbone.init`: `torch` or `cpg`): linear, or for a
+    verification task a `FaceHead` (embedding layer + A-Softmax, CPG's; its own initialisation); `forward` routes
+    features to the task's head."""
 
     def __init__(self, init: str = "torch") -> None:
         super().__init__()
         self.heads = nn.ModuleList()
         self.init = init
 
-    def add(self, in_features: int, n_classes: int) -> int:
-        """Append a head for a new task and return its task index."""
-        head = Linear(in_features, n_classes)
-        if self.init == "cpg":
-            init_as_cpg(head)
+    def add(self, in_features: int, n_classes: int, verification: bool = False) -> int:
+        """Append a head for a new task (`verification`: a `FaceHead`) and return its task index."""
+        if verification:
+            head = FaceHead(in_features, n_classes)
+        else:
+            head = Linear(in_features, n_classes)
+            if self.init == "cpg":
+                init_as_cpg(head)
         self.heads.append(head)
         return len(self.heads) - 1
+
+    def layout(self) -> list[tuple[int, int, bool]]:
+        """(in_features, n_classes, verification) of each head: what `add` rebuilds them from."""
+        return [
+            (h.embedding.in_features, h.out_features, True)
+            if isinstance(h, FaceHead)
+            else (h.in_features, h.out_features, False)
+            for h in self.heads
+        ]
 
     def forward(self, features: torch.Tensor, task: int) -> torch.Tensor:
         """Logits of task `task`'s head, (N, n_classes of that task)."""
         return self.heads[task](features)
+
+    def embed(self, features: torch.Tensor, task: int) -> torch.Tensor:
+        """What a verification task compares: its `FaceHead`'s embedding; the features themselves for a linear
+        head."""
+        head = self.heads[task]
+        return head.embed(features) if isinstance(head, FaceHead) else features
 
 
 class TaskModel(nn.Module):
@@ -56,16 +76,16 @@ class TaskModel(nn.Module):
         self.heads = MultiHead(getattr(backbone, "init", "torch"))  # `build_backbone`'s rule
         self.scenario = scenario
 
-    def add_head(self, n_classes: int) -> int:
-        """Add the output units of a new task, on the backbone's device; return the task's head index
-        (domain: the shared head, created on the first call only). Task 0's head starts from the backbone's
-        `imagenet_head` when it has one (`build_backbone` with `backbone.imagenet_head`)."""
+    def add_head(self, n_classes: int, verification: bool = False) -> int:
+        """Add the output units of a new task (`verification`: a `FaceHead`), on the backbone's device; return the
+        task's head index (domain: the shared head, created on the first call only). Task 0's head starts from the
+        backbone's `imagenet_head` when it has one (`build_backbone` with `backbone.imagenet_head`)."""
         if self.scenario == "domain" and len(self.heads.heads):
             return 0
-        task = self.heads.add(self.backbone.out_features, n_classes)
+        task = self.heads.add(self.backbone.out_features, n_classes, verification)
         self.heads.heads[task].to(next(self.backbone.parameters()).device)
         classifier = getattr(self.backbone, "imagenet_head", None)
-        if task == 0 and classifier is not None:
+        if task == 0 and classifier is not None and not verification:
             start_from_classifier(self.heads.heads[task], classifier)
         return task
 

@@ -219,6 +219,14 @@ class SharedNet(nn.Module):
         """Logits of the task being learned (live masks, current width)."""
         return self.heads(self.backbone(x), head)
 
+    def embed(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """A learned verification task's embeddings (`MultiHead.embed`), through its own view."""
+        return self.heads.embed(self.task_view(index)(x), index)
+
+    def embed_current(self, x: torch.Tensor, head: int) -> torch.Tensor:
+        """The embeddings of the task being learned (live masks, current width)."""
+        return self.heads.embed(self.backbone(x), head)
+
     # ---- accounting and persistence --------------------------------------------------
     def owner_counts(self) -> torch.Tensor:
         """How many weights each tag owns (index 0: free), over all shared layers."""
@@ -243,15 +251,16 @@ class SharedNet(nn.Module):
         return {
             "multiplier": self.multiplier,
             "records": self.records,
-            "head_shapes": [tuple(h.weight.shape) for h in self.heads.heads],
+            "heads": self.heads.layout(),
         }
 
     def load(self, state: dict, extra: dict) -> None:
         """Rebuild at the saved width and heads, then load tensors and per-task records."""
         if extra["multiplier"] != self.multiplier:
             self.grow(extra["multiplier"])
-        for n_classes, in_features in extra["head_shapes"]:
-            self.heads.add(in_features, n_classes)
+        layout = extra.get("heads") or [(i, n, False) for n, i in extra["head_shapes"]]  # head_shapes: before faces
+        for in_features, n_classes, verification in layout:
+            self.heads.add(in_features, n_classes, verification)
         self.heads.to(self.device)
         self.load_state_dict(state)
         self.records = [_to_device(record, self.device) for record in extra["records"]]

@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.data.stream import Split, Task
+from clrun.data.stream import Pairs, Split, Task
+from clrun.errors import ClrunError
 from clrun.methods.base import Method
 from clrun.models import build_backbone
+from clrun.models.faces import angle_loss, class_weights
 from clrun.models.heads import start_from_classifier
 from clrun.models.shared_net import SharedNet
 from clrun.results import Footprint
-from clrun.train import FitStats, Optimizer, Schedule, TrainConfig, accuracy
+from clrun.train import FitStats, Optimizer, Schedule, TrainConfig, accuracy, verification
 
 
 def cpg_recipe(**changes) -> TrainConfig:
@@ -61,6 +63,7 @@ class WeightSharingMethod(Method):
 
     picking = False  # whether tasks learn a picking mask over earlier tasks' weights
     starts_head_from_classifier = True
+    scores_verification = True
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
@@ -81,9 +84,9 @@ class WeightSharingMethod(Method):
 
     # ---- phases ------------------------------------------------------------------------
     def add_head(self, task: Task) -> int:
-        """A head for `task` at the current width."""
-        head = self.net.heads.add(self.net.backbone.out_features, task.n_classes)
-        if task.index == 0 and self.classifier is not None:
+        """A head for `task` at the current width (a verification task's: CPG's `FaceHead`)."""
+        head = self.net.heads.add(self.net.backbone.out_features, task.n_classes, task.verification)
+        if task.index == 0 and self.classifier is not None and not task.verification:
             start_from_classifier(self.net.heads.heads[head], self.classifier)
         self.net.heads.heads[head].to(self.net.device)
         return head
@@ -113,14 +116,16 @@ class WeightSharingMethod(Method):
         picks = net.picks()
         groups = [(picks, mask_cfg)] if mask_cfg is not None and picks else []
         tally = {"correct": None, "seen": 0}
+        criterion = self.criterion(task)
 
         def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             if step.batch == 0:  # a new epoch: count its accuracy afresh
                 tally["correct"], tally["seen"] = torch.zeros((), dtype=torch.long, device=y.device), 0
-            logits = net.forward_current(x, head)
+            features = net.backbone(x)
+            value, logits = criterion(features, y, step)
             tally["correct"] = tally["correct"] + (logits.argmax(1) == y).sum()
             tally["seen"] += len(y)
-            return F.cross_entropy(logits, y)
+            return value
 
         stats = self.fit(
             task,
@@ -136,9 +141,46 @@ class WeightSharingMethod(Method):
         )
         return stats, tally["correct"].item() / tally["seen"]
 
-    def current_accuracy(self, task: Task, split: Split) -> float:
-        """Accuracy of the task being learned (live masks), e.g. to compare with its goal."""
+    def criterion(self, task: Task):
+        """The current task's loss on backbone features: (features, labels, step) -> (loss, logits). A verification
+        task's `FaceHead` trains with A-Softmax (`angle_loss`, its lambda counting the phase's steps as CPG's
+        `AngleLoss` counts its calls); a task with class counts (`class_counts(task)`) with cross-entropy weighted
+        (N - n_c) / n_c (CPG's expression task); any other with plain cross-entropy."""
+        head = self.net.heads.heads[task.index]
+        if task.verification:
+
+            def angular(features: torch.Tensor, y: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
+                cos, phi = head.angular(features)
+                return angle_loss((cos, phi), y, step.number + 1), cos
+
+            return angular
+        counts = self.class_counts(task)
+        weight = None
+        if counts is not None:
+            if len(counts) != task.n_classes:
+                raise ClrunError(
+                    f"class_counts of task {task.name}: {len(counts)} counts for its {task.n_classes} classes"
+                )
+            weight = class_weights(list(counts)).to(self.net.device)
+
+        def cross_entropy(features: torch.Tensor, y: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = head(features)
+            return F.cross_entropy(logits, y, weight=None if weight is None else weight.to(logits.dtype)), logits
+
+        return cross_entropy
+
+    def class_counts(self, task: Task) -> list[float] | None:
+        """The class counts whose weights (N - n_c) / n_c task `task`'s cross-entropy takes (None: unweighted):
+        the method config's `class_counts` when it has one."""
+        return self.cfg.get("class_counts")
+
+    def current_accuracy(self, task: Task, split: Split | Pairs) -> float:
+        """Accuracy of the task being learned (live masks), e.g. to compare with its goal; of a verification task's
+        pairs, the mean over their folds (CPG's LFW score)."""
         self.net.eval()
+        if isinstance(split, Pairs):
+            embed = lambda x: self.net.embed_current(x, task.index)  # noqa: E731
+            return verification(embed, split, self.stream, self.hw, self.cfg.eval_batch_size, task.index)[0]
         return accuracy(
             lambda x: self.net.forward_current(x, task.index),
             split,
@@ -165,6 +207,9 @@ class WeightSharingMethod(Method):
     # ---- the Method interface ----------------------------------------------------------
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self.net.predict(x, task)
+
+    def embed(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.net.embed(x, task)
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "extra": self.net.extra_state()}

@@ -7,14 +7,18 @@ its logits never change after it is learned.
 """
 
 import copy
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from clrun.config import with_changes
 from clrun.data.stream import Split, Task
-from clrun.methods.base import Method
+from clrun.errors import ClrunError
+from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
 from clrun.models.heads import start_from_classifier
 from clrun.models.shared_net import SharedNet
@@ -38,6 +42,15 @@ def cpg_recipe(**changes) -> TrainConfig:
         gamma=0.1,
     )
     return TrainConfig(**{**recipe, **changes})
+
+
+@dataclass
+class WeightSharingConfig(PerTaskMethodConfig):
+    """What the weight-sharing methods share: per-task changes to their config."""
+
+    # changes to this config for single tasks, by task name or 1-based number (CPG's per-task learning rates, batch
+    # sizes and margins), e.g. {stanford_cars_cropped: {train: {lr: 0.01}}}; any key of the method's config
+    task_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 class FrozenBatchNorm(nn.Module):
@@ -69,6 +82,16 @@ class WeightSharingMethod(Method):
         def build(channels: float):
             return build_backbone(OmegaConf.merge(views, {"width": backbone_cfg.width * channels}), stream.input_shape)
 
+        self.task_cfgs = {}  # task name -> its config; checked before any work
+        names = [task.name for task in stream.tasks]
+        for key, changes in cfg.get("task_overrides", {}).items():  # a plain MethodConfig has none
+            number = int(key) if str(key).isdigit() else 0
+            if key not in names and not 1 <= number <= len(names):
+                raise ClrunError(
+                    f"method.task_overrides.{key}: no task of that name or 1-based number; the tasks: {', '.join(names)}"
+                )
+            name = key if key in names else names[number - 1]
+            self.task_cfgs[name] = with_changes(cfg, changes, f"method.task_overrides.{key}")
         self.net = SharedNet(build)
         self.classifier = None  # the pretrained classifier task 0's head starts from (`backbone.imagenet_head`)
         if backbone_cfg.pretrained:
@@ -78,6 +101,10 @@ class WeightSharingMethod(Method):
             assert not unexpected and all(key.endswith("owner") for key in missing), (missing, unexpected)
             self.classifier = getattr(pretrained, "imagenet_head", None)
         self.net = self.hw.prepare_model(self.net)
+
+    def task_cfg(self, task: Task):
+        """The method's config for `task`: `cfg` with the task's `task_overrides` merged in."""
+        return self.task_cfgs.get(task.name, self.cfg)
 
     # ---- phases ------------------------------------------------------------------------
     def add_head(self, task: Task) -> int:

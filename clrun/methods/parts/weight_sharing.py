@@ -88,7 +88,7 @@ class WeightSharingMethod(Method):
             number = int(key) if str(key).isdigit() else 0
             if key not in names and not 1 <= number <= len(names):
                 raise ClrunError(
-                    f"method.task_overrides.{key}: no task of that name or 1-based number; the tasks: {', '.join(names)}"
+                    f"method.task_overrides.{key}: no task of that name or 1-based number; tasks: {', '.join(names)}"
                 )
             name = key if key in names else names[number - 1]
             self.task_cfgs[name] = with_changes(cfg, changes, f"method.task_overrides.{key}")

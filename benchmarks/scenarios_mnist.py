@@ -3,7 +3,8 @@
 Runs the `conf/experiment/vdv_<protocol>_<scenario>` presets (per-method values from conf/tuning/) as one
 Hydra multirun per protocol, then prints each method's final average accuracy beside the published one
 (benchmarks/paper/vdv_mnist.csv: van de Ven & Tolias, "Generative replay with feedback connections",
-arXiv 1809.10635, Tables 3-4, the same protocol and code base) and writes
+1809.10635, Tables 3-4 of its ICLR 2019 submission text, the same protocol and code base; each row's `source`
+column says where it was checked, and is printed under each table) and writes
 benchmarks/results/scenarios-mnist-<label>-<date>.csv. Finished runs are not retrained.
 
     python benchmarks/scenarios_mnist.py [--protocols split_mnist permuted_mnist] [--methods ...]
@@ -45,16 +46,21 @@ def collect(runs_dir: Path) -> pd.DataFrame:
     if not summaries:
         raise ReproduceError(f"no finished runs below {runs_dir}")
     table = pd.concat(summaries, ignore_index=True).rename(columns={"stream": "protocol"})
-    paper = pd.read_csv(PAPER).rename(columns={"acc": "published_acc", "sem": "published_sem"})
+    paper = pd.read_csv(PAPER).rename(
+        columns={"acc": "published_acc", "sem": "published_sem", "source": "published_source"}
+    )
     table = table.merge(paper, on=["protocol", "scenario", "method"], how="left")
-    keep = ["protocol", "scenario", "method", "seed", "n_tasks", *COLUMNS, "published_acc", "published_sem"]
+    published = ["published_acc", "published_sem", "published_source"]
+    keep = ["protocol", "scenario", "method", "seed", "n_tasks", *COLUMNS, *published]
     return table[[c for c in keep if c in table]]
 
 
 def show(table: pd.DataFrame, console: Console) -> None:
     """A table per protocol: a row per method, per scenario the measured ACC (published ACC)."""
     for protocol, rows in table.groupby("protocol"):
-        view = Table(title=f"{protocol}: final average accuracy %, measured (published)")
+        sources = sorted(rows["published_source"].dropna().unique()) if "published_source" in rows else []
+        caption = "published: " + " | ".join(sources) if sources else None
+        view = Table(title=f"{protocol}: final average accuracy %, measured (published)", caption=caption)
         view.add_column("method")
         for scenario in SCENARIOS:
             view.add_column(scenario, justify="right")

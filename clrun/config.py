@@ -279,6 +279,21 @@ def _typed(schema: type, node: DictConfig, path: str) -> DictConfig:
         raise ClrunError(f"{key}: {first} (the keys of {schema.__name__}: {known})") from None
 
 
+def with_changes(node: DictConfig, changes: Any, path: str) -> DictConfig:
+    """`node` (a typed config) with `changes` merged in, checked as `check_config` checks a run's config; one-line
+    errors name the key under `path` (e.g. `method.task_overrides.cars`)."""
+    if not isinstance(changes, DictConfig | dict):
+        raise ClrunError(f"{path}: expected a mapping of keys to change, e.g. {{train: {{lr: 0.01}}}}, not {changes!r}")
+    try:
+        merged = OmegaConf.merge(node, changes)
+    except OmegaConfBaseException as error:
+        key = str(getattr(error, "full_key", "") or "").removeprefix(f"{node._get_full_key(None)}.")
+        raise ClrunError(f"{path}.{key}: {str(error).splitlines()[0]}" if key else f"{path}: {error}") from None
+    check_known_keys(merged, path)
+    check_ranges(merged, path)
+    return merged
+
+
 def check_known_keys(node: DictConfig, path: str = "") -> None:
     """Fail on keys outside the schema, such as ones force-added with Hydra's `+key=value`."""
     schema = OmegaConf.get_type(node)

@@ -89,10 +89,10 @@ def test_each_pruning_step_reaches_its_target_in_every_layer():
     step = method._prune_step
     reached = []
 
-    def checked(task, initial, target, phase):
+    def checked(task, cfg, initial, target, phase):
         tag = task.index + 1
         owners = [layer.owner.clone() for layer in shared_layers(method.net.backbone).values()]
-        out = step(task, initial, target, phase)
+        out = step(task, cfg, initial, target, phase)
         for before, layer in zip(owners, shared_layers(method.net.backbone).values(), strict=True):
             pool = int(((layer.owner == tag) | (layer.owner == 0)).sum())
             assert int((layer.owner == 0).sum()) == round(target * pool)  # exactly the target share of the pool
@@ -117,8 +117,8 @@ def test_a_step_that_misses_the_goal_is_rolled_back():
     step = method._prune_step
     kept = {}
 
-    def second_step_misses(task, initial, target, phase):
-        train_acc, acc = step(task, initial, target, phase)
+    def second_step_misses(task, cfg, initial, target, phase):
+        train_acc, acc = step(task, cfg, initial, target, phase)
         if target == 0.3:
             kept.update(method._state())
             return train_acc, acc
@@ -135,21 +135,34 @@ def test_a_step_that_misses_the_goal_is_rolled_back():
         assert torch.equal(layer.weight, kept[f"backbone.{name}.weight"] * (layer.owner > 0))
 
 
-@pytest.mark.parametrize("stop_at_first_miss, kept, steps", [(False, 0.9, 4), (True, 0.3, 2)])
-def test_the_search_keeps_the_largest_step_that_meets_the_goal(stop_at_first_miss, kept, steps):
-    """CPG's record {0.3: pass, 0.6: miss, 0.9: pass, 0.95: train accuracy fails}: it keeps 0.9."""
+@pytest.mark.parametrize(
+    "stop_at_first_miss, margin, min_train_acc, kept, steps",
+    [
+        (False, 0.0, "null", 0.9, 4),
+        (True, 0.0, "null", 0.3, 2),
+        (False, 0.15, "null", 0.95, 4),
+        (False, 0.15, 0.9, 0.9, 4),
+    ],
+)
+def test_the_search_keeps_the_largest_step_that_meets_the_goal(stop_at_first_miss, margin, min_train_acc, kept, steps):
+    """CPG's record {0.3: pass, 0.6: miss, 0.9: pass, 0.95: 0.35 at train accuracy 0}, goal 0.4: it keeps 0.9;
+    with a 0.15 margin 0.95 meets the goal, unless its train accuracy fails `min_train_acc` (CPG's exit 6)."""
     overrides = [
         "method.sparsities=[0.3,0.6,0.9,0.95]",
-        "method.goals=0.0",
+        "method.goals=0.4",
+        f"method.min_train_acc={min_train_acc}",
+        f"method.acc_margin={margin}",
         f"method.stop_at_first_miss={stop_at_first_miss}",
     ]
     method = make_method("method=pae", "stream.n_tasks=1", *overrides)
+    train = method._train
+    method._train = lambda task, cfg, phase: (train(task, cfg, phase), (1.0, 0.5))[1]  # meets the goal: no growth
     step = method._prune_step
-    record = {0.3: (1.0, 0.5), 0.6: (1.0, -1.0), 0.9: (1.0, 0.4), 0.95: (0.0, 0.9)}  # (train acc, acc) per step
+    record = {0.3: (1.0, 0.5), 0.6: (1.0, 0.2), 0.9: (1.0, 0.4), 0.95: (0.0, 0.35)}  # (train acc, acc) per step
     starts, states = [], {}
 
-    def scripted(task, initial, target, phase):
-        step(task, initial, target, phase)
+    def scripted(task, cfg, initial, target, phase):
+        step(task, cfg, initial, target, phase)
         starts.append(initial)
         states[target] = method._state()
         return record[target]
@@ -161,6 +174,53 @@ def test_the_search_keeps_the_largest_step_that_meets_the_goal(stop_at_first_mis
     for name, layer in shared_layers(method.net.backbone).items():  # the kept step's owner map and weights
         assert torch.equal(layer.owner, states[kept][f"backbone.{name}.owner"])
         assert int((layer.owner == 0).sum()) == round(kept * layer.owner.numel())
+
+
+# ---- per-task recipes ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, phases",
+    [("cpg", []), ("packnet", ["method.retrain.epochs=1"]), ("piggyback", ["method.mask_train.epochs=1"])],
+)
+def test_task_overrides_change_only_that_tasks_recipe(name, phases):
+    """CPG's per-task learning rates and epochs: `method.task_overrides.<task>` changes that task alone."""
+    overrides = [*TINY[:7], *phases] if phases else TINY
+    recipe = "train" if name != "piggyback" else "mask_train"  # piggyback's tasks >= 2 train masks
+    method = build_method(
+        CPG if name == "cpg" else None,
+        *overrides,
+        f"method={name}",
+        "stream.n_tasks=2",
+        *(["method.goals=0.0"] if name == "cpg" else []),
+        f"+method.task_overrides.2.{recipe}.epochs=3",
+    )[0]
+    seen = []
+    phase = method.train_phase
+
+    def recorded(task, cfg, label, **kw):
+        seen.append((task.index, label, cfg.epochs))
+        return phase(task, cfg, label, **kw)
+
+    method.train_phase = recorded
+    learn_all(method)
+    trained = [(task, epochs) for task, label, epochs in seen if label.startswith(("train", "backbone", "masks"))]
+    assert trained == [(0, 1), (1, 3)]
+    assert method.cfg[recipe].epochs == 1  # the method's own config is unchanged
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+method.task_overrides.nine.train.lr=0.1", "method.task_overrides.nine: no task of that name or 1-based"),
+        ("+method.task_overrides.3.train.lr=0.1", "method.task_overrides.3: no task of that name or 1-based"),
+        ("+method.task_overrides.1.train.lrr=0.1", "method.task_overrides.1.train.lrr"),
+        ("+method.task_overrides.1.train.epochs=0", "method.task_overrides.1.train.epochs=0 is invalid"),
+        ("+method.task_overrides.1.acc_margin=2", "method.task_overrides.1.acc_margin=2.0 is invalid: it must be in"),
+    ],
+)
+def test_bad_task_overrides_are_one_line_errors_naming_the_key(override, message):
+    with pytest.raises(ClrunError, match=message.replace(".", r"\.")) as error:
+        make_method("method=cpg", "stream.n_tasks=2", override)
+    assert "\n" not in str(error.value)
 
 
 # ---- no forgetting --------------------------------------------------------------------------------------------------

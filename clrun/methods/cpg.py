@@ -8,8 +8,8 @@ Each task t (owner tag t + 1) runs ivclab/CPG's CIFAR-100 pipeline
    `picking`, it also trains a real-valued picking mask over earlier tasks' frozen
    weights under `mask_train` (Adam). The mask starts at `mask_init`, above
    `threshold`, so every earlier weight starts picked.
-2. **Goal and growth.** The task's final-epoch test accuracy must reach its goal
-   (`clrun.methods.parts.goals`; CPG validates on the test split) and its final-epoch
+2. **Goal and growth.** The task's final-epoch test accuracy must reach its goal less
+   `acc_margin` (`clrun.methods.parts.goals`; CPG validates on the test split) and its final-epoch
    training accuracy must exceed `min_train_acc`. If either fails and the parameter
    multiplier is below `max_multiplier`, the network goes back to where the task
    started. It is widened by `grow_step` (channels by the square root) and the task
@@ -23,7 +23,7 @@ Each task t (owner tag t + 1) runs ivclab/CPG's CIFAR-100 pipeline
    recomputed every `pruning_frequency` iterations. The remaining epochs train at
    the target. The sparsity is measured per layer over the pool: the task's own
    weights plus the free ones. The kept sparsity is the largest step whose accuracy
-   still meets the goal (`allow_acc_loss` 0): every step runs, each from the one
+   still meets the goal, less `acc_margin` (0 on CIFAR): every step runs, each from the one
    before, until training accuracy fails `min_train_acc` (`stop_at_first_miss`
    stops at the first step below the goal instead, quicker). If no step meets it,
    the task stays unpruned. A task still below its goal at the maximum width is pruned anyway, to
@@ -62,11 +62,10 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from clrun.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Rule, checked
+from clrun.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Rule, checked
 from clrun.data.stream import Task
-from clrun.methods.base import PerTaskMethodConfig
 from clrun.methods.parts.goals import load_goals
-from clrun.methods.parts.weight_sharing import WeightSharingMethod, cpg_recipe
+from clrun.methods.parts.weight_sharing import WeightSharingConfig, WeightSharingMethod, cpg_recipe
 from clrun.models.shared_net import SharedNet
 from clrun.train import FitStats, Optimizer, OptimizerConfig, Schedule, TrainConfig
 
@@ -81,7 +80,7 @@ def _increasing_fractions(values) -> bool:
 
 
 @dataclass
-class CPGConfig(PerTaskMethodConfig):
+class CPGConfig(WeightSharingConfig):
     """CPG (ivclab/CPG experiment1/CPG_cifar100_scratch_mul_1.5.sh); PAE is this with picking off and max 2.0."""
 
     train: TrainConfig = field(default_factory=cpg_recipe)
@@ -115,8 +114,12 @@ class CPGConfig(PerTaskMethodConfig):
     # largest parameter multiplier growth may reach (channels scale by its sqrt)
     max_multiplier: float = checked(Rule(lambda v: v >= 1.0, "at least 1.0"), 1.5)
     grow_step: float = checked(POSITIVE, 0.5)  # multiplier added per growth
-    # a training or pruning result counts only above this training accuracy
-    min_train_acc: float = checked(Rule(lambda v: v < 1.0, "below 1.0"), 0.95)
+    # a training or pruning result counts only above this training accuracy (CPG's CIFAR code; null: no such check,
+    # as CPG's fine-grained and face code)
+    min_train_acc: Optional[float] = checked(Rule(lambda v: v < 1.0, "below 1.0"), 0.95)
+    # a task meets its goal at accuracy >= goal - acc_margin, for growth and pruning (CPG's face and fine-grained
+    # scripts' --acc_margin / 0.005; its CIFAR code: 0)
+    acc_margin: float = checked(FRACTION, 0.0)
     # accuracy goals: a number, a JSON file {task: acc}, or a run folder (clrun.methods.parts.goals); null: the
     # task's unpruned accuracy
     goals: Optional[str] = None
@@ -161,31 +164,32 @@ class CPG(WeightSharingMethod):
 
     # ---- the recipe ------------------------------------------------------------------
     def learn(self, task: Task) -> dict:
-        cfg, tag = self.cfg, task.index + 1
+        cfg, tag = self.task_cfg(task), task.index + 1
         phases: dict[str, list[FitStats]] = {"train": [], "prune": [], "retrain": []}  # every training run
 
         # 1-2. train; widen and train again while the goal is missed and the width allows
         start = self.snapshot() if self.goals is not None and not self._at_max() else None
         growths = 0
         while True:
-            train_acc, acc = self._train(task, phases["train"])
+            train_acc, acc = self._train(task, cfg, phases["train"])
             goal = acc if self.goals is None else self.goals[task.index]
+            needed = goal - cfg.acc_margin  # what meets the goal
             # at the maximum width this stops even when only min_train_acc failed (CPG would grow past the maximum)
-            if self.goals is None or (train_acc > cfg.min_train_acc and acc >= goal) or self._at_max():
+            if self.goals is None or (self._trained(train_acc, cfg) and acc >= needed) or self._at_max():
                 break
             self._grow(start, min(self.net.multiplier + cfg.grow_step, cfg.max_multiplier), task.index == 0)
             growths += 1
         del start
-        below_goal = acc < goal  # only possible at the maximum width: prune anyway, to a least sparsity
+        below_goal = acc < needed  # only possible at the maximum width: prune anyway, to a least sparsity
 
         # 3. compact; 4. retrain the picking masks. A task owning no weights skips both (CPG's exit 5).
         owns = int(self.net.owner_counts()[tag]) > 0
         sparsity, least, kept_acc, steps = 0.0, float("nan"), acc, 0
         if owns:
-            sparsity, least, kept_acc, steps = self._compact(task, acc, goal, below_goal, phases["prune"])
+            sparsity, least, kept_acc, steps = self._compact(task, cfg, acc, needed, below_goal, phases["prune"])
         retrained = False
         if cfg.retrain_pass and owns and self.net.picks():
-            retrained, kept_acc = self._retrain(task, kept_acc, phases["retrain"])
+            retrained, kept_acc = self._retrain(task, cfg, kept_acc, phases["retrain"])
 
         # 5. freeze
         earlier = int(self.net.owner_counts()[1:tag].sum())
@@ -217,10 +221,15 @@ class CPG(WeightSharingMethod):
     def _at_max(self) -> bool:
         return self.net.multiplier >= self.cfg.max_multiplier - 1e-9
 
+    @staticmethod
+    def _trained(train_acc: float, cfg) -> bool:
+        """Whether a phase's final-epoch training accuracy counts (`min_train_acc`; null: always)."""
+        return cfg.min_train_acc is None or train_acc > cfg.min_train_acc
+
     # ---- phases ----------------------------------------------------------------------
-    def _train(self, task: Task, phase: list[FitStats]) -> tuple[float, float]:
+    def _train(self, task: Task, cfg, phase: list[FitStats]) -> tuple[float, float]:
         """Step 1: give the free weights to the task, train; return (final-epoch train acc, test acc)."""
-        cfg, tag = self.cfg, task.index + 1
+        tag = task.index + 1
         picking = cfg.picking and task.index > 0
         self.net.begin_task(tag, picking=picking, mask_init=cfg.mask_init, threshold=cfg.threshold)
         head = self.add_head(task)
@@ -245,10 +254,11 @@ class CPG(WeightSharingMethod):
         self.net = self.hw.prepare_model(net)  # device and memory format for the new tensors
 
     def _compact(
-        self, task: Task, acc: float, goal: float, below_goal: bool, phase: list[FitStats]
+        self, task: Task, cfg, acc: float, needed: float, below_goal: bool, phase: list[FitStats]
     ) -> tuple[float, float, float, int]:
-        """Step 3: gradual pruning; return (kept sparsity, least sparsity or NaN, its accuracy, steps run)."""
-        cfg, tag = self.cfg, task.index + 1
+        """Step 3: gradual pruning, keeping steps whose accuracy is at least `needed`; return (kept sparsity, least
+        sparsity or NaN, its accuracy, steps run)."""
+        tag = task.index + 1
         least = float("nan")
         if below_goal:
             least = forced_sparsity(len(self.stream) - (task.index + 1))
@@ -257,12 +267,12 @@ class CPG(WeightSharingMethod):
         kept, kept_acc, kept_state = 0.0, acc, self._state()
         current, steps, initial = True, 0, 0.0  # current: whether the live network is the kept one
         for target in cfg.sparsities:
-            train_acc, step_acc = self._prune_step(task, initial, target, phase)
+            train_acc, step_acc = self._prune_step(task, cfg, initial, target, phase)
             initial, steps = target, steps + 1  # each step starts from the one before, kept or not (CPG's)
-            if train_acc <= cfg.min_train_acc:  # CPG records no such step and stops (exit 6)
+            if not self._trained(train_acc, cfg):  # CPG records no such step and stops (exit 6)
                 current = False
                 break
-            if not below_goal and step_acc < goal:
+            if not below_goal and step_acc < needed:
                 current = False
                 if cfg.stop_at_first_miss:
                     break
@@ -276,9 +286,9 @@ class CPG(WeightSharingMethod):
             self._restore(kept_state, tag)
         return kept, least, kept_acc, steps
 
-    def _prune_step(self, task: Task, initial: float, target: float, phase: list[FitStats]) -> tuple[float, float]:
+    def _prune_step(self, task: Task, cfg, initial: float, target: float, phase: list[FitStats]) -> tuple[float, float]:
         """One sparsity step from `initial` to `target`; return (final-epoch train acc, test acc)."""
-        cfg, tag = self.cfg, task.index + 1
+        tag = task.index + 1
         steps_per_epoch = -(-len(task.train) // cfg.prune_train.batch_size)
         ramp = min(cfg.pruning_interval, cfg.prune_train.epochs) * steps_per_epoch
         if ramp == 0:
@@ -296,9 +306,9 @@ class CPG(WeightSharingMethod):
         phase.append(stats)
         return train_acc, self.current_accuracy(task, task.test)
 
-    def _retrain(self, task: Task, acc: float, phase: list[FitStats]) -> tuple[bool, float]:
+    def _retrain(self, task: Task, cfg, acc: float, phase: list[FitStats]) -> tuple[bool, float]:
         """Step 4: CPG's picking-mask retrain pass; return (whether it was kept, the kept accuracy)."""
-        cfg, tag = self.cfg, task.index + 1
+        tag = task.index + 1
         before = self._state()
         self.net.reset_picks()
         best_acc = self.current_accuracy(task, task.test)  # CPG's baseline: measured with the re-initialised picks

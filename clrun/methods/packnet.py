@@ -13,8 +13,7 @@ from enum import Enum
 
 from clrun.config import FRACTION, checked
 from clrun.data.stream import Task
-from clrun.methods.base import PerTaskMethodConfig
-from clrun.methods.parts.weight_sharing import WeightSharingMethod, cpg_recipe
+from clrun.methods.parts.weight_sharing import WeightSharingConfig, WeightSharingMethod, cpg_recipe
 from clrun.train import FitStats, TrainConfig
 
 
@@ -24,7 +23,7 @@ class PruneSchedule(Enum):
 
 
 @dataclass
-class PackNetConfig(PerTaskMethodConfig):
+class PackNetConfig(WeightSharingConfig):
     """PackNet as in CPG's CIFAR-100 port (experiment1/PackNet_cifar100.sh)."""
 
     train: TrainConfig = field(default_factory=cpg_recipe)
@@ -54,15 +53,15 @@ class PackNet(WeightSharingMethod):
     config_class = PackNetConfig
 
     def learn(self, task: Task) -> dict:
-        tag = task.index + 1
+        cfg, tag = self.task_cfg(task), task.index + 1
         self.net.begin_task(tag, picking=False)
         claimed = int(self.net.owner_counts()[tag])
         self.add_head(task)
-        phases = [self.train_phase(task, self.cfg.train, "train")[0]]
-        fraction = prune_fraction(self.cfg, task.index, len(self.stream))
+        phases = [self.train_phase(task, cfg.train, "train")[0]]
+        fraction = prune_fraction(cfg, task.index, len(self.stream))
         if fraction > 0:  # an unpruned task has nothing to retrain (PackNet's prune -1)
             self.net.prune(tag, fraction)
-            phases.append(self.train_phase(task, self.cfg.retrain, f"retrain after pruning {fraction:.3g}")[0])
+            phases.append(self.train_phase(task, cfg.retrain, f"retrain after pruning {fraction:.3g}")[0])
         self.net.end_task(tag)
         released = claimed - int(self.net.owner_counts()[tag])
         return {

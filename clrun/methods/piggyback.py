@@ -12,14 +12,13 @@ import math
 from dataclasses import dataclass, field
 
 from clrun.data.stream import Task
-from clrun.methods.base import PerTaskMethodConfig
-from clrun.methods.parts.weight_sharing import WeightSharingMethod, cpg_recipe
+from clrun.methods.parts.weight_sharing import WeightSharingConfig, WeightSharingMethod, cpg_recipe
 from clrun.models.shared_net import shared_layers
 from clrun.train import FitStats, Optimizer, Schedule, TrainConfig
 
 
 @dataclass
-class PiggybackConfig(PerTaskMethodConfig):
+class PiggybackConfig(WeightSharingConfig):
     """Piggyback: task 1 trains the backbone, later tasks learn binary masks over it (arunmallya/piggyback)."""
 
     train: TrainConfig = field(default_factory=cpg_recipe)  # task 1's backbone training
@@ -46,19 +45,19 @@ class Piggyback(WeightSharingMethod):
     config_class = PiggybackConfig
 
     def learn(self, task: Task) -> dict:
-        tag = task.index + 1
+        cfg, tag = self.task_cfg(task), task.index + 1
         if task.index == 0:
             self.net.begin_task(tag, picking=False)
             self.add_head(task)
-            stats, train_acc = self.train_phase(task, self.cfg.train, "backbone")
+            stats, train_acc = self.train_phase(task, cfg.train, "backbone")
             self.net.end_task(tag)
             return {**self._row(stats, train_acc), "picked_share": math.nan, **self.shares(tag)}
         # every mask is over task 1's network: batch norm and biases start from task 1's too (with `train_bn`
         # they would otherwise continue from the previous task's; without it they never left task 1's)
         self.net.backbone.load_state_dict(self.net.records[0]["private"], strict=False)
-        self.net.begin_task(tag, picking=True, mask_init=self.cfg.mask_init, threshold=self.cfg.threshold)
+        self.net.begin_task(tag, picking=True, mask_init=cfg.mask_init, threshold=cfg.threshold)
         self.add_head(task)
-        stats, train_acc = self._mask_phase(task)
+        stats, train_acc = self._mask_phase(task, cfg)
         record = self.net.end_task(tag)
         return {**self._row(stats, train_acc), "picked_share": self._picked_share(record, tag), **self.shares(tag)}
 
@@ -66,17 +65,16 @@ class Piggyback(WeightSharingMethod):
     def _row(stats: FitStats, train_acc: float) -> dict:
         return {**stats.row(), "train_acc": train_acc}
 
-    def _mask_phase(self, task: Task) -> tuple[FitStats, float]:
+    def _mask_phase(self, task: Task, cfg) -> tuple[FitStats, float]:
         """Train the masks and the head (Adam, `mask_train`); per-task batch norm and biases only with `train_bn`."""
-        cfg = self.cfg.mask_train
         return self.train_phase(
             task,
-            cfg,
+            cfg.mask_train,
             "masks",
-            mask_cfg=cfg,
+            mask_cfg=cfg.mask_train,
             train_weights=False,
-            train_private=self.cfg.train_bn,
-            freeze_bn=not self.cfg.train_bn,
+            train_private=cfg.train_bn,
+            freeze_bn=not cfg.train_bn,
         )
 
     def _picked_share(self, record: dict, tag: int) -> float:

@@ -7,15 +7,18 @@ its logits never change after it is learned.
 """
 
 import copy
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from clrun.config import with_changes
 from clrun.data.stream import Pairs, Split, Task
 from clrun.errors import ClrunError
-from clrun.methods.base import Method
+from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
 from clrun.models.faces import angle_loss, class_weights
 from clrun.models.heads import start_from_classifier
@@ -40,6 +43,18 @@ def cpg_recipe(**changes) -> TrainConfig:
         gamma=0.1,
     )
     return TrainConfig(**{**recipe, **changes})
+
+
+@dataclass
+class WeightSharingConfig(PerTaskMethodConfig):
+    """What the weight-sharing methods share: per-task changes to their config."""
+
+    # changes to this config for single tasks, by task name or 1-based number (CPG's per-task learning rates, batch
+    # sizes and margins), e.g. {stanford_cars_cropped: {train: {lr: 0.01}}}; any key of the method's config
+    task_overrides: dict[str, Any] = field(default_factory=dict)
+    # class counts n_c (N their sum) weighting the task's cross-entropy by (N - n_c) / n_c; null: unweighted (CPG's
+    # expression task: AffectNet's counts, through task_overrides)
+    class_counts: Optional[list[float]] = None
 
 
 class FrozenBatchNorm(nn.Module):
@@ -72,6 +87,16 @@ class WeightSharingMethod(Method):
         def build(channels: float):
             return build_backbone(OmegaConf.merge(views, {"width": backbone_cfg.width * channels}), stream.input_shape)
 
+        self.task_cfgs = {}  # task name -> its config; checked before any work
+        names = [task.name for task in stream.tasks]
+        for key, changes in cfg.get("task_overrides", {}).items():  # a plain MethodConfig has none
+            number = int(key) if str(key).isdigit() else 0
+            if key not in names and not 1 <= number <= len(names):
+                raise ClrunError(
+                    f"method.task_overrides.{key}: no task of that name or 1-based number; tasks: {', '.join(names)}"
+                )
+            name = key if key in names else names[number - 1]
+            self.task_cfgs[name] = with_changes(cfg, changes, f"method.task_overrides.{key}")
         self.net = SharedNet(build)
         self.classifier = None  # the pretrained classifier task 0's head starts from (`backbone.imagenet_head`)
         if backbone_cfg.pretrained:
@@ -81,6 +106,10 @@ class WeightSharingMethod(Method):
             assert not unexpected and all(key.endswith("owner") for key in missing), (missing, unexpected)
             self.classifier = getattr(pretrained, "imagenet_head", None)
         self.net = self.hw.prepare_model(self.net)
+
+    def task_cfg(self, task: Task):
+        """The method's config for `task`: `cfg` with the task's `task_overrides` merged in."""
+        return self.task_cfgs.get(task.name, self.cfg)
 
     # ---- phases ------------------------------------------------------------------------
     def add_head(self, task: Task) -> int:
@@ -171,8 +200,8 @@ class WeightSharingMethod(Method):
 
     def class_counts(self, task: Task) -> list[float] | None:
         """The class counts whose weights (N - n_c) / n_c task `task`'s cross-entropy takes (None: unweighted):
-        the method config's `class_counts` when it has one."""
-        return self.cfg.get("class_counts")
+        its config's `class_counts` (`task_cfg`)."""
+        return self.task_cfg(task).get("class_counts")
 
     def current_accuracy(self, task: Task, split: Split | Pairs) -> float:
         """Accuracy of the task being learned (live masks), e.g. to compare with its goal; of a verification task's

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.config import with_changes
+from clrun.config import Rule, checked, with_changes
 from clrun.data.stream import Pairs, Split, Task
 from clrun.errors import ClrunError
 from clrun.methods.base import Method, PerTaskMethodConfig
@@ -54,7 +54,9 @@ class WeightSharingConfig(PerTaskMethodConfig):
     task_overrides: dict[str, Any] = field(default_factory=dict)
     # class counts n_c (N their sum) weighting the task's cross-entropy by (N - n_c) / n_c; null: unweighted (CPG's
     # expression task: AffectNet's counts, through task_overrides)
-    class_counts: Optional[list[float]] = None
+    class_counts: Optional[list[float]] = checked(
+        Rule(lambda v: len(v) > 0 and all(c > 0 for c in v), "null or a list of positive counts"), None
+    )
 
 
 class FrozenBatchNorm(nn.Module):
@@ -97,6 +99,12 @@ class WeightSharingMethod(Method):
                 )
             name = key if key in names else names[number - 1]
             self.task_cfgs[name] = with_changes(cfg, changes, f"method.task_overrides.{key}")
+        for task in stream.tasks:
+            counts = self.class_counts(task)
+            if counts is not None and len(counts) != task.n_classes:
+                raise ClrunError(
+                    f"method.class_counts of task {task.name}: {len(counts)} counts for its {task.n_classes} classes"
+                )
         self.net = SharedNet(build)
         self.classifier = None  # the pretrained classifier task 0's head starts from (`backbone.imagenet_head`)
         if backbone_cfg.pretrained:
@@ -183,14 +191,8 @@ class WeightSharingMethod(Method):
                 return angle_loss((cos, phi), y, step.number + 1), cos
 
             return angular
-        counts = self.class_counts(task)
-        weight = None
-        if counts is not None:
-            if len(counts) != task.n_classes:
-                raise ClrunError(
-                    f"class_counts of task {task.name}: {len(counts)} counts for its {task.n_classes} classes"
-                )
-            weight = class_weights(list(counts)).to(self.net.device)
+        counts = self.class_counts(task)  # as many as the task's classes: checked in __init__
+        weight = None if counts is None else class_weights(list(counts)).to(self.net.device)
 
         def cross_entropy(features: torch.Tensor, y: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor]:
             logits = head(features)

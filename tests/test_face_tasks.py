@@ -154,3 +154,17 @@ def test_write_face_folders_is_read_back(tmp_path, tasks):
     files = read_cpg_faces(tmp_path, tasks=list(tasks), lfw_pairs="face_data/lfw_pairs.txt")
     assert len(files.tasks[0].pairs) == 20 and sum(files.tasks[0].pairs.same) == 10
     assert files.classes == ("face_verification/c0", "face_verification/c1", "face_verification/c2")
+
+
+@pytest.mark.parametrize("method", ["scratch", "finetune"])
+def test_individual_models_and_finetune_score_face_verification(tmp_path, method):
+    write_face_folders(tmp_path / "data", tasks={"face_verification": 3, "gender": 3})
+    tasks = ["stream.dataset.tasks=[face_verification,gender]", "stream.n_tasks=2"]
+    run = [f"method={method}", "method.train.iterations=2", "method.train.batch_size=4"]
+    result = clrun(tmp_path, *FACES, f"data.root={tmp_path / 'data'}", *tasks, *run)
+    assert result.returncode == 0, result.stderr
+    _, accuracy = run_tables(tmp_path)
+    face = accuracy[accuracy["eval_task_name"] == "face_verification"]
+    assert len(face) == 2 and face["accuracy_std"].notna().all() and face["accuracy"].between(0, 1).all()
+    if method == "scratch":  # its own model per task: nothing forgotten
+        assert face["accuracy"].nunique() == 1

@@ -16,6 +16,7 @@ from clrun.data.stream import Stream, Task
 from clrun.errors import ClrunError
 from clrun.hardware import Hardware
 from clrun.models import TaskModel, build_backbone
+from clrun.models.faces import FaceHead, angle_loss
 from clrun.results import Footprint, count_params, module_bytes
 from clrun.train import FitStats, Groups, Loss, TrainConfig, Trainer
 
@@ -47,9 +48,16 @@ class PerTaskMethodConfig(MethodConfig):
 
 def task_loss(model: TaskModel, task: int, stream: Stream) -> Loss:
     """Cross-entropy of task `task`'s batches under the model's scenario, as a `fit` loss function:
-    the task's head (task), every class seen so far with global labels (class), the shared head (domain)."""
+    the task's head (task), every class seen so far with global labels (class), the shared head (domain); a
+    verification task's `FaceHead`: A-Softmax (`angle_loss`, lambda counting the phase's steps)."""
     head = task if model.scenario == "task" else None
     offset = stream.class_offset(task) if model.scenario == "class" else 0
+    if head is not None and isinstance(model.heads.heads[head], FaceHead):  # a verification task: A-Softmax
+
+        def angular(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
+            return angle_loss(model.heads.heads[head].angular(model.features(x)), y, step.number + 1)
+
+        return angular
 
     def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
         return F.cross_entropy(model(x, head), y + offset)
@@ -124,7 +132,7 @@ class Method:
             backbone.imagenet_head = None
         model = TaskModel(backbone, scenario)
         for task in self.stream.tasks[:1] if scenario == "domain" else tasks:
-            model.add_head(task.n_classes)
+            model.add_head(task.n_classes, task.verification)
         return self.hw.prepare_model(model)
 
     def fit(
@@ -230,6 +238,10 @@ class SharedModelMethod(Method):
     def predict_agnostic(self, x: torch.Tensor, seen: int) -> tuple[torch.Tensor, None]:
         self.model.eval()
         return self.model(x, None), None
+
+    def embed(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        self.model.eval()
+        return self.model.heads.embed(self.model.features(x), task)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "n_tasks": len(self.model.heads.heads)}

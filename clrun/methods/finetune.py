@@ -10,7 +10,9 @@ from clrun.methods.base import SharedModelMethod, task_loss
 
 
 class Finetune(SharedModelMethod):
+    scores_verification = True  # `task_loss` trains a verification task's FaceHead; `embed` is SharedModelMethod's
+
     def learn(self, task: Task) -> dict:
-        head = self.model.add_head(task.n_classes)
+        head = self.model.add_head(task.n_classes, task.verification)
         loss = task_loss(self.model, task.index, self.stream)
         return self.fit(task, self.model, self.model.trainable(head), loss).row()

@@ -42,6 +42,7 @@ class ScratchConfig(PerTaskMethodConfig):
 class Scratch(Method):
     config_class = ScratchConfig
     starts_head_from_classifier = True
+    scores_verification = True  # `new_model` gives a verification task a FaceHead, `task_loss` trains it
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
@@ -63,6 +64,11 @@ class Scratch(Method):
         model = self.models[task]
         model.eval()
         return model(x, 0)
+
+    def embed(self, x, task):
+        model = self.models[task]
+        model.eval()
+        return model.heads.embed(model.features(x), 0)
 
     def state_dict(self) -> dict:
         return {"models": [model.state_dict() for model in self.models]}

@@ -8,7 +8,7 @@ SEEDS ?= 1
 # reproduce-table1 reads CIFAR-100 from DATA_ROOT (the folder holding cifar-100-python/); empty: $CLRUN_DATA, else ~/.cache/clrun/data
 DATA_ROOT ?=
 
-.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-fig2 reproduce-pah reproduce-pah-ablation scenarios-mnist clean-outputs
+.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-fig2 reproduce-table4 reproduce-pah reproduce-pah-ablation scenarios-mnist clean-outputs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ reproduce-table2: $(STAMP)  ## CPG's Table 2 (scratch, 5 fine-tune rounds -> fin
 
 reproduce-fig2: $(STAMP)  ## CPG's Fig. 2 (tasks 1, 5, 10, 15 after each later task: DEN, CPG, Finetune Avg): PNG + CSV; SCALE=smoke on a CPU
 	$(BIN)/python benchmarks/reproduce_fig2.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+
+reproduce-table4: $(STAMP)  ## CPG's Table 4 (scratch, finetune, cpg on the face tasks / sphereface20, age folds 0-4 averaged) vs the paper; SCALE=smoke on a CPU (synthetic faces)
+	$(BIN)/python benchmarks/reproduce_table4.py --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 reproduce-pah: $(STAMP)  ## PAH's table (PAH, SI) on Split-CIFAR100 (ARGS="--dataset tiny": TinyImageNet) vs the paper; SCALE=smoke on a CPU
 	$(BIN)/python benchmarks/reproduce_pah.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)

@@ -1,5 +1,6 @@
 """Individual models: an independent backbone and head per task, trained from scratch or, with
-`start: random_earlier`, fine-tuned from the model of an earlier task drawn at random.
+`start: random_earlier`, fine-tuned from the model of an earlier task drawn at random (`start: first`: from the
+first task's model, as CPG's face baselines fine-tune every task from the face-verification model).
 
 Task scenario; the class and domain scenarios with `task_id` (the model whose
 head is most confident answers).
@@ -30,6 +31,7 @@ class Start(Enum):
 
     scratch = "scratch"  # a fresh backbone
     random_earlier = "random_earlier"  # from task 2 on: the backbone of an earlier task drawn uniformly
+    first = "first"  # from task 2 on: the first task's backbone (CPG's face baselines: from the face model)
 
 
 @dataclass
@@ -51,8 +53,10 @@ class Scratch(Method):
     def learn(self, task: Task) -> dict:
         model = self.new_model([task], scenario="task")
         source, recipe = -1, self.cfg.train
-        if self.cfg.start is Start.random_earlier and task.index > 0:
-            source = int(torch.randint(task.index, ()))  # the run's seeded RNG (tools/random_generate_task_id.py)
+        if self.cfg.start is not Start.scratch and task.index > 0:
+            source = 0
+            if self.cfg.start is Start.random_earlier:  # the run's seeded RNG (tools/random_generate_task_id.py)
+                source = int(torch.randint(task.index, ()))
             model.backbone.load_state_dict(self.models[source].backbone.state_dict())
             if self.cfg.finetune_lr is not None:
                 recipe = OmegaConf.merge(recipe, {"lr": self.cfg.finetune_lr})

@@ -16,7 +16,7 @@ from clrun.data.stream import Stream, Task
 from clrun.hardware import Hardware
 from clrun.models import TaskModel, build_backbone
 from clrun.results import Footprint, count_params, module_bytes
-from clrun.train import FitStats, Groups, Loss, TrainConfig, Trainer
+from clrun.train import FitStats, Groups, Loss, TrainConfig, Trainer, accuracy
 
 
 @dataclass
@@ -142,11 +142,15 @@ class Method:
         """Train `params` of `module` with `loss` on `task`'s training images and labels (or `data`: `mixed` when
         its images come from several tasks) under `recipe` (default: `cfg.train`); `phase` names the phase in the
         progress display; `groups`, `carry` (optimizer state kept across phases) and the hooks (`after_backward`,
-        `after_step`, `after_epoch`) as `Trainer.fit` takes them."""
+        `after_step`, `after_epoch`, `validate`) as `Trainer.fit` takes them. A plateau schedule's `validate`
+        defaults to the task's test accuracy through `predict` (as CPG validates)."""
         label = f"task {task.index} {task.name}" + (f": {phase}" if phase else "")
+        recipe = self.cfg.train if recipe is None else recipe
+        if recipe.schedule.value == "plateau" and hooks.get("validate") is None:
+            hooks["validate"] = lambda: self.test_accuracy(task)
         return self.trainer.fit(
             module,
-            self.cfg.train if recipe is None else recipe,
+            recipe,
             params,
             loss,
             (task.train.x, task.train.y) if data is None else data,
@@ -155,6 +159,13 @@ class Method:
             **hooks,
             task=None if mixed else task.index,
             carry=carry,
+        )
+
+    def test_accuracy(self, task: Task) -> float:
+        """Accuracy of `predict` on the task's test split (`predict` puts the model in eval mode; `Trainer.fit`
+        puts it back in train mode after its `validate`)."""
+        return accuracy(
+            lambda x: self.predict(x, task.index), task.test, self.stream, self.hw, self.cfg.eval_batch_size, task.index
         )
 
     def learn(self, task: Task) -> dict:

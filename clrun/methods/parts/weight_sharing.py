@@ -51,6 +51,10 @@ class WeightSharingConfig(PerTaskMethodConfig):
     # changes to this config for single tasks, by task name or 1-based number (CPG's per-task learning rates, batch
     # sizes and margins), e.g. {stanford_cars_cropped: {train: {lr: 0.01}}}; any key of the method's config
     task_overrides: dict[str, Any] = field(default_factory=dict)
+    # false: task 1 is not trained: it is the pretrained backbone with its ImageNet classifier as head
+    # (backbone.pretrained=imagenet backbone.imagenet_head=true), as it is; CPG and PackNet then prune it (CPG's and
+    # Piggyback's ImageNet task)
+    train_first_task: bool = True
 
 
 class FrozenBatchNorm(nn.Module):
@@ -82,6 +86,11 @@ class WeightSharingMethod(Method):
         def build(channels: float):
             return build_backbone(OmegaConf.merge(views, {"width": backbone_cfg.width * channels}), stream.input_shape)
 
+        if not cfg.get("train_first_task", True) and not backbone_cfg.get("imagenet_head"):
+            raise ClrunError(
+                "method.train_first_task=false: task 1 must be a pretrained network with its classifier; set "
+                "backbone.pretrained=imagenet backbone.imagenet_head=true"
+            )
         self.task_cfgs = {}  # task name -> its config; checked before any work
         names = [task.name for task in stream.tasks]
         for key, changes in cfg.get("task_overrides", {}).items():  # a plain MethodConfig has none
@@ -101,6 +110,10 @@ class WeightSharingMethod(Method):
             assert not unexpected and all(key.endswith("owner") for key in missing), (missing, unexpected)
             self.classifier = getattr(pretrained, "imagenet_head", None)
         self.net = self.hw.prepare_model(self.net)
+
+    def trains(self, task: Task) -> bool:
+        """Whether `task` trains (false only for a pretrained first task, `train_first_task: false`)."""
+        return task.index > 0 or self.cfg.train_first_task
 
     def task_cfg(self, task: Task):
         """The method's config for `task`: `cfg` with the task's `task_overrides` merged in."""
@@ -126,10 +139,12 @@ class WeightSharingMethod(Method):
         freeze_bn: bool = False,
         after_step=None,
         after_epoch=None,
+        validate=None,
     ) -> tuple[FitStats, float]:
         """Train the current task under `cfg`: its head, its own shared weights (`train_weights`), its batch norm
         and biases (`train_private`), and its picking masks under `mask_cfg` when given. Weight decay goes to its
-        own weights only (CPG). `freeze_bn` keeps batch norm in eval mode (Piggyback's `train_nobn`). Returns the
+        own weights only (CPG). `freeze_bn` keeps batch norm in eval mode (Piggyback's `train_nobn`). `validate`
+        as `Trainer.fit` takes it (default: the live network's test accuracy, for a plateau schedule). Returns the
         `FitStats` and the running accuracy of the last epoch in train mode (as CPG measures it)."""
         net, head = self.net, task.index
         params = list(net.heads.heads[head].parameters())
@@ -140,6 +155,9 @@ class WeightSharingMethod(Method):
         picks = net.picks()
         groups = [(picks, mask_cfg)] if mask_cfg is not None and picks else []
         tally = {"correct": None, "seen": 0}
+
+        def validate_live() -> float:
+            return self.current_accuracy(task, task.test)
 
         def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             if step.batch == 0:  # a new epoch: count its accuracy afresh
@@ -160,6 +178,7 @@ class WeightSharingMethod(Method):
             after_backward=lambda step, optimizers: net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
             after_step=after_step,
             after_epoch=after_epoch,
+            validate=validate or (validate_live if cfg.schedule.value == "plateau" else None),
         )
         return stats, tally["correct"].item() / tally["seen"]
 

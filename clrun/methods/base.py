@@ -6,13 +6,15 @@ subclass and its config dataclass (`config_class`); see README, "Adding a method
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from clrun.config import AT_LEAST_1, checked
+from clrun.config import AT_LEAST_1, checked, with_changes
 from clrun.data.stream import Stream, Task
+from clrun.errors import ClrunError
 from clrun.hardware import Hardware
 from clrun.models import TaskModel, build_backbone
 from clrun.results import Footprint, count_params, module_bytes
@@ -42,6 +44,15 @@ class PerTaskMethodConfig(MethodConfig):
     """A method with per-task parts (a head, mask or model per task): task-incremental unless `task_id` is set."""
 
     task_id: TaskId = TaskId.none
+
+
+@dataclass
+class PerTaskRecipeConfig(PerTaskMethodConfig):
+    """A per-task method whose tasks may each have their own recipe (`Method.task_cfg` reads it)."""
+
+    # changes to this config for single tasks, by task name or 1-based number (CPG's per-task learning rates, batch
+    # sizes and margins), e.g. {stanford_cars_cropped: {train: {lr: 0.01}}}; any key of the method's config
+    task_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def task_loss(model: TaskModel, task: int, stream: Stream) -> Loss:
@@ -105,6 +116,20 @@ class Method:
         self.stream = stream
         self.hw = hw
         self.trainer = Trainer(stream, hw)
+        self.task_cfgs = {}  # task name -> its config (`task_overrides`), checked before any work
+        names = [task.name for task in stream.tasks]
+        for key, changes in cfg.get("task_overrides", {}).items():
+            number = int(key) if str(key).isdigit() else 0
+            if key not in names and not 1 <= number <= len(names):
+                raise ClrunError(
+                    f"method.task_overrides.{key}: no task of that name or 1-based number; tasks: {', '.join(names)}"
+                )
+            name = key if key in names else names[number - 1]
+            self.task_cfgs[name] = with_changes(cfg, changes, f"method.task_overrides.{key}")
+
+    def task_cfg(self, task: Task):
+        """The method's config for `task`: `cfg` with the task's `task_overrides` merged in (`PerTaskRecipeConfig`)."""
+        return self.task_cfgs.get(task.name, self.cfg)
 
     @classmethod
     def supported_scenarios(cls, cfg) -> tuple[str, ...]:

@@ -7,18 +7,16 @@ its logits never change after it is learned.
 """
 
 import copy
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.config import with_changes
 from clrun.data.stream import Split, Task
 from clrun.errors import ClrunError
-from clrun.methods.base import Method, PerTaskMethodConfig
+from clrun.methods.base import Method, PerTaskRecipeConfig
 from clrun.models import build_backbone
 from clrun.models.heads import start_from_classifier
 from clrun.models.shared_net import SharedNet
@@ -45,12 +43,9 @@ def cpg_recipe(**changes) -> TrainConfig:
 
 
 @dataclass
-class WeightSharingConfig(PerTaskMethodConfig):
-    """What the weight-sharing methods share: per-task changes to their config."""
+class WeightSharingConfig(PerTaskRecipeConfig):
+    """What the weight-sharing methods share: per-task recipes, the pretrained first task."""
 
-    # changes to this config for single tasks, by task name or 1-based number (CPG's per-task learning rates, batch
-    # sizes and margins), e.g. {stanford_cars_cropped: {train: {lr: 0.01}}}; any key of the method's config
-    task_overrides: dict[str, Any] = field(default_factory=dict)
     # false: task 1 is not trained: it is the pretrained backbone with its ImageNet classifier as head
     # (backbone.pretrained=imagenet backbone.imagenet_head=true), as it is; CPG and PackNet then prune it (CPG's and
     # Piggyback's ImageNet task)
@@ -91,16 +86,6 @@ class WeightSharingMethod(Method):
                 "method.train_first_task=false: task 1 must be a pretrained network with its classifier; set "
                 "backbone.pretrained=imagenet backbone.imagenet_head=true"
             )
-        self.task_cfgs = {}  # task name -> its config; checked before any work
-        names = [task.name for task in stream.tasks]
-        for key, changes in cfg.get("task_overrides", {}).items():  # a plain MethodConfig has none
-            number = int(key) if str(key).isdigit() else 0
-            if key not in names and not 1 <= number <= len(names):
-                raise ClrunError(
-                    f"method.task_overrides.{key}: no task of that name or 1-based number; tasks: {', '.join(names)}"
-                )
-            name = key if key in names else names[number - 1]
-            self.task_cfgs[name] = with_changes(cfg, changes, f"method.task_overrides.{key}")
         self.net = SharedNet(build)
         self.classifier = None  # the pretrained classifier task 0's head starts from (`backbone.imagenet_head`)
         if backbone_cfg.pretrained:
@@ -114,10 +99,6 @@ class WeightSharingMethod(Method):
     def trains(self, task: Task) -> bool:
         """Whether `task` trains (false only for a pretrained first task, `train_first_task: false`)."""
         return task.index > 0 or self.cfg.train_first_task
-
-    def task_cfg(self, task: Task):
-        """The method's config for `task`: `cfg` with the task's `task_overrides` merged in."""
-        return self.task_cfgs.get(task.name, self.cfg)
 
     # ---- phases ------------------------------------------------------------------------
     def add_head(self, task: Task) -> int:

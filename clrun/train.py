@@ -31,6 +31,10 @@ class Schedule(Enum):
     constant = "constant"
     multistep = "multistep"
     cosine = "cosine"
+    # x gamma (gammas: the k-th factor at the k-th decay, 1 after them) once the phase's validation accuracy has
+    # not risen for `patience` epochs (CPG's fine-grained and face code); a second group (masks) decays with the
+    # phase's, and stays constant in a phase of another schedule
+    plateau = "plateau"
 
 
 @dataclass
@@ -45,7 +49,7 @@ class OptimizerConfig:
     schedule: Schedule = Schedule.constant
     milestones: list[int] = field(default_factory=list)  # epochs where multistep multiplies lr by gamma
     gamma: float = checked(POSITIVE, 0.1)
-    # multistep: a factor per milestone instead of gamma
+    # multistep: a factor per milestone instead of gamma; plateau: a factor per decay
     gammas: list[float] = checked(
         Rule(lambda v: all(g >= 0 for g in v), "a list of non-negative factors"), factory=list
     )
@@ -59,6 +63,9 @@ class TrainConfig(OptimizerConfig):
     batch_size: int = checked(AT_LEAST_1, 128)
     # train exactly this many steps instead (epochs then follow from it)
     iterations: Optional[int] = checked(NULL_OR_AT_LEAST_1, None)
+    patience: int = checked(AT_LEAST_1, 5)  # plateau: epochs without a validation gain before a decay
+    # plateau: stop the phase one epoch after this many decays (CPG: 3); null: run every epoch
+    max_decays: Optional[int] = checked(NULL_OR_AT_LEAST_1, 3)
 
 
 @dataclass(frozen=True)
@@ -143,9 +150,41 @@ def _resume_state(optimizer: torch.optim.Optimizer, carry: dict) -> None:
                 }
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, cfg, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The per-epoch learning-rate schedule an `OptimizerConfig` names, over `epochs` epochs."""
+class Plateau:
+    """When the validation accuracy has stopped rising: counts epochs without a gain and the decays so far."""
+
+    def __init__(self, patience: int, max_decays: int | None):
+        self.patience, self.max_decays = patience, max_decays
+        self.best, self.stale, self.decays = -math.inf, 0, 0
+
+    def update(self, accuracy: float) -> bool:
+        """Record an epoch's validation accuracy; return True when training should stop (CPG's order: the stop
+        test comes before this epoch's decay, so the phase runs one epoch after its last decay)."""
+        if accuracy > self.best:
+            self.best, self.stale = accuracy, 0
+        else:
+            self.stale += 1
+        if self.max_decays is not None and self.decays >= self.max_decays:
+            return True
+        if self.stale >= self.patience:
+            self.decays, self.stale = self.decays + 1, 0
+        return False
+
+    def factor(self, cfg) -> float:
+        """The learning-rate factor of a group under `cfg` after the decays so far."""
+        if cfg.gammas:
+            return math.prod(cfg.gammas[: self.decays])
+        return cfg.gamma**self.decays
+
+
+def make_schedule(
+    optimizer: torch.optim.Optimizer, cfg, epochs: int, plateau: Plateau | None = None
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule an `OptimizerConfig` names, over `epochs` epochs (`plateau`: the
+    phase's validation record, which a plateau schedule follows)."""
     name = cfg.schedule.value
+    if name == "plateau":  # without the phase's record (a group whose phase has another schedule): constant
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: plateau.factor(cfg) if plateau else 1.0)
     if name == "multistep" and cfg.gammas:  # a factor per milestone, e.g. x0.2 at epoch 50, x0 at 70
         milestones, gammas = list(cfg.milestones), list(cfg.gammas)
         return torch.optim.lr_scheduler.LambdaLR(
@@ -185,6 +224,7 @@ class Trainer:
         after_epoch: Callable[[int], bool] | None = None,
         task: int | None = None,
         carry: dict | None = None,
+        validate: Callable[[], float] | None = None,
     ) -> FitStats:
         """Train `params` of `module` under `recipe` (a `TrainConfig`: `epochs`, or exactly `iterations` steps,
         the last epoch then stopping part way) on `data` (uint8 images first, then aligned tensors, e.g. labels),
@@ -196,7 +236,10 @@ class Trainer:
         `after_backward(step, optimizers)` before the optimizers step (e.g. to mask gradients; `optimizers[0]`
         holds `params`), `after_step(step)` after them, `after_epoch(epochs_done)` after each epoch (True stops).
         `carry` (parameter -> optimizer state): the state `params`' optimizer starts from and leaves, so that
-        successive phases act as one optimizer (e.g. Adam's moments and step count across tasks).
+        successive phases act as one optimizer (e.g. Adam's moments and step count across tasks). `validate()`:
+        the validation accuracy, measured after each epoch when given (before `after_epoch`); a `plateau` schedule
+        needs it and follows it (a decay after `patience` epochs without a gain; the phase stops one epoch after
+        `max_decays` decays).
         """
         hw = self.hw
         n = len(data[0])
@@ -206,8 +249,14 @@ class Trainer:
         total_steps = iterations or epochs * batches
         pairs = [(params, recipe), *groups]
         optimizers = [make_optimizer(group, group_cfg, hw) for group, group_cfg in pairs]
+        plateau = None
+        if recipe.schedule.value == "plateau":
+            if validate is None:
+                raise ValueError("a plateau schedule needs the phase's `validate`")
+            plateau = Plateau(recipe.patience, recipe.max_decays)
         schedules = [
-            make_schedule(opt, group_cfg, epochs) for opt, (_, group_cfg) in zip(optimizers, pairs, strict=True)
+            make_schedule(opt, group_cfg, epochs, plateau)
+            for opt, (_, group_cfg) in zip(optimizers, pairs, strict=True)
         ]
         if carry:
             _resume_state(optimizers[0], carry)
@@ -242,6 +291,11 @@ class Trainer:
                 seen += len(x)
                 if bar is not None:
                     progress.advance(bar)
+            stop = False
+            if validate is not None:
+                measured = validate()
+                module.train()  # validate() evaluates in eval mode
+                stop = plateau is not None and plateau.update(measured)
             for schedule in schedules:
                 schedule.step()
             images += seen
@@ -250,7 +304,7 @@ class Trainer:
                 ips = images / (time.perf_counter() - start)
                 progress.update(bar, epoch=f"{epoch + 1}/{epochs}", loss=mean_loss, ips=ips)
             epochs_done = epoch + 1
-            if after_epoch is not None and after_epoch(epochs_done):
+            if (after_epoch is not None and after_epoch(epochs_done)) or stop:
                 break
         if carry is not None:
             carry.update(optimizers[0].state)

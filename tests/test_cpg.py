@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision
 from conftest import build_method, matrix, run, run_interrupted_then_resumed
 
 from clrun import results
@@ -223,6 +224,87 @@ def test_bad_task_overrides_are_one_line_errors_naming_the_key(override, message
     assert "\n" not in str(error.value)
 
 
+# ---- CPG's fine-grained and face recipe: best epochs, the pretrained task -------------------------------------------
+def test_keep_best_restores_the_epoch_of_best_test_accuracy():
+    method = make_method("method=cpg", "stream.n_tasks=1", "method.keep_best=true", "method.train.epochs=4")
+    measured, states = [], []
+    current = method.current_accuracy
+
+    def recorded(task, split):
+        measured.append(current(task, split))
+        states.append(method._state())
+        return measured[-1]
+
+    method.current_accuracy = recorded
+    task = method.stream.tasks[0]
+    _, acc = method._train(task, method.cfg, [])
+    assert len(measured) == 4 and acc == max(measured)
+    best = states[measured.index(acc)]
+    assert all(torch.equal(v, best[k]) for k, v in method._state().items())  # that epoch's network, restored
+    assert current(task, task.test) == acc
+
+
+def test_keep_best_in_a_pruning_step_counts_only_epochs_after_the_ramp():
+    method = make_method(
+        "method=cpg",
+        "stream.n_tasks=1",
+        "method.keep_best=true",
+        "method.prune_train.epochs=3",
+        "method.pruning_interval=2",
+        "method.goals=0.0",
+    )
+    scripted = iter([0.9, 0.2, 0.3])  # epoch 1 scores best but is mid-ramp; the ramp ends with epoch 2
+    method.current_accuracy = lambda task, split: next(scripted)
+    task = method.stream.tasks[0]
+    method.net.begin_task(1, picking=False)
+    method.add_head(task)
+    _, acc = method._prune_step(task, method.cfg, 0.0, 0.3, [])
+    assert acc == 0.3
+
+
+@pytest.mark.parametrize(
+    "name, phases", [("cpg", ["prune 0->0.5"]), ("packnet", ["retrain after pruning 0.6"]), ("piggyback", [])]
+)
+def test_the_pretrained_first_task_is_not_trained(tmp_path, name, phases):
+    """`train_first_task: false` (CPG's and Piggyback's ImageNet task): task 1 is the pretrained network with its
+    classifier, as it is; CPG and PackNet then prune it."""
+    torch.manual_seed(1)
+    tv = torchvision.models.resnet18(weights=None, num_classes=2).eval()
+    torch.save(tv.state_dict(), tmp_path / "resnet18-2.pth")
+    pretrained = [
+        "backbone=resnet18",
+        "backbone.stem=imagenet",
+        f"backbone.pretrained={tmp_path / 'resnet18-2.pth'}",
+        "backbone.imagenet_head=true",
+        "backbone.width=1.0",
+    ]
+    overrides = [*TINY[:6], "stream.n_tasks=1", "stream.test_per_task=16"]
+    if name == "packnet":
+        overrides.append("method.retrain.epochs=1")
+    if name == "cpg":
+        overrides = [*TINY, "stream.n_tasks=1", "method.goals=0.0", "method.sparsities=[0.5]"]
+    method = build_method(None, *overrides, f"method={name}", *pretrained, "method.train_first_task=false")[0]
+    labels = []
+    phase = method.train_phase
+    method.train_phase = lambda task, cfg, label, **kw: (labels.append(label), phase(task, cfg, label, **kw))[1]
+    task = method.stream.tasks[0]
+    x = method.stream.prepare(task.test.x, train=False)
+    with torch.no_grad():
+        expected = tv(x)
+    row = method.learn(task)
+    assert labels == phases
+    if name == "cpg":
+        accuracy = (expected.argmax(1) == task.test.y).float().mean().item()
+        assert row["train_phase_epochs"] == 0 and row["growths"] == 0 and row["sparsity"] == 0.5
+        assert row["acc_before_prune"] == pytest.approx(accuracy)
+    if name == "piggyback":
+        method.net.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(method.predict(x, 0), expected)
+    with pytest.raises(ClrunError, match="method.train_first_task=false: task 1 must be a pretrained network"):
+        build_method(None, *overrides, f"method={name}", "method.train_first_task=false")
+
+
 # ---- no forgetting --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["cpg", "pae"])
 def test_earlier_tasks_logits_are_bit_identical(name):
@@ -271,7 +353,7 @@ def test_retrain_pass_is_kept_only_when_an_epoch_beats_the_reset_masks():
     )
     method.learn(method.stream.tasks[0])
     task = method.stream.tasks[1]
-    method._train(task, [])
+    method._train(task, method.cfg, [])
     with torch.no_grad():
         for pick in method.net.picks():
             pick.uniform_(0.0, 0.02)  # picks learned in the training phase, different from mask_init
@@ -283,14 +365,14 @@ def test_retrain_pass_is_kept_only_when_an_epoch_beats_the_reset_masks():
 
     scripted([0.5, 0.4, 0.45])  # reset baseline 0.5, then no epoch beats it: patience 2 stops after 2 epochs
     phase = []
-    assert method._retrain(task, 0.7, phase) == (False, 0.7)
+    assert method._retrain(task, method.cfg, 0.7, phase) == (False, 0.7)
     assert sum(stats.epochs for stats in phase) == 2
     after = method._state()
     assert all(torch.equal(before[k], after[k]) for k in before)  # everything restored, picks included
 
     scripted([0.5, 0.6, 0.55, 0.58])  # epoch 1 beats the baseline; patience 2 ends after epoch 3
     phase = []
-    assert method._retrain(task, 0.7, phase) == (True, 0.6)
+    assert method._retrain(task, method.cfg, 0.7, phase) == (True, 0.6)
     assert sum(stats.epochs for stats in phase) == 3
     assert not all(torch.equal(before[k], method._state()[k]) for k in before)
 

@@ -263,7 +263,6 @@ def test_cpg_faces_yaml(tmp_path):
         "tasks": ["face_verification", "gender", "emotion", "age0"],
         "folder": "face_data",
         "lfw_pairs": "face_data/lfw_pairs.txt",
-        "lfw_folder": None,
     }
     keys = ("split", "scenario", "resize", "crop", "normalize")
     assert [getattr(stream, key).value for key in keys] == ["release", "task", "stretch", "none", "half"]
@@ -284,7 +283,7 @@ def test_two_task_stream_through_the_cli(tmp_path):
 def test_adience_gender_stream_through_the_cli(tmp_path):
     write_adience(tmp_path / "data")
     reader = ["stream.dataset._target_=clrun.data.faces.read_adience_gender", "~stream.dataset.tasks"]
-    reader += ["~stream.dataset.lfw_pairs", "~stream.dataset.lfw_folder"]
+    reader += ["~stream.dataset.lfw_pairs"]
     reader += ["stream.dataset.folder=adience", "+stream.dataset.fold=0"]
     split = ["stream.split=contiguous", "stream.classes_per_task=1"]  # task 0: f, task 1: m
     result = clrun(tmp_path, "stream=cpg_faces", f"data.root={tmp_path / 'data'}", *reader, *split, *IMAGE_RUN)

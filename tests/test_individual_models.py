@@ -49,3 +49,9 @@ def test_scratch_starts_every_task_fresh():
     assert [r["source"] for r in seen] == [-1] * 5 and {r["lr"] for r in seen} == {0.001}
     first = seen[1]["start"]
     assert not all(torch.equal(first[key], ends[0][key]) for key in first)
+
+
+def test_task_overrides_give_one_task_its_own_recipe():
+    """CPG's fine-grained baselines: Stanford Cars at lr 1e-2, the others at 1e-3."""
+    seen, _ = learn_recorded("method.train.lr=0.001", "+method.task_overrides.3.train.lr=0.01")
+    assert [record["lr"] for record in seen] == [0.001, 0.001, 0.01, 0.001, 0.001]

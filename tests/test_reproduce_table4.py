@@ -57,8 +57,11 @@ def test_cpg_presets_compose_to_the_official_face_recipe(fold):
         ), name
         assert task.prune_train.batch_size == batch  # the scripts pass --batch_size to the prune runs too
         assert (task.train.optimizer.value, task.train.nesterov, task.train.weight_decay) == ("sgd", True, 4e-5)
-        assert task.train.epochs == 100 and task.train.schedule.value == "constant"
+        assert task.train.epochs == 100 and task.train.schedule.value == "plateau" and task.keep_best
+        assert (task.train.patience, task.train.max_decays, task.train.gamma) == (10, 3, 0.1)
         assert (task.mask_train.optimizer.value, task.mask_train.lr) == ("adam", 5e-4)
+        assert task.mask_train.schedule.value == "plateau" and list(task.mask_train.gammas) == [0.2]
+        assert task.prune_train.schedule.value == "constant"
         assert list(task.sparsities) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
         assert task.pruning_interval == 4
         first = name == "face_verification"
@@ -79,6 +82,9 @@ def test_baseline_presets(method, start):
         100,
         4e-5,
     )
+    assert (train.schedule.value, train.patience, train.max_decays) == ("plateau", 10, 3)
+    assert task_config(cfg.method, "gender", 2).train.lr == 1e-4  # baseline_face.sh
+    assert task_config(cfg.method, "emotion", 3).train.lr == 1e-3
 
 
 def test_paper_table_and_goals():

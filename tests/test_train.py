@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from clrun.config import HardwareConfig
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
-from clrun.methods.base import mixed_task_loss
+from clrun.methods.base import mixed_task_loss, task_loss
 from clrun.methods.finetune import Finetune
 from clrun.train import make_optimizer, make_schedule
 
@@ -101,3 +101,48 @@ def test_mixed_task_loss_routes_each_sample_to_its_own_head():
     t = torch.tensor([1, 0, 1, 1, 0, 0])
     expected = sum(F.cross_entropy(model(x[i : i + 1], int(t[i])), y[i : i + 1]) for i in range(6)) / 6
     assert mixed_task_loss(model, stream, 2)(x, y, t, None).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_plateau_schedule_decays_after_patience_and_stops_one_epoch_after_the_last_decay():
+    """CPG's fine-grained schedule at patience 2, 2 decays: x0.1 for the weights at each decay, the masks' group
+    x0.2 at the first only (gammas [0.2]); validation 0.5, 0.4, 0.4 (decay), 0.6, 0.6, 0.6 (decay), then a stop."""
+    method, stream = make_method(
+        Finetune,
+        "method.train.epochs=20",
+        "method.train.batch_size=64",  # one step per epoch
+        "method.train.lr=1.0",
+        "method.train.optimizer=sgd",
+        "method.train.schedule=plateau",
+        "method.train.patience=2",
+        "method.train.max_decays=2",
+    )
+    task = stream.tasks[0]
+    method.model.add_head(task.n_classes)
+    extra = torch.nn.Parameter(torch.zeros(1))
+    masks = OmegaConf.merge(method.cfg.train, {"schedule": "plateau", "lr": 0.5, "gammas": [0.2]})
+    accuracies, lrs_seen = iter([0.5, 0.4, 0.4, 0.6, 0.6, 0.6, 0.6, 0.9]), []
+    loss = task_loss(method.model, 0, stream)
+    stats = method.fit(
+        task,
+        method.model,
+        method.model.parameters(),
+        lambda x, y, step: loss(x, y, step) + 0 * extra.sum(),
+        groups=[([extra], masks)],
+        after_backward=lambda step, optimizers: lrs_seen.append([o.param_groups[0]["lr"] for o in optimizers]),
+        validate=lambda: next(accuracies),
+    )
+    assert stats.epochs == 7
+    expected = [(1.0, 0.5)] * 3 + [(0.1, 0.1)] * 3 + [(0.01, 0.1)]
+    assert [lr for pair in lrs_seen for lr in pair] == pytest.approx([lr for pair in expected for lr in pair])
+
+
+def test_plateau_schedule_validates_on_the_test_split_by_default():
+    """Any method's plateau phase measures the task's test accuracy after each epoch (CPG validates on it)."""
+    method, stream = make_method(
+        Finetune, "method.train.epochs=3", "method.train.schedule=plateau", "method.train.patience=1"
+    )
+    measured = []
+    test_accuracy = method.test_accuracy
+    method.test_accuracy = lambda task: measured.append(test_accuracy(task)) or measured[-1]
+    method.learn(stream.tasks[0])
+    assert len(measured) == 3 and measured[-1] == method.test_accuracy(stream.tasks[0])

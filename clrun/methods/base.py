@@ -6,19 +6,20 @@ subclass and its config dataclass (`config_class`); see README, "Adding a method
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from clrun.config import AT_LEAST_1, checked
+from clrun.config import AT_LEAST_1, checked, with_changes
 from clrun.data.stream import Stream, Task
 from clrun.errors import ClrunError
 from clrun.hardware import Hardware
 from clrun.models import TaskModel, build_backbone
 from clrun.models.faces import FaceHead, angle_loss
 from clrun.results import Footprint, count_params, module_bytes
-from clrun.train import FitStats, Groups, Loss, TrainConfig, Trainer
+from clrun.train import FitStats, Groups, Loss, TrainConfig, Trainer, accuracy, verification
 
 
 @dataclass
@@ -44,6 +45,15 @@ class PerTaskMethodConfig(MethodConfig):
     """A method with per-task parts (a head, mask or model per task): task-incremental unless `task_id` is set."""
 
     task_id: TaskId = TaskId.none
+
+
+@dataclass
+class PerTaskRecipeConfig(PerTaskMethodConfig):
+    """A per-task method whose tasks may each have their own recipe (`Method.task_cfg` reads it)."""
+
+    # changes to this config for single tasks, by task name or 1-based number (CPG's per-task learning rates, batch
+    # sizes and margins), e.g. {stanford_cars_cropped: {train: {lr: 0.01}}}; any key of the method's config
+    task_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def task_loss(model: TaskModel, task: int, stream: Stream) -> Loss:
@@ -115,6 +125,20 @@ class Method:
         self.stream = stream
         self.hw = hw
         self.trainer = Trainer(stream, hw)
+        self.task_cfgs = {}  # task name -> its config (`task_overrides`), checked before any work
+        names = [task.name for task in stream.tasks]
+        for key, changes in cfg.get("task_overrides", {}).items():
+            number = int(key) if str(key).isdigit() else 0
+            if key not in names and not 1 <= number <= len(names):
+                raise ClrunError(
+                    f"method.task_overrides.{key}: no task of that name or 1-based number; tasks: {', '.join(names)}"
+                )
+            name = key if key in names else names[number - 1]
+            self.task_cfgs[name] = with_changes(cfg, changes, f"method.task_overrides.{key}")
+
+    def task_cfg(self, task: Task):
+        """The method's config for `task`: `cfg` with the task's `task_overrides` merged in (`PerTaskRecipeConfig`)."""
+        return self.task_cfgs.get(task.name, self.cfg)
 
     @classmethod
     def supported_scenarios(cls, cfg) -> tuple[str, ...]:
@@ -152,11 +176,15 @@ class Method:
         """Train `params` of `module` with `loss` on `task`'s training images and labels (or `data`: `mixed` when
         its images come from several tasks) under `recipe` (default: `cfg.train`); `phase` names the phase in the
         progress display; `groups`, `carry` (optimizer state kept across phases) and the hooks (`after_backward`,
-        `after_step`, `after_epoch`) as `Trainer.fit` takes them."""
+        `after_step`, `after_epoch`, `validate`) as `Trainer.fit` takes them. A plateau schedule's `validate`
+        defaults to the task's test accuracy through `predict` (as CPG validates)."""
         label = f"task {task.index} {task.name}" + (f": {phase}" if phase else "")
+        recipe = self.cfg.train if recipe is None else recipe
+        if recipe.schedule.value == "plateau" and hooks.get("validate") is None:
+            hooks["validate"] = lambda: self.test_accuracy(task)
         return self.trainer.fit(
             module,
-            self.cfg.train if recipe is None else recipe,
+            recipe,
             params,
             loss,
             (task.train.x, task.train.y) if data is None else data,
@@ -165,6 +193,17 @@ class Method:
             **hooks,
             task=None if mixed else task.index,
             carry=carry,
+        )
+
+    def test_accuracy(self, task: Task) -> float:
+        """Accuracy of `predict` on the task's test split (`predict` puts the model in eval mode; `Trainer.fit`
+        puts it back in train mode after its `validate`); of a verification task's pairs, the mean over their folds
+        through `embed`."""
+        if task.verification:
+            embed = lambda x: self.embed(x, task.index)  # noqa: E731
+            return verification(embed, task.test, self.stream, self.hw, self.cfg.eval_batch_size, task.index)[0]
+        return accuracy(
+            lambda x: self.predict(x, task.index), task.test, self.stream, self.hw, self.cfg.eval_batch_size, task.index
         )
 
     def learn(self, task: Task) -> dict:

@@ -56,6 +56,7 @@ Deviations from the official code (each is also noted where it happens):
 """
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -120,6 +121,10 @@ class CPGConfig(WeightSharingConfig):
     # a task meets its goal at accuracy >= goal - acc_margin, for growth and pruning (CPG's face and fine-grained
     # scripts' --acc_margin / 0.005; its CIFAR code: 0)
     acc_margin: float = checked(FRACTION, 0.0)
+    # the train and pruning phases keep their epoch of best test accuracy (a pruning step: from the ramp's end on),
+    # as CPG's fine-grained and face code keep their best-validation checkpoint; false: the final epoch (its CIFAR
+    # code)
+    keep_best: bool = False
     # accuracy goals: a number, a JSON file {task: acc}, or a run folder (clrun.methods.parts.goals); null: the
     # task's unpruned accuracy
     goals: Optional[str] = None
@@ -152,6 +157,21 @@ def _masks_never_stop(mask_cfg):
     return mask_cfg if mask_cfg.gamma > 0 else OmegaConf.merge(mask_cfg, {"milestones": []})
 
 
+class BestEpoch:
+    """A phase's `validate` that keeps a copy of the network at its best test accuracy, from epoch `first` on."""
+
+    def __init__(self, method: "CPG", task: Task, first: int = 1):
+        self.method, self.task, self.first = method, task, first
+        self.epochs, self.accuracy, self.state = 0, -math.inf, None
+
+    def __call__(self) -> float:
+        self.epochs += 1
+        measured = self.method.current_accuracy(self.task, self.task.test)
+        if self.epochs >= self.first and measured > self.accuracy:
+            self.accuracy, self.state = measured, self.method._state()
+        return measured
+
+
 class CPG(WeightSharingMethod):
     """CPG, and PAE with `picking: false` (conf/method/cpg.yaml, conf/method/pae.yaml)."""
 
@@ -177,10 +197,14 @@ class CPG(WeightSharingMethod):
             # at the maximum width this stops even when only min_train_acc failed (CPG would grow past the maximum)
             if self.goals is None or (self._trained(train_acc, cfg) and acc >= needed) or self._at_max():
                 break
+            if not self.trains(task):  # a pretrained task does not grow (CPG's ImageNet task)
+                break
             self._grow(start, min(self.net.multiplier + cfg.grow_step, cfg.max_multiplier), task.index == 0)
             growths += 1
         del start
-        below_goal = acc < needed  # only possible at the maximum width: prune anyway, to a least sparsity
+        # only possible at the maximum width (or for a pretrained task, which prunes as usual): prune anyway, to a
+        # least sparsity
+        below_goal = acc < needed and self.trains(task)
 
         # 3. compact; 4. retrain the picking masks. A task owning no weights skips both (CPG's exit 5).
         owns = int(self.net.owner_counts()[tag]) > 0
@@ -203,7 +227,7 @@ class CPG(WeightSharingMethod):
 
         return {
             **FitStats.total([stats for runs in phases.values() for stats in runs]).row(),
-            "train_loss": phases["train"][-1].loss,
+            "train_loss": FitStats.total(phases["train"]).loss,  # NaN for the pretrained task (not trained)
             **{f"{name}_phase_epochs": FitStats.total(runs).epochs for name, runs in phases.items()},  # all attempts
             **{f"{name}_phase_s": FitStats.total(runs).seconds for name, runs in phases.items()},
             **shares,
@@ -237,10 +261,13 @@ class CPG(WeightSharingMethod):
         mask_cfg = cfg.mask_train
         if not int(self.net.owner_counts()[tag]):
             mask_cfg = _masks_never_stop(mask_cfg)  # nothing else to train: keep the masks learning
+        if not self.trains(task):  # the pretrained network, as it is
+            return math.nan, self.current_accuracy(task, task.test)
+        best = BestEpoch(self, task) if cfg.keep_best else None
         label = f"train x{self.net.multiplier:g}"
-        stats, train_acc = self.train_phase(task, cfg.train, label, mask_cfg=mask_cfg)
+        stats, train_acc = self.train_phase(task, cfg.train, label, mask_cfg=mask_cfg, validate=best)
         phase.append(stats)
-        return train_acc, self.current_accuracy(task, task.test)
+        return train_acc, self._kept_accuracy(task, best)
 
     def _grow(self, start: SharedNet, multiplier: float, first: bool) -> None:
         """Step 2: go back to the network the task started from, at parameter multiplier `multiplier`."""
@@ -301,10 +328,12 @@ class CPG(WeightSharingMethod):
             if done <= ramp and (done % cfg.pruning_frequency == 0 or done == ramp):
                 self.net.prune(tag, cubic_sparsity(initial, target, done / ramp))
 
+        # CPG's fine-grained and face code keep a step's best epoch once the ramp is done
+        best = BestEpoch(self, task, first=min(cfg.pruning_interval, cfg.prune_train.epochs)) if cfg.keep_best else None
         label = f"prune {initial:g}->{target:g}"
-        stats, train_acc = self.train_phase(task, cfg.prune_train, label, after_step=after_step)
+        stats, train_acc = self.train_phase(task, cfg.prune_train, label, after_step=after_step, validate=best)
         phase.append(stats)
-        return train_acc, self.current_accuracy(task, task.test)
+        return train_acc, self._kept_accuracy(task, best)
 
     def _retrain(self, task: Task, cfg, acc: float, phase: list[FitStats]) -> tuple[bool, float]:
         """Step 4: CPG's picking-mask retrain pass; return (whether it was kept, the kept accuracy)."""
@@ -330,6 +359,13 @@ class CPG(WeightSharingMethod):
         return (False, acc) if best is None else (True, best_acc)
 
     # ---- helpers ---------------------------------------------------------------------
+    def _kept_accuracy(self, task: Task, best: Optional["BestEpoch"]) -> float:
+        """The test accuracy a phase leaves: its best epoch's, restored (`keep_best`), else the final epoch's."""
+        if best is None or best.state is None:
+            return self.current_accuracy(task, task.test)
+        self._restore(best.state, task.index + 1)
+        return best.accuracy
+
     def _state(self) -> dict[str, torch.Tensor]:
         """A copy of every tensor of the network (weights, owner map, picks, batch norm, heads)."""
         return {key: value.detach().clone() for key, value in self.net.state_dict().items()}

@@ -57,7 +57,7 @@ class PackNet(WeightSharingMethod):
         self.net.begin_task(tag, picking=False)
         claimed = int(self.net.owner_counts()[tag])
         self.add_head(task)
-        phases = [self.train_phase(task, cfg.train, "train")[0]]
+        phases = [self.train_phase(task, cfg.train, "train")[0]] if self.trains(task) else []
         fraction = prune_fraction(cfg, task.index, len(self.stream))
         if fraction > 0:  # an unpruned task has nothing to retrain (PackNet's prune -1)
             self.net.prune(tag, fraction)
@@ -66,8 +66,8 @@ class PackNet(WeightSharingMethod):
         released = claimed - int(self.net.owner_counts()[tag])
         return {
             **FitStats.total(phases).row(),
-            "train_loss": phases[0].loss,
-            "retrain_loss": phases[1].loss if len(phases) > 1 else math.nan,
+            "train_loss": phases[0].loss if self.trains(task) else math.nan,
+            "retrain_loss": phases[-1].loss if fraction > 0 else math.nan,
             "prune": fraction,  # the fraction asked for
             "sparsity": released / claimed if claimed else math.nan,  # the fraction of claimed weights released
             **self.shares(tag),

@@ -49,7 +49,9 @@ class Piggyback(WeightSharingMethod):
         if task.index == 0:
             self.net.begin_task(tag, picking=False)
             self.add_head(task)
-            stats, train_acc = self.train_phase(task, cfg.train, "backbone")
+            stats, train_acc = FitStats.total([]), math.nan  # the pretrained backbone (train_first_task: false)
+            if self.trains(task):
+                stats, train_acc = self.train_phase(task, cfg.train, "backbone")
             self.net.end_task(tag)
             return {**self._row(stats, train_acc), "picked_share": math.nan, **self.shares(tag)}
         # every mask is over task 1's network: batch norm and biases start from task 1's too (with `train_bn`

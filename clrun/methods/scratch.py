@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from clrun.config import POSITIVE, checked
 from clrun.data.stream import Task
-from clrun.methods.base import Method, PerTaskMethodConfig, task_loss
+from clrun.methods.base import Method, PerTaskRecipeConfig, task_loss
 from clrun.results import Footprint, count_params, module_bytes
 
 
@@ -35,7 +35,7 @@ class Start(Enum):
 
 
 @dataclass
-class ScratchConfig(PerTaskMethodConfig):
+class ScratchConfig(PerTaskRecipeConfig):
     start: Start = Start.scratch
     # learning rate of the tasks started from an earlier model (null: train.lr)
     finetune_lr: Optional[float] = checked(POSITIVE, None)
@@ -51,15 +51,16 @@ class Scratch(Method):
         self.models = []
 
     def learn(self, task: Task) -> dict:
+        cfg = self.task_cfg(task)
         model = self.new_model([task], scenario="task")
-        source, recipe = -1, self.cfg.train
-        if self.cfg.start is not Start.scratch and task.index > 0:
+        source, recipe = -1, cfg.train
+        if cfg.start is not Start.scratch and task.index > 0:
             source = 0
-            if self.cfg.start is Start.random_earlier:  # the run's seeded RNG (tools/random_generate_task_id.py)
+            if cfg.start is Start.random_earlier:  # the run's seeded RNG (tools/random_generate_task_id.py)
                 source = int(torch.randint(task.index, ()))
             model.backbone.load_state_dict(self.models[source].backbone.state_dict())
-            if self.cfg.finetune_lr is not None:
-                recipe = OmegaConf.merge(recipe, {"lr": self.cfg.finetune_lr})
+            if cfg.finetune_lr is not None:
+                recipe = OmegaConf.merge(recipe, {"lr": cfg.finetune_lr})
         self.models.append(model)
         stats = self.fit(task, model, model.parameters(), task_loss(model, 0, self.stream), recipe)
         return {**stats.row(), "source_task": source}

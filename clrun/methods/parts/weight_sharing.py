@@ -7,18 +7,18 @@ its logits never change after it is learned.
 """
 
 import copy
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.config import Rule, checked, with_changes
+from clrun.config import Rule, checked
 from clrun.data.stream import Pairs, Split, Task
 from clrun.errors import ClrunError
-from clrun.methods.base import Method, PerTaskMethodConfig
+from clrun.methods.base import Method, PerTaskRecipeConfig
 from clrun.models import build_backbone
 from clrun.models.faces import angle_loss, class_weights
 from clrun.models.heads import start_from_classifier
@@ -46,17 +46,18 @@ def cpg_recipe(**changes) -> TrainConfig:
 
 
 @dataclass
-class WeightSharingConfig(PerTaskMethodConfig):
-    """What the weight-sharing methods share: per-task changes to their config."""
+class WeightSharingConfig(PerTaskRecipeConfig):
+    """What the weight-sharing methods share: per-task recipes, the pretrained first task."""
 
-    # changes to this config for single tasks, by task name or 1-based number (CPG's per-task learning rates, batch
-    # sizes and margins), e.g. {stanford_cars_cropped: {train: {lr: 0.01}}}; any key of the method's config
-    task_overrides: dict[str, Any] = field(default_factory=dict)
     # class counts n_c (N their sum) weighting the task's cross-entropy by (N - n_c) / n_c; null: unweighted (CPG's
     # expression task: AffectNet's counts, through task_overrides)
     class_counts: Optional[list[float]] = checked(
         Rule(lambda v: len(v) > 0 and all(c > 0 for c in v), "null or a list of positive counts"), None
     )
+    # false: task 1 is not trained: it is the pretrained backbone with its ImageNet classifier as head
+    # (backbone.pretrained=imagenet backbone.imagenet_head=true), as it is; CPG and PackNet then prune it (CPG's and
+    # Piggyback's ImageNet task)
+    train_first_task: bool = True
 
 
 class FrozenBatchNorm(nn.Module):
@@ -89,22 +90,17 @@ class WeightSharingMethod(Method):
         def build(channels: float):
             return build_backbone(OmegaConf.merge(views, {"width": backbone_cfg.width * channels}), stream.input_shape)
 
-        self.task_cfgs = {}  # task name -> its config; checked before any work
-        names = [task.name for task in stream.tasks]
-        for key, changes in cfg.get("task_overrides", {}).items():  # a plain MethodConfig has none
-            number = int(key) if str(key).isdigit() else 0
-            if key not in names and not 1 <= number <= len(names):
-                raise ClrunError(
-                    f"method.task_overrides.{key}: no task of that name or 1-based number; tasks: {', '.join(names)}"
-                )
-            name = key if key in names else names[number - 1]
-            self.task_cfgs[name] = with_changes(cfg, changes, f"method.task_overrides.{key}")
         for task in stream.tasks:
             counts = self.class_counts(task)
             if counts is not None and len(counts) != task.n_classes:
                 raise ClrunError(
                     f"method.class_counts of task {task.name}: {len(counts)} counts for its {task.n_classes} classes"
                 )
+        if not cfg.get("train_first_task", True) and not backbone_cfg.get("imagenet_head"):
+            raise ClrunError(
+                "method.train_first_task=false: task 1 must be a pretrained network with its classifier; set "
+                "backbone.pretrained=imagenet backbone.imagenet_head=true"
+            )
         self.net = SharedNet(build)
         self.classifier = None  # the pretrained classifier task 0's head starts from (`backbone.imagenet_head`)
         if backbone_cfg.pretrained:
@@ -115,9 +111,9 @@ class WeightSharingMethod(Method):
             self.classifier = getattr(pretrained, "imagenet_head", None)
         self.net = self.hw.prepare_model(self.net)
 
-    def task_cfg(self, task: Task):
-        """The method's config for `task`: `cfg` with the task's `task_overrides` merged in."""
-        return self.task_cfgs.get(task.name, self.cfg)
+    def trains(self, task: Task) -> bool:
+        """Whether `task` trains (false only for a pretrained first task, `train_first_task: false`)."""
+        return task.index > 0 or self.cfg.train_first_task
 
     # ---- phases ------------------------------------------------------------------------
     def add_head(self, task: Task) -> int:
@@ -139,10 +135,12 @@ class WeightSharingMethod(Method):
         freeze_bn: bool = False,
         after_step=None,
         after_epoch=None,
+        validate=None,
     ) -> tuple[FitStats, float]:
         """Train the current task under `cfg`: its head, its own shared weights (`train_weights`), its batch norm
         and biases (`train_private`), and its picking masks under `mask_cfg` when given. Weight decay goes to its
-        own weights only (CPG). `freeze_bn` keeps batch norm in eval mode (Piggyback's `train_nobn`). Returns the
+        own weights only (CPG). `freeze_bn` keeps batch norm in eval mode (Piggyback's `train_nobn`). `validate`
+        as `Trainer.fit` takes it (default: the live network's test accuracy, for a plateau schedule). Returns the
         `FitStats` and the running accuracy of the last epoch in train mode (as CPG measures it)."""
         net, head = self.net, task.index
         params = list(net.heads.heads[head].parameters())
@@ -154,6 +152,9 @@ class WeightSharingMethod(Method):
         groups = [(picks, mask_cfg)] if mask_cfg is not None and picks else []
         tally = {"correct": None, "seen": 0}
         criterion = self.criterion(task)
+
+        def validate_live() -> float:
+            return self.current_accuracy(task, task.test)
 
         def loss(x: torch.Tensor, y: torch.Tensor, step) -> torch.Tensor:
             if step.batch == 0:  # a new epoch: count its accuracy afresh
@@ -175,6 +176,7 @@ class WeightSharingMethod(Method):
             after_backward=lambda step, optimizers: net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
             after_step=after_step,
             after_epoch=after_epoch,
+            validate=validate or (validate_live if cfg.schedule.value == "plateau" else None),
         )
         return stats, tally["correct"].item() / tally["seen"]
 

@@ -201,8 +201,11 @@ def import_checkpoint(path: Path, overrides=(), out: Path | None = None, console
         f"CPG's checkpoint holds the network after its last task only: row {last} (every task's accuracy after "
         f"task {last}) is measured; the other rows, BWT and forgetting are not.",
         markup=False,
+        soft_wrap=True,
     )
-    console.print(f"`clrun {' '.join(again)}` finds this run finished and prints it again.", markup=False)
+    console.print(
+        f"`clrun {' '.join(again)}` finds this run finished and prints it again.", markup=False, soft_wrap=True
+    )
     return summary, run_dir
 
 

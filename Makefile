@@ -8,7 +8,7 @@ SEEDS ?= 1
 # reproduce-table1 reads CIFAR-100 from DATA_ROOT (the folder holding cifar-100-python/); empty: $CLRUN_DATA, else ~/.cache/clrun/data
 DATA_ROOT ?=
 
-.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-fig2 reproduce-table4 reproduce-pah reproduce-pah-ablation scenarios-mnist clean-outputs
+.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-table3 reproduce-fig2 reproduce-table4 reproduce-pah reproduce-pah-ablation scenarios-mnist clean-outputs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ reproduce-table1: $(STAMP)  ## CPG's Table 1 (scratch, packnet, pae, cpg on cifa
 
 reproduce-table2: $(STAMP)  ## CPG's Table 2 (scratch, 5 fine-tune rounds -> fine-Avg/Max, CPG avg/max/top) vs the paper; SCALE=smoke on a CPU
 	$(BIN)/python benchmarks/reproduce_table2.py --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+
+reproduce-table3: $(STAMP)  ## CPG's Table 3 (ImageNet + 5 fine-grained tasks, ResNet-50: Scratch, Finetune, PackNet, Piggyback, CPG) vs the paper; DATA_ROOT: Piggyback's data/; SCALE=smoke on a CPU
+	$(BIN)/python benchmarks/reproduce_table3.py --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 reproduce-fig2: $(STAMP)  ## CPG's Fig. 2 (tasks 1, 5, 10, 15 after each later task: DEN, CPG, Finetune Avg): PNG + CSV; SCALE=smoke on a CPU
 	$(BIN)/python benchmarks/reproduce_fig2.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)

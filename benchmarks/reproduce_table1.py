@@ -41,7 +41,9 @@ PAPER_GOALS = {"cpg": "cpg_goals_fine_avg.json", "pae": "cpg_goals_fine_max.json
 PAPER_TASKS = 20
 # with one seed, a measured cell counts as off the paper beyond these (accuracies in points); with several, beyond
 # 2 std of the seeds
-ONE_SEED_TOLERANCE = {"accuracy": 2.0, "exp": 0.05, "red": 0.05}
+ONE_SEED_TOLERANCE = {"accuracy": 2.0, "exp": 0.05, "red": 0.05, "size_mb": 5.0}
+# the columns beside the tasks a table may have, and their headers
+EXTRAS = {"avg": "Avg.", "exp": "Exp. (x)", "red": "Red. (x)", "size_mb": "Size (MB)"}
 CIFAR100_FILES = ("train", "test", "meta")
 CIFAR100_TRAIN_BYTES = 155_249_918  # the official cifar-100-python/train
 
@@ -236,15 +238,20 @@ def measured_row(run_dir: Path) -> dict:
         red = 0.0
     precision = str(summary["precision"].iloc[0]) if "precision" in summary else "unknown"
     row.update(exp=exp, red=red, exp_source=source, n_tasks=n_tasks, run_id=str(summary["run_id"].iloc[0]))
+    row["size_mb"] = _last(summary, "model_mb")
     row["precision"] = precision
     return row
 
 
 def compare(
-    paper: pd.DataFrame, measured: dict[str, dict], order: tuple[str, ...] = METHODS, labels: dict = LABELS
+    paper: pd.DataFrame,
+    measured: dict[str, dict],
+    order: tuple[str, ...] = METHODS,
+    labels: dict = LABELS,
+    extras: tuple[str, ...] = ("avg", "exp", "red"),
 ) -> pd.DataFrame:
     """Paper, measured and diff (measured - paper) rows per row key of `order` (shown as `labels[key]`), over the
-    tasks measured.
+    tasks measured and the `extras` columns (of `EXTRAS`).
 
     Avg. is the mean over tasks 1..T of each row (the paper's printed Avg. when all 20 were run), so the
     difference compares like with like at the smoke scale too."""
@@ -256,9 +263,11 @@ def compare(
             continue
         ref = paper.loc[method]
         paper_row = {c: ref[c] for c in tasks}
-        paper_row.update(avg=ref["avg"] if n == PAPER_TASKS else ref[tasks].mean(), exp=ref["exp"], red=ref["red"])
+        paper_row.update({c: ref[c] for c in extras})
+        if "avg" in extras and n != PAPER_TASKS:
+            paper_row["avg"] = ref[tasks].mean()
         got = measured[method]
-        got_row = {c: got.get(c, math.nan) for c in [*tasks, "avg", "exp", "red"]}
+        got_row = {c: got.get(c, math.nan) for c in [*tasks, *extras]}
         std_row = {c: got.get(f"std_{c}", math.nan) for c in got_row}
         diff_row = {c: got_row[c] - paper_row[c] for c in got_row}
         seeds = int(got.get("seeds", 1))
@@ -278,7 +287,7 @@ def _outside(diff: float, std: float, seeds: int, column: str) -> bool:
     """Whether the paper's value lies outside the measured mean +- 2 std (one seed: ONE_SEED_TOLERANCE)."""
     if math.isnan(diff):
         return False
-    kind = column if column in ("exp", "red") else "accuracy"
+    kind = column if column in ONE_SEED_TOLERANCE else "accuracy"
     return abs(diff) > (2 * std if seeds > 1 else ONE_SEED_TOLERANCE[kind])
 
 
@@ -297,7 +306,7 @@ def flag_note(table: pd.DataFrame) -> str:
 def _cell(value: float, kind: str, column: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    digits = 2 if column == "red" else 1
+    digits = 2 if column == "red" else 0 if column == "size_mb" else 1
     if column == "exp" and kind != "diff" and float(value).is_integer():
         return f"{value:.0f}"
     if kind == "diff":
@@ -309,17 +318,18 @@ def _cell(value: float, kind: str, column: str) -> str:
 def print_table(console: Console, table: pd.DataFrame, title: str) -> None:
     """`compare`'s rows as one rich table: a section per method with its paper, measured and difference rows."""
     tasks = [c for c in table.columns if c.startswith("task")]
+    extras = [c for c in EXTRAS if c in table.columns]
     view = Table(title=title, show_lines=False, pad_edge=False)
     view.add_column("method")
     view.add_column("")
     for column in tasks:
         view.add_column(column.removeprefix("task"), justify="right")
-    for label in ("Avg.", "Exp. (x)", "Red. (x)"):
-        view.add_column(label, justify="right")
+    for column in extras:
+        view.add_column(EXTRAS[column], justify="right")
     for _, rows in table.groupby("method", sort=False):
         for i, (_, row) in enumerate(rows.iterrows()):
             flagged = str(row["outside"]).split() if row["row"] == "diff" else []
-            columns = [*tasks, "avg", "exp", "red"]
+            columns = [*tasks, *extras]
             cells = [_cell(row[c], row["row"], c) + ("!" if c in flagged else "") for c in columns]
             view.add_row(row["method"] if i == 0 else "", row["row"], *cells, end_section=i == len(rows) - 1)
     console.print(view)

@@ -37,7 +37,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return hydra.compose("config", overrides=[o for o in overrides if not o.startswith("hydra.")])
 
 
-def _discard_unstarted(run_dir: Path) -> None:
+def discard_unstarted(run_dir: Path) -> None:
     """Remove a run folder that never got a checkpoint (what Hydra and the lock left in it)."""
     if not (run_dir / CHECKPOINT).exists():
         shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
@@ -67,7 +67,7 @@ def _run(cfg: DictConfig) -> float:
         print(f"clrun: interrupted; {where if kept else 'no task had finished, nothing was kept'}", file=sys.stderr)
         sys.exit(130)
     finally:
-        _discard_unstarted(run_dir)
+        discard_unstarted(run_dir)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ import fcntl
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -16,6 +17,7 @@ from rich.console import Console
 from clrun import results
 from clrun.config import check_config
 from clrun.data import build_stream
+from clrun.data.stream import Stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
 from clrun.train import accuracy, agnostic_accuracy, make_progress, verification
@@ -59,8 +61,14 @@ class Run:
         self.run_id = self.run_dir.name
         self.labels: dict = {}  # the columns that identify the run in every table, once the config is checked
 
-    def execute(self) -> dict:
-        """Learn every remaining task, write the results, return the summary row."""
+    def execute(self, adopt: Callable[[object, Stream], list[dict]] | None = None) -> dict:
+        """Learn every remaining task, write the results, return the summary row.
+
+        `adopt(method, stream)`, instead of resuming: load a state learned elsewhere into the fresh method and
+        return one row of figures per task it covers (the first tasks of the stream); those tasks are evaluated
+        as after the last of them and checkpointed like learned ones, then the run goes on (clrun-import-cpg).
+        A folder that already holds a checkpoint is refused.
+        """
         cfg = self.cfg
         method_class = check_config(cfg)
         self.labels = {
@@ -81,9 +89,9 @@ class Run:
                 raise ClrunError(
                     f"another clrun process is running in {self.run_dir}; wait for it or stop it"
                 ) from None
-            return self._execute(method_class)
+            return self._execute(method_class, adopt)
 
-    def _execute(self, method_class: type) -> dict:
+    def _execute(self, method_class: type, adopt) -> dict:
         cfg = self.cfg
         hw = resolve_hardware(cfg.hardware)
         torch.manual_seed(cfg.seed)
@@ -95,13 +103,16 @@ class Run:
                 f"method {cfg.method.name} cannot score the verification task {verifying[0]} (it has no `embed`); "
                 "leave it out of the stream (stream.dataset.tasks) or score it by class"
             )
-        accuracy_rows, task_rows = self._resume(method)
+        if adopt is None:
+            accuracy_rows, task_rows = self._resume(method)
+        else:
+            accuracy_rows, task_rows = self._adopt(method, stream, hw, adopt)
         names = [task.name for task in stream.tasks]
         if not task_rows and stream.scenario == "domain" and method.predicts_before_learning:
             accuracy_rows += self._evaluate(method, stream, hw, results.BEFORE_TRAINING)
 
         remaining = stream.tasks[len(task_rows) :]
-        if task_rows:
+        if task_rows and adopt is None:
             state = f"resuming after task {len(task_rows) - 1}" if remaining else "finished earlier, nothing to train"
             self.console.print(f"[bold]{self.run_id}[/]: {state}")
         if remaining:
@@ -114,20 +125,7 @@ class Run:
                 start = time.perf_counter()
                 stats = method.learn(task)
                 accuracy_rows += self._evaluate(method, stream, hw, task.index)
-                footprint = method.footprint()
-                task_rows.append(
-                    {
-                        **self.labels,
-                        "task": task.index,
-                        "name": task.name,
-                        "n_train": len(task.train),
-                        "skipped_files": task.skipped,
-                        "wall_s": time.perf_counter() - start,
-                        **stats,
-                        "params": footprint.params,
-                        "model_mb": footprint.bytes / 2**20,
-                    }
-                )
+                task_rows.append(self._task_row(task, time.perf_counter() - start, stats, method.footprint()))
                 self._checkpoint(method, accuracy_rows, task_rows)
 
         accuracy_table = pd.DataFrame(accuracy_rows)
@@ -146,6 +144,36 @@ class Run:
         results.save_plots(R, names, self.run_dir, self.run_id)
         results.print_report(self.console, R, names, metrics, self.run_dir)
         return summary
+
+    def _task_row(self, task, wall_s: float, stats: dict, footprint) -> dict:
+        """The row of tasks.parquet of a learned task."""
+        return {
+            **self.labels,
+            "task": task.index,
+            "name": task.name,
+            "n_train": len(task.train),
+            "skipped_files": task.skipped,
+            "wall_s": wall_s,
+            **stats,
+            "params": footprint.params,
+            "model_mb": footprint.bytes / 2**20,
+        }
+
+    def _adopt(self, method, stream, hw, adopt) -> tuple[list[dict], list[dict]]:
+        """Load a state learned elsewhere (`execute`'s `adopt`), evaluate, checkpoint; return the result rows."""
+        if (self.run_dir / CHECKPOINT).exists():
+            raise ClrunError(f"{self.run_dir} already holds a run; delete that folder or write to another one")
+        figures = adopt(method, stream)
+        last = len(figures) - 1
+        self.console.print(f"[bold]{self.run_id}[/]: tasks 0..{last} imported, evaluated as after task {last}")
+        accuracy_rows = self._evaluate(method, stream, hw, last)
+        footprint = method.footprint()
+        task_rows = [
+            self._task_row(task, 0.0, row, footprint)
+            for task, row in zip(stream.tasks[: len(figures)], figures, strict=True)
+        ]
+        self._checkpoint(method, accuracy_rows, task_rows)
+        return accuracy_rows, task_rows
 
     def _evaluate(self, method, stream, hw, train_task: int) -> list[dict]:
         """Accuracy rows after learning tasks 0..train_task (-1: before the first task).

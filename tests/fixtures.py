@@ -6,6 +6,7 @@ what it wrote, as numpy arrays, so tests can compare a reader's output with it.
 """
 
 import gzip
+import math
 import pickle
 from pathlib import Path
 
@@ -133,3 +134,95 @@ def torchvision_model(name: str) -> nn.Module:
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     return model
+
+
+# ivclab/CPG's VGG16 "D" config (CPG_cifar100_main_normal.py's custom_cfg) for custom_vgg_cifar100 (models/vgg.py)
+CPG_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def cpg_vgg_layers(width: float) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(module name, kind, weight shape) of CPG's `custom_vgg_cifar100` at channel multiplier `width`, in order:
+    `features` holds conv, BatchNorm2d, ReLU per conv and a MaxPool per "M", then View, SharableLinear, ReLU,
+    SharableLinear, ReLU. Kinds: conv, bn, pool (no tensors), linear."""
+    layers, c, i = [], 3, 0
+    for v in CPG_VGG16:
+        if v == "M":
+            layers.append((f"features.{i}", "pool", ()))
+            i += 1
+            continue
+        out = int(v * width + 1e-6)
+        layers += [(f"features.{i}", "conv", (out, c, 3, 3)), (f"features.{i + 1}", "bn", (out,))]
+        c, i = out, i + 3
+    hidden = int(4096 * width + 1e-6)
+    return layers + [(f"features.{i + 1}", "linear", (hidden, c)), (f"features.{i + 3}", "linear", (hidden, hidden))]
+
+
+def write_cpg_checkpoint(
+    path: Path, tasks: list[str], multipliers: list[float], base: float = 1.0, n_classes: int = 5
+) -> dict:
+    """A checkpoint as ivclab/CPG's `Manager.save_checkpoint` writes it after the last of `tasks` (utils/manager.py):
+    `model_state_dict` (the widest network, the last task's batch norm, biases and piggymask, every head
+    `classifiers.<k>` at its task's width and the duplicate `classifier` of the last), `dataset_history`,
+    `dataset2num_classes`, `masks` (`module.<layer>` -> uint8 owner at the widest size; a task owns nothing beyond
+    its width) and `shared_layer_info` (per task: batch norm, linear biases as Parameters, float piggymasks from
+    the second task on, its own weights' piggymask at CPG's 0.01, and `network_width_multiplier`, sqrt of the
+    parameter multiplier). Channels are `base` times CPG's (CPG's release: 1). Returns the dict saved."""
+    g = torch.Generator().manual_seed(0)
+    widths = [base * math.sqrt(m) for m in multipliers]
+    widest = cpg_vgg_layers(widths[-1])
+    state, masks = {}, {}
+    for name, kind, shape in widest:
+        if kind in ("conv", "linear"):
+            fan_in = math.prod(shape[1:])
+            state[f"{name}.weight"] = torch.randn(shape, generator=g) * math.sqrt(2 / fan_in)
+            owner = torch.randint(0, len(tasks) + 1, shape, generator=g, dtype=torch.uint8)
+            for tag, width in enumerate(widths, 1):  # no task owns weights beyond its width
+                own_width = dict((n, s) for n, _, s in cpg_vgg_layers(width))[name]
+                outside = torch.ones(shape, dtype=torch.bool)
+                outside[tuple(slice(0, n) for n in own_width)] = False
+                owner[outside & (owner == tag)] = 0
+            masks[f"module.{name}"] = owner
+    info = {}
+    for index, (task, width) in enumerate(zip(tasks, widths, strict=True)):
+        fields = ("bias", "bn_layer_running_mean", "bn_layer_running_var", "bn_layer_weight", "bn_layer_bias")
+        info[task] = {field: {} for field in (*fields, "piggymask")}
+        info[task]["network_width_multiplier"] = math.sqrt(multipliers[index])
+        for name, kind, shape in cpg_vgg_layers(width):
+            if kind == "bn":
+                n = shape[0]
+                info[task]["bn_layer_weight"][name] = nn.Parameter(1 + 0.1 * torch.randn(n, generator=g))
+                info[task]["bn_layer_bias"][name] = nn.Parameter(0.1 * torch.randn(n, generator=g))
+                info[task]["bn_layer_running_mean"][name] = 0.1 * torch.randn(n, generator=g)
+                info[task]["bn_layer_running_var"][name] = 0.5 + torch.rand(n, generator=g)
+            elif kind in ("conv", "linear"):
+                if kind == "linear":
+                    info[task]["bias"][name] = nn.Parameter(0.1 * torch.randn(shape[0], generator=g))
+                if index > 0:  # CPG's piggymask: trained over earlier tasks' weights, 0.01 elsewhere
+                    piggymask = 0.02 * torch.rand(shape, generator=g)  # about a quarter at or below 5e-3
+                    owner = masks[f"module.{name}"][tuple(slice(0, n) for n in shape)]
+                    piggymask[(owner == 0) | (owner > index)] = 0.01
+                    info[task]["piggymask"][name] = nn.Parameter(piggymask)
+        hidden = int(4096 * width + 1e-6)
+        state[f"classifiers.{index}.weight"] = 0.1 * torch.randn(n_classes, hidden, generator=g)
+        state[f"classifiers.{index}.bias"] = 0.1 * torch.randn(n_classes, generator=g)
+    last = info[tasks[-1]]
+    for name, kind, _ in widest:  # the live network holds the last task's tensors
+        if kind == "bn":
+            for suffix in ("weight", "bias", "running_mean", "running_var"):
+                state[f"{name}.{suffix}"] = last[f"bn_layer_{suffix}"][name].detach()
+            state[f"{name}.num_batches_tracked"] = torch.tensor(1000)
+        elif kind == "linear":
+            state[f"{name}.bias"] = last["bias"][name].detach()
+        if kind in ("conv", "linear") and name in last["piggymask"]:
+            state[f"{name}.piggymask"] = last["piggymask"][name].detach()
+    state["classifier.weight"] = state[f"classifiers.{len(tasks) - 1}.weight"]
+    state["classifier.bias"] = state[f"classifiers.{len(tasks) - 1}.bias"]
+    checkpoint = {
+        "model_state_dict": state,
+        "dataset_history": list(tasks),
+        "dataset2num_classes": {task: n_classes for task in tasks},
+        "masks": masks,
+        "shared_layer_info": info,
+    }
+    torch.save(checkpoint, path)
+    return checkpoint

@@ -1,5 +1,6 @@
 """CPG and PAE: pruning schedule, picking masks, growth, goals, no forgetting, resume."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torchvision
 from conftest import build_method, matrix, run, run_interrupted_then_resumed
 
 from clrun import results
+from clrun.data.stream import Split
 from clrun.errors import ClrunError
 from clrun.methods.cpg import CPG, cubic_sparsity, forced_sparsity
 from clrun.methods.parts.goals import load_goals
@@ -303,6 +305,22 @@ def test_the_pretrained_first_task_is_not_trained(tmp_path, name, phases):
             torch.testing.assert_close(method.predict(x, 0), expected)
     with pytest.raises(ClrunError, match="method.train_first_task=false: task 1 must be a pretrained network"):
         build_method(None, *overrides, f"method={name}", "method.train_first_task=false")
+
+
+@pytest.mark.parametrize("name", ["cpg", "packnet"])
+def test_a_pretrained_task_without_training_images_keeps_every_weight(tmp_path, name):
+    """CPG's ImageNet task when imagenet/train is absent: evaluated, not pruned (pruning would need to train)."""
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=2).state_dict(), tmp_path / "r18.pth")
+    pretrained = ["backbone=resnet18", "backbone.stem=imagenet", f"backbone.pretrained={tmp_path / 'r18.pth'}"]
+    overrides = [*TINY[:6], "stream.n_tasks=1", "backbone.imagenet_head=true", "backbone.width=1.0"]
+    method = build_method(None, *overrides, *pretrained, f"method={name}", "method.train_first_task=false")[0]
+    task = method.stream.tasks[0]
+    empty = dataclasses.replace(task, train=Split(task.train.x[:0], task.train.y[:0]))
+    method.train_phase = lambda *args, **kw: pytest.fail("nothing to train on")
+    row = method.learn(empty)
+    assert row["sparsity"] == 0.0
+    assert int(method.net.owner_counts()[0]) == 0  # every weight is the pretrained task's
 
 
 # ---- no forgetting --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_interrupted_then_resumed
 
+from clrun.data.stream import Split
 from clrun.errors import ClrunError
 from clrun.methods.hn import HN, candidate_step
 from clrun.methods.pah import PAH, distillation
@@ -167,7 +168,7 @@ def test_distillation_forms():
 
 @needs_mnist
 def test_pah_semantic_init_is_the_centre_crop_of_a_training_image_left_out(monkeypatch):
-    method, stream, _ = build_method(PAH, *MNIST, "method=pah", "method.train.iterations=2")
+    method, stream, _ = build_method(PAH, *MNIST, "method=pah", "method.train.iterations=2", "method.val_fraction=0")
     seen = {}
 
     fit = method.trainer.fit
@@ -189,10 +190,52 @@ def test_pah_semantic_init_is_the_centre_crop_of_a_training_image_left_out(monke
 
 
 @needs_mnist
+def test_pah_holds_out_a_tenth_of_the_training_images_as_the_released_code(monkeypatch):
+    method, stream, _ = build_method(PAH, *MNIST, "method=pah", "method.train.iterations=2")
+    seen = {}
+    fit = method.trainer.fit
+
+    def spy(module, recipe, params, loss, data, *args, **kwargs):
+        seen["x"] = data[0]
+        return fit(module, recipe, params, loss, data, *args, **kwargs)
+
+    monkeypatch.setattr(method.trainer, "fit", spy)
+    task = stream.tasks[0]
+    torch.manual_seed(0)
+    held = method._held_out(task)
+    torch.manual_seed(0)
+    row = method.learn(task)
+    assert int(held.sum()) == 30 and not held[method.sources[0]].any()  # 10% of 300; prototypes from the rest
+    trained = torch.ones(len(task.train), dtype=torch.bool)
+    trained[held] = False
+    trained[method.sources[0]] = False
+    assert torch.equal(seen["x"], task.train.x[trained])  # neither held out nor a prototype's image
+    val = Split(task.train.x[held], task.train.y[held])
+    expected = accuracy(lambda x: method.predict(x, 0), val, stream, method.hw, 1000, 0)
+    assert row["val_acc"] == expected
+
+
+def test_pah_train_mode_eval_normalises_each_test_batch_by_its_own_statistics():
+    """The released code never calls eval(): a test image's logits then depend on its batch, and test passes move
+    the running statistics; in eval mode neither."""
+    tiny = ["stream.train_per_task=64", "stream.test_per_task=32", "hardware=cpu", "backbone=convnet", "method=pah"]
+    for code in (False, True):
+        method, stream, _ = build_method(PAH, *tiny, "method.train.epochs=1", f"method.train_mode_eval={code}")
+        method.learn(stream.tasks[0])
+        x = stream.prepare(stream.tasks[0].test.x, train=False)
+        bn = next(m for m in method.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+        before = bn.running_mean.clone()
+        with torch.no_grad():
+            whole, half = method.predict(x, 0), method.predict(x[:16], 0)
+        assert torch.allclose(whole[:16], half, atol=1e-5) is not code
+        assert torch.equal(bn.running_mean, before) is not code
+
+
+@needs_mnist
 def test_pah_prototype_step_moves_only_earlier_prototypes():
     method, stream, _ = build_method(PAH, *MNIST, "method=pah", "method.train.iterations=20")
     method.learn(stream.tasks[0])
-    method._add_prototypes(stream.tasks[1])
+    method._add_prototypes(stream.tasks[1], method._held_out(stream.tasks[1]))
     teacher = method._teacher(1)
     model = method.model
     with torch.no_grad():  # as after a main step: the student no longer matches the teacher

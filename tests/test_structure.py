@@ -32,6 +32,8 @@ MAY_IMPORT = {
     | {"clrun.train"},
     "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods"},
     "clrun.report": {"clrun.results"},
+    "clrun.import_cpg": {"clrun", "clrun.errors", "clrun.config", "clrun.models", "clrun.methods", "clrun.results"}
+    | {"clrun.run", "clrun.cli"},
 }
 MAY_IMPORT["clrun.methods.parts"] = MAY_IMPORT["clrun.methods.base"] | {"clrun.methods.base", "clrun.methods.parts"}
 MAY_IMPORT["clrun.methods"] = MAY_IMPORT["clrun.methods.parts"]  # the registry and every method module

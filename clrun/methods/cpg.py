@@ -207,7 +207,8 @@ class CPG(WeightSharingMethod):
         below_goal = acc < needed and self.trains(task)
 
         # 3. compact; 4. retrain the picking masks. A task owning no weights skips both (CPG's exit 5).
-        owns = int(self.net.owner_counts()[tag]) > 0
+        # a task without training images (ImageNet without its train folder) cannot be pruned either: it keeps all
+        owns = int(self.net.owner_counts()[tag]) > 0 and len(task.train) > 0
         sparsity, least, kept_acc, steps = 0.0, float("nan"), acc, 0
         if owns:
             sparsity, least, kept_acc, steps = self._compact(task, cfg, acc, needed, below_goal, phases["prune"])

@@ -58,7 +58,8 @@ class PackNet(WeightSharingMethod):
         claimed = int(self.net.owner_counts()[tag])
         self.add_head(task)
         phases = [self.train_phase(task, cfg.train, "train")[0]] if self.trains(task) else []
-        fraction = prune_fraction(cfg, task.index, len(self.stream))
+        # a task without training images (ImageNet without its train folder) is not pruned: it could not retrain
+        fraction = prune_fraction(cfg, task.index, len(self.stream)) if len(task.train) else 0.0
         if fraction > 0:  # an unpruned task has nothing to retrain (PackNet's prune -1)
             self.net.prune(tag, fraction)
             phases.append(self.train_phase(task, cfg.retrain, f"retrain after pruning {fraction:.3g}")[0])

@@ -14,9 +14,15 @@ whole model taken before task k, eval mode):
 Distillation `kd: paper` = mean over earlier tasks of KL(teacher || student) of temperature-T
 softmaxes; `kd: code` = the released code's sum over earlier tasks of KL(student || teacher) x T^2.
 
-Where this follows the paper rather than the released code (train_hyper2d.py):
+As the released code (train_hyper2d.py, utils.py): `val_fraction` (its VAL_FRAC 0.1) of each task's
+training images is held out, never trained on; their accuracy after the task is `val_acc` in tasks.parquet
+(the code logs it and selects nothing with it).
+
+Where this follows the paper rather than the released code:
 - the teacher, the prototype pass and evaluation run in eval mode; the code never calls eval(), so
-  its batch norm uses batch statistics at test and its teacher updates running statistics;
+  its batch norm normalises each test batch by its own statistics and updates the running ones
+  (`train_mode_eval: true` does as the code; its test batches were BATCH_SIZE, 64: set
+  method.eval_batch_size=64 to match them);
 - the prototype step uses the gradient of L_sp alone; the code steps on L_sp's gradient plus the
   main loss's gradient, still on the prototypes;
 - weight decay is train.weight_decay (0 by default) in every group; the code's AdamW groups spell
@@ -33,20 +39,21 @@ Where this follows the paper rather than the released code (train_hyper2d.py):
 import copy
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.config import AT_LEAST_1, NON_NEGATIVE, POSITIVE, checked
-from clrun.data.stream import Task
+from clrun.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, checked
+from clrun.data.stream import Split, Task
 from clrun.errors import ClrunError
 from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
 from clrun.models.hypernetwork import HyperNetwork
 from clrun.results import Footprint, count_params, module_bytes
-from clrun.train import Optimizer, TrainConfig, make_optimizer
+from clrun.train import Optimizer, TrainConfig, accuracy, make_optimizer
 
 
 class KDForm(Enum):
@@ -80,6 +87,11 @@ class PAHConfig(PerTaskMethodConfig):
     # prototypes, both optimizers (code: 1e-3); the backbone's lr is train.lr (code: 1e-4)
     prototype_lr: float = checked(POSITIVE, 1e-3)
     hyper_lr: float = checked(POSITIVE, 1e-3)  # hypernetwork (code: 1e-3)
+    # held out of each task's training images, never trained on (the released code's VAL_FRAC); 0: none
+    val_fraction: float = checked(FRACTION, 0.1)
+    # batch norm in train mode in test passes, the teacher and the prototype pass, as the released code (it never
+    # calls eval()); false: eval mode, as the paper intends
+    train_mode_eval: bool = False
 
 
 RANDOM_INIT = (0.5, 0.1)  # mean and std of prototypes without semantic init (code: mean/std_initialization_prototypes)
@@ -179,14 +191,26 @@ class PAH(Method):
         """`train` with another learning rate (the hypernetwork's and prototypes' optimizer groups)."""
         return OmegaConf.merge(self.cfg.train, {"lr": lr})
 
-    def _add_prototypes(self, task: Task) -> torch.Tensor:
-        """Append task `task`'s prototypes; return the mask of training images left to train on."""
-        keep = torch.ones(len(task.train), dtype=torch.bool, device=task.train.y.device)
+    def _testing(self, module: nn.Module) -> nn.Module:
+        """`module` set for a test-like pass: eval mode, or train mode as the released code (`train_mode_eval`)."""
+        return module.train(self.cfg.train_mode_eval)
+
+    def _held_out(self, task: Task) -> torch.Tensor:
+        """The mask of `val_fraction` of the task's training images, drawn with the run's seeded RNG."""
+        n = len(task.train)
+        held = torch.zeros(n, dtype=torch.bool, device=task.train.y.device)
+        held[torch.randperm(n)[: int(self.cfg.val_fraction * n)].to(held.device)] = True
+        return held
+
+    def _add_prototypes(self, task: Task, held: torch.Tensor) -> torch.Tensor:
+        """Append task `task`'s prototypes, each from a training image outside `held`; return the mask of training
+        images left to train on."""
+        keep = ~held
         shape = (self.n_classes, self.cfg.prototype_channels, self.cfg.prototype_size, self.cfg.prototype_size)
         sources = []
         if self.cfg.semantic_init:
             for c in range(self.n_classes):
-                candidates = torch.nonzero(task.train.y == c).flatten()
+                candidates = torch.nonzero((task.train.y == c) & keep).flatten()
                 if not len(candidates):
                     raise ClrunError(f"pah: task {task.index} has no training image of class {c} to start from")
                 sources.append(int(candidates[torch.randint(len(candidates), ())]))
@@ -207,7 +231,7 @@ class PAH(Method):
         """The frozen model before task `task` (None for the first task)."""
         if task == 0:
             return None
-        self.model.eval()
+        self._testing(self.model)
         heads = [self.model.head(j) for j in range(task)]
         logits = [F.linear(self.model.backbone(self.model.images(j)), heads[j]) for j in range(task)]
         backbone = copy.deepcopy(self.model.backbone).requires_grad_(False)
@@ -235,7 +259,7 @@ class PAH(Method):
         so prototypes leave its batch-norm statistics alone."""
         model, cfg = self.model, self.cfg
         earlier = list(model.prototypes[:task])
-        model.backbone.eval()
+        self._testing(model.backbone)
         with self.hw.autocast():
             students = [model(model.images(j), j) for j in range(task)]
             loss = cfg.lambda_sp * distillation(students, teacher.prototype_logits, cfg.temperature, cfg.kd.value)
@@ -249,7 +273,8 @@ class PAH(Method):
 
     def learn(self, task: Task) -> dict:
         index = task.index
-        keep = self._add_prototypes(task)
+        held = self._held_out(task)
+        keep = self._add_prototypes(task, held)
         teacher = self._teacher(index)
         model = self.model
         after_step = None
@@ -271,10 +296,15 @@ class PAH(Method):
             ],
             after_step=after_step,
         )
-        return stats.row()
+        row = stats.row()
+        if held.any():
+            val = Split(task.train.x[held], task.train.y[held])
+            predict = partial(self.predict, task=index)
+            row["val_acc"] = accuracy(predict, val, self.stream, self.hw, self.cfg.eval_batch_size, index)
+        return row
 
     def predict(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        self.model.eval()
+        self._testing(self.model)
         return self.model(x, task)
 
     def state_dict(self) -> dict:

@@ -15,7 +15,7 @@ from clrun.data.synthetic import write_face_folders
 from clrun.models.faces import FaceHead, angle_loss, class_weights
 from clrun.train import Step
 
-FACES = ["stream=cpg_faces", "data.cache=cache", "hardware=cpu", "hardware.threads=1", "backbone=sphereface20"]
+FACES = ["stream=cpg_faces", "hardware=cpu", "hardware.threads=1", "backbone=sphereface20"]
 FACES += ["backbone.width=0.125", "method.eval_batch_size=16"]
 TINY_CPG = ["method=cpg", "method.train.epochs=1", "method.train.batch_size=8", "method.prune_train.epochs=1"]
 TINY_CPG += ["method.sparsities=[0.5]", "method.retrain.epochs=1", "method.goals=0.0"]
@@ -54,7 +54,8 @@ def test_the_stream_tests_face_verification_on_pairs(tmp_path):
     assert face.test.x.shape[1:] == (3, 112, 112) and face.test.x.dtype == torch.uint8
     assert int(face.test.a.max()) < len(face.test.x) and face.n_classes == 6 and len(face.train) == 24
     assert [task.name for task in stream.tasks] == ["face_verification", "gender", "emotion", "age0"]
-    classes = compose_config(*FACES, f"data.root={tmp_path / 'data'}", "stream.scenario=class")
+    classes = compose_config(*FACES, f"data.root={tmp_path / 'data'}", f"data.cache={tmp_path / 'cache'}")
+    classes.stream.scenario = "class"
     one_line_error(
         "face_verification is a verification task .* stream.scenario=task only",
         build_stream,
@@ -127,7 +128,7 @@ def test_cpg_scores_face_verification_through_the_cli(tmp_path):
     write_face_folders(tmp_path / "data")
     tasks = ["stream.dataset.tasks=[face_verification,emotion]", "stream.n_tasks=2"]
     counts = f"+method.task_overrides.emotion.class_counts={EMOTION}".replace(" ", "")
-    result = clrun(tmp_path, *FACES, f"data.root={tmp_path / 'data'}", *tasks, *TINY_CPG, counts)
+    result = clrun(tmp_path, *FACES, "data.cache=cache", f"data.root={tmp_path / 'data'}", *tasks, *TINY_CPG, counts)
     assert result.returncode == 0, result.stderr
     task_rows, accuracy = run_tables(tmp_path)
     assert task_rows["name"].tolist() == ["face_verification", "emotion"]
@@ -142,7 +143,13 @@ def test_a_method_without_embed_refuses_a_verification_task(tmp_path):
     write_face_folders(tmp_path / "data", tasks={"face_verification": 3, "gender": 3})
     tasks = ["stream.dataset.tasks=[face_verification,gender]", "stream.n_tasks=2"]
     result = clrun(
-        tmp_path, *FACES, f"data.root={tmp_path / 'data'}", *tasks, "method=ewc", "method.train.iterations=1"
+        tmp_path,
+        *FACES,
+        "data.cache=cache",
+        f"data.root={tmp_path / 'data'}",
+        *tasks,
+        "method=ewc",
+        "method.train.iterations=1",
     )
     assert result.returncode != 0
     assert "cannot score the verification task face_verification" in result.stderr
@@ -161,7 +168,7 @@ def test_individual_models_and_finetune_score_face_verification(tmp_path, method
     write_face_folders(tmp_path / "data", tasks={"face_verification": 3, "gender": 3})
     tasks = ["stream.dataset.tasks=[face_verification,gender]", "stream.n_tasks=2"]
     run = [f"method={method}", "method.train.iterations=2", "method.train.batch_size=4"]
-    result = clrun(tmp_path, *FACES, f"data.root={tmp_path / 'data'}", *tasks, *run)
+    result = clrun(tmp_path, *FACES, "data.cache=cache", f"data.root={tmp_path / 'data'}", *tasks, *run)
     assert result.returncode == 0, result.stderr
     _, accuracy = run_tables(tmp_path)
     face = accuracy[accuracy["eval_task_name"] == "face_verification"]

@@ -113,6 +113,12 @@ class StreamConfig:
     flip: bool = True  # random horizontal flip (with augment)
     cutout: int = checked(NON_NEGATIVE, 0)  # side of one Cutout square zeroed per training image (0: none; CPG: 16)
     normalize: Normalization = Normalization.dataset
+    # release tasks with their own recipe: {task name: {key: value}}, the keys among TASK_VIEW_KEYS (a task's
+    # image_size may be smaller than image_size: its images are centred on a zero border; README, Streams); null: none
+    task_views: Optional[dict[str, Any]] = None
+
+
+TASK_VIEW_KEYS = ("image_size", "resize", "augment", "crop", "padding", "scale", "ratio", "flip", "cutout")
 
 
 class Device(Enum):

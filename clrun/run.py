@@ -27,8 +27,12 @@ IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
 
 
 def identity(cfg) -> dict:
-    """The part of the config that decides a run's results (not `data.root`, not `resume`), resolved."""
-    return {key: _container(cfg[key]) for key in IDENTITY_KEYS}
+    """The part of the config that decides a run's results (not `data.root`, not `resume`), resolved; a null
+    `stream.task_views` left out, so that runs made before the key keep their folders."""
+    value = {key: _container(cfg[key]) for key in IDENTITY_KEYS}
+    if value["stream"].get("task_views", {}) is None:
+        del value["stream"]["task_views"]
+    return value
 
 
 def _container(value):

@@ -12,7 +12,7 @@ from rich.console import Console
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png, read_file
 from torchvision.transforms.v2 import functional as F
 
-from clrun.data import cache
+from clrun.data import augment, cache
 from clrun.data.cache import decode_images
 from clrun.data.image_files import ImageList
 from clrun.errors import ClrunError
@@ -113,6 +113,32 @@ def test_a_changed_setting_or_file_builds_a_new_folder(tmp_path):
     out = decode_images(relabelled, SIZE, "short_side", cache_dir, name="toy", console=QUIET)
     assert out.labels.tolist() == [0, 1, 2]
     assert len(folders(cache_dir)) == 5
+
+
+def test_files_with_a_rule_of_their_own_are_centred_on_zeros(tmp_path):
+    files = write_files(tmp_path / "images")
+    inner = (21, 25)  # offsets (24 - 21) / 2 = 1.5 -> 2 and (32 - 25) / 2 = 3.5 -> 4, rounded half to even
+    own = {0: ("stretch", inner), 2: ("short_side", SIZE)}
+    out = decode_images(files, SIZE, "short_side", tmp_path / "cache", name="toy", console=QUIET, own=own)
+    expected = reference(files.paths[0], inner, "stretch")
+    assert torch.equal(out.images[0, :, 2:23, 4:29], expected)
+    assert torch.equal(augment.center_crop(out.images[:1], inner)[0], expected)  # the test view takes it back
+    assert out.images[0].sum(dtype=torch.int64) == expected.sum(dtype=torch.int64)  # zeros around it
+    for i in (1, 2):
+        assert torch.equal(out.images[i], reference(files.paths[i], SIZE, "short_side"))
+    with pytest.raises(ValueError, match="no larger than"):
+        decode_images(files, SIZE, "short_side", tmp_path / "cache", name="toy", own={1: ("stretch", (25, 32))})
+
+
+def test_files_own_rules_are_part_of_the_key(tmp_path):
+    files = write_files(tmp_path / "images")
+    cache_dir = tmp_path / "cache"
+    decode_images(files, SIZE, "short_side", cache_dir, name="toy", console=QUIET)
+    decode_images(files, SIZE, "short_side", cache_dir, name="toy", console=QUIET, own={})
+    assert len(folders(cache_dir)) == 1  # no own rules: the key of a cache made before they existed
+    for own in [{0: ("stretch", SIZE)}, {0: ("stretch", (20, 30))}, {1: ("stretch", SIZE)}]:
+        decode_images(files, SIZE, "short_side", cache_dir, name="toy", console=QUIET, own=own)
+    assert len(folders(cache_dir)) == 4
 
 
 def test_an_interrupted_build_leaves_no_folder_and_the_next_build_is_whole(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from clrun.config import check_config, check_known_keys
 from clrun.errors import ClrunError
-from clrun.run import run_name
+from clrun.run import identity, run_name
 
 GROUPS = ("method", "backbone", "stream", "hardware")
 
@@ -99,6 +99,10 @@ def test_run_name_depends_on_results_config_only():
     assert run_name(compose_config("resume=false", "data.root=/x")) == base
     assert run_name(compose_config("method.train.lr=0.02")) != base
     assert run_name(compose_config("seed=1")) != base
+    # stream.task_views joins the identity only when set: runs made before the key keep their folders
+    assert "task_views" not in identity(compose_config())["stream"]
+    cpg = identity(compose_config("stream=cpg_fine_grained"))["stream"]["task_views"]
+    assert cpg["cubs_cropped"] == {"resize": "stretch", "image_size": [224, 224], "crop": "none"}
 
 
 @pytest.mark.parametrize(

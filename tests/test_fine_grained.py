@@ -6,10 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 import torchvision
 from conftest import IMAGE_RUN, clrun, compose_config, one_line_error, run_tables
 from fixtures import write_image
+from omegaconf import OmegaConf
+from rich.console import Console
+from torchvision.io import decode_image, encode_png
+from torchvision.transforms.v2 import functional as F
 
+from clrun.data import augment
+from clrun.data.build import build_stream
 from clrun.data.fine_grained import (
     CPG_FINE_GRAINED,
     read_cpg_fine_grained,
@@ -277,6 +284,9 @@ def test_cpg_fine_grained_yaml(tmp_path):
     assert tuple(stream.dataset.datasets) == CPG_FINE_GRAINED and stream.dataset.folder == "."
     assert (stream.split.value, stream.scenario.value, stream.n_tasks) == ("release", "task", 6)
     assert image_keys(stream) == ([256, 256], "short_side", [224, 224], True, "resized", True, 16, "imagenet")
+    cropped = {"resize": "stretch", "image_size": [224, 224], "crop": "none"}  # CPG's Resize((224, 224)), no crop
+    views = OmegaConf.to_container(stream.task_views, resolve=True)
+    assert views == {"cubs_cropped": cropped, "stanford_cars_cropped": cropped}
 
 
 @pytest.mark.parametrize(
@@ -298,6 +308,120 @@ def test_task_incremental_yamls(tmp_path, name, target, keys, tasks):
     assert image_keys(stream) == ([256, 256], "short_side", [224, 224], True, "resized", True, 0, "imagenet")
 
 
+# ---- CPG's per-task recipe: the *_cropped sets resized straight to input_size (stream.task_views) -----------------
+
+VIEWS_COPY = {
+    "imagenet": {"train": {"a": 1, "b": 1}, "val": {"a": 1, "b": 1}},
+    "cubs_cropped": {"train": {"c": 2, "d": 1}, "test": {"c": 1, "d": 1}},
+    "flowers": {"train": {"e": 2, "f": 1}, "test": {"e": 1, "f": 1}},
+}
+VIEWS_SIZES = ["stream.image_size=[24,24]", "stream.input_size=[15,17]"]  # centre offsets 4.5 -> 4 and 3.5 -> 4
+
+
+def write_textured(root: Path, copy: dict = VIEWS_COPY) -> None:
+    """Piggyback's layout with lossless random-pixel PNGs of differing sizes (so crops and resizes show)."""
+    g = torch.Generator().manual_seed(0)
+    for dataset, splits in copy.items():
+        for split, classes in splits.items():
+            for name, count in classes.items():
+                for k in range(count):
+                    height, width = (int(v) for v in torch.randint(20, 50, (2,), generator=g))
+                    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)
+                    path = root / dataset / split / name / f"img_{k}.png"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(encode_png(image).numpy().tobytes())
+
+
+def views_stream(tmp_path, *overrides: str):
+    """The cpg_fine_grained stream on VIEWS_COPY (imagenet, cubs_cropped, flowers), no flip, no Cutout."""
+    datasets = "stream.dataset.datasets=[imagenet,cubs_cropped,flowers]"
+    cfg = compose_config(
+        "stream=cpg_fine_grained",
+        f"data.root={tmp_path / 'data'}",
+        f"data.cache={tmp_path / 'cache'}",
+        datasets,
+        "stream.n_tasks=3",
+        "stream.flip=false",
+        "stream.cutout=0",
+        "~stream.task_views.stanford_cars_cropped",
+        *VIEWS_SIZES,
+        *overrides,
+    )
+    return build_stream(cfg.stream, cfg.data, 0, "cpu", Console(quiet=True))
+
+
+def test_cropped_sets_take_cpgs_resize_and_the_others_the_random_crop(tmp_path):
+    write_textured(tmp_path / "data")
+    stream = views_stream(tmp_path)
+    cubs, flowers = stream.tasks[1], stream.tasks[2]
+    assert (cubs.name, flowers.name, stream.input_shape) == ("cubs_cropped", "flowers", (3, 15, 17))
+    for split, folder in ((cubs.train, "train"), (cubs.test, "test")):
+        paths = sorted((tmp_path / "data" / "cubs_cropped" / folder).rglob("*.png"))
+        resized = torch.stack([F.resize(decode_image(str(p)), [15, 17], antialias=True) for p in paths])
+        assert torch.equal(split.x[:, :, 4:19, 4:21], resized)  # CPG's Resize((15, 17)), centred on zeros
+        assert split.x.sum(dtype=torch.int64) == resized.sum(dtype=torch.int64)
+        expected = stream.prepare(resized, train=False, task=1)
+        assert torch.equal(stream.prepare(split.x, train=True, task=1), expected)  # no random crop
+        assert torch.equal(stream.prepare(split.x, train=False, task=1), expected)
+    # flowers: RandomResizedCrop from its 24x24 short-side square, as the stream's one recipe says
+    x = flowers.train.x
+    assert x[:, :, :4].sum() > 0  # decoded to the whole 24x24
+    torch.manual_seed(0)
+    trained = stream.prepare(x, train=True, task=2)
+    torch.manual_seed(0)
+    boxes = augment.resized_crop_boxes(len(x), 24, 24, stream.view.scale, stream.view.ratio)
+    assert torch.equal(trained, stream.prepare(augment.resized_crop(x, boxes, (15, 17)), train=False, task=2))
+    assert not torch.equal(trained, stream.prepare(x, train=False, task=2))
+    # a batch of several tasks (replay): each image through its task's view; an unknown task is refused
+    mixed = torch.cat([cubs.train.x, x])
+    tasks = torch.tensor([1] * len(cubs.train) + [2] * len(x))
+    torch.manual_seed(0)
+    out = stream.prepare(mixed, train=True, task=tasks)
+    assert torch.equal(out[: len(cubs.train)], stream.prepare(cubs.train.x, train=False, task=1))
+    assert out.shape == (len(mixed), 3, 15, 17)
+    one_line_error("stream.task_views gives tasks their own", stream.prepare, mixed, train=True)
+    assert stream.prepare(mixed, train=False).shape == out.shape  # the test view is every task's
+
+
+def test_task_views_are_part_of_the_cache_key(tmp_path):
+    write_textured(tmp_path / "data")
+    train_folders = lambda: sorted((tmp_path / "cache").glob("cpg_fine_grained-train-*"))  # noqa: E731
+    views_stream(tmp_path)
+    views_stream(tmp_path, "stream.cutout=8")  # an augmentation key: the same decoded images
+    assert len(train_folders()) == 1
+    views_stream(tmp_path, "stream.task_views.cubs_cropped.image_size=[16,20]")
+    views_stream(tmp_path, "stream.task_views=null")
+    assert len(train_folders()) == 3
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("+stream.task_views.cub_cropped={crop:none}", "stream.task_views.cub_cropped: the release has no task"),
+        ("stream.task_views.cubs_cropped=3", "stream.task_views.cubs_cropped: expected a mapping"),
+        ("+stream.task_views.cubs_cropped.rotate=3", "stream.task_views.cubs_cropped.rotate: not a per-task key"),
+        ("stream.task_views.cubs_cropped.crop=sideways", "stream.task_views.cubs_cropped.crop: .*sideways"),
+        ("+stream.task_views.cubs_cropped.cutout=-1", r"stream.task_views.cubs_cropped.cutout=-1 is invalid"),
+        ("stream.task_views.cubs_cropped.image_size=[25,24]", r"image_size=\[25, 24\] must be \[H, W\] between"),
+        ("stream.task_views.cubs_cropped.image_size=[14,17]", r"between stream.input_size \[15, 17\]"),
+        ("stream.task_views.cubs_cropped.crop=resized", "cubs_cropped.crop=resized would crop the zero border"),
+        ("stream.split=contiguous", "stream.task_views names tasks of a dataset's release"),
+    ],
+)
+def test_task_view_errors_name_the_key(tmp_path, override, message):
+    write_textured(tmp_path / "data")
+    one_line_error(message, views_stream, tmp_path, override)
+
+
+def test_a_dataset_left_out_with_its_task_view_is_named_through_the_cli(tmp_path):
+    write_cpg(tmp_path / "data", CPG_E2E)
+    overrides = ["stream=cpg_fine_grained", f"data.root={tmp_path / 'data'}", *IMAGE_RUN]
+    failed = clrun(tmp_path, *overrides, "stream.dataset.datasets=[imagenet,cubs_cropped]")
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert "stream.task_views.stanford_cars_cropped: the release has no task" in " ".join(failed.stderr.split())
+    assert "~stream.task_views.stanford_cars_cropped" in " ".join(failed.stderr.split())
+
+
 # ---- end to end: 2-task streams through the clrun command --------------------------------------------------------
 
 CPG_E2E = {
@@ -309,7 +433,7 @@ END_TO_END = [
     (
         "cpg_fine_grained",
         lambda root: write_cpg(root, CPG_E2E),
-        ["stream.dataset.datasets=[imagenet,cubs_cropped]"],
+        ["stream.dataset.datasets=[imagenet,cubs_cropped]", "~stream.task_views.stanford_cars_cropped"],
         [("imagenet", 3), ("cubs_cropped", 5)],
         None,
     ),

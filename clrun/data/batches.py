@@ -19,7 +19,8 @@ class InputView:
     (`pad`: an H x W window of the image zero-padded by `padding`; `resized`: torchvision's RandomResizedCrop
     to `size` over `scale` and `ratio`; `none`), a random horizontal flip (`flip`); always a centre crop to `size`
     where the image is larger, scaling to [0, 1] and normalisation by `mean` / `std` (with `task_stats`: by the
-    images' task's); then, while training, one `cutout` x `cutout` square zeroed per image (0: none)."""
+    images' task's); then, while training, one `cutout` x `cutout` square zeroed per image (0: none). With
+    `task_views`, training images take their task's view instead (`stream.task_views`: its own augmentation)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -32,6 +33,7 @@ class InputView:
     flip: bool = True
     cutout: int = 0
     task_stats: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] | None = None  # per task (mean, std)
+    task_views: tuple["InputView", ...] | None = None  # per task, the view its training images take
 
 
 def iterate(
@@ -90,7 +92,9 @@ def _chunked(tensors, batch_size: int, order: torch.Tensor | None, device: torch
 def prepare(x: torch.Tensor, view: InputView, train: bool, task: int | torch.Tensor | None = None) -> torch.Tensor:
     """Float32 network inputs from a uint8 (N, C, H, W) batch as `view` says; the random draws (crops, flips,
     Cutout; only when `train` and `view.augment`) come from torch's global RNG on the batch's device. `task`: the
-    images' task (an index, or one per image), which per-task normalisation (`view.task_stats`) needs."""
+    images' task (an index, or one per image), which per-task normalisation and views need."""
+    if train and view.task_views is not None:
+        return _by_task(x, view, task)
     augmenting = train and view.augment
     if augmenting and view.crop == "pad":
         x = augment.pad_crop(x, view.padding)
@@ -108,6 +112,23 @@ def prepare(x: torch.Tensor, view: InputView, train: bool, task: int | torch.Ten
     if augmenting and view.cutout:
         x = augment.cutout(x, view.cutout)
     return x
+
+
+def _by_task(x: torch.Tensor, view: InputView, task: int | torch.Tensor | None) -> torch.Tensor:
+    """Training inputs of a batch, each image through its task's view (a batch of several tasks: task by task)."""
+    if task is None:
+        raise ClrunError(
+            "stream.task_views gives tasks their own training augmentation, which needs the task of every image, "
+            "and this method trains on images of several tasks together; set stream.task_views=null"
+        )
+    if not isinstance(task, torch.Tensor):
+        return prepare(x, view.task_views[task], True, task)
+    task = task.to(x.device)
+    out = torch.empty((len(x), x.shape[1], *(view.size or x.shape[-2:])), device=x.device)
+    for k in task.unique().tolist():
+        rows = (task == k).nonzero().squeeze(1)
+        out[rows] = prepare(x[rows], view.task_views[k], True, k)
+    return out
 
 
 def _normalisation(view: InputView, task, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

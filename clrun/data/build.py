@@ -4,14 +4,15 @@ into tasks, place it on the device where it fits."""
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torchvision.transforms.functional import InterpolationMode, rotate
 
-from clrun.config import Normalization, Scenario, SplitRule
+from clrun.config import TASK_VIEW_KEYS, CropRule, Normalization, Scenario, SplitRule, with_changes
 from clrun.data.batches import InputView
 from clrun.data.cache import decode_images
 from clrun.data.image_files import ImageFiles, ImageList, PairFiles, TaskFiles
@@ -78,6 +79,7 @@ class Loaded:
     test_rows: torch.Tensor | None = None
     skipped_labels: list[int] = field(default_factory=list)
     pairs: dict[str, Pairs] = field(default_factory=dict)  # verification tasks' test pairs, by task name (on the CPU)
+    task_cfgs: dict[str, DictConfig] = field(default_factory=dict)  # the stream config of each task in task_views
 
 
 def build_stream(cfg, data, seed: int, device: torch.device | str, console: Console | None = None) -> Stream:
@@ -91,6 +93,8 @@ def build_stream(cfg, data, seed: int, device: torch.device | str, console: Cons
     kind = SplitRule(cfg.split)
     if cfg.n_tasks < 1 or cfg.classes_per_task < 1:
         raise ClrunError(f"stream {cfg.name}: n_tasks and classes_per_task must be at least 1")
+    if cfg.task_views and kind is not SplitRule.release:
+        raise ClrunError("stream.task_views names tasks of a dataset's release: it needs stream.split=release")
     stream_seed = seed if cfg.split_seed is None else cfg.split_seed
     g = torch.Generator().manual_seed(stream_seed)
     loaded = _load(cfg, kind, data, stream_seed, console)
@@ -120,13 +124,14 @@ def build_stream(cfg, data, seed: int, device: torch.device | str, console: Cons
             )
         skipped = sum(label in classes for label in loaded.skipped_labels)
         tasks.append(Task(index, name, classes, train, test, skipped))
-    view = _input_view(cfg, loaded.stats, tuple(x_train.shape[1:]), tasks)
+    view = _input_view(cfg, loaded.stats, tuple(x_train.shape[1:]), tasks, loaded.task_cfgs)
     input_shape = (x_train.shape[1], *view.size) if view.size else tuple(x_train.shape[1:])
     return Stream(cfg.name, tasks, input_shape, view, cfg.scenario.value, device)
 
 
-def _input_view(cfg, stats, image_shape: tuple[int, ...], tasks: list[Task]) -> InputView:
-    """The stream's InputView: its augmentation keys and the normalisation `stream.normalize` names."""
+def _input_view(cfg, stats, image_shape: tuple[int, ...], tasks: list[Task], task_cfgs: dict) -> InputView:
+    """The stream's InputView: its augmentation keys and the normalisation `stream.normalize` names; with
+    `task_cfgs` (`stream.task_views`), each task's training augmentation."""
     task_stats = None
     if cfg.normalize is Normalization.task:
         if cfg.scenario is not Scenario.task:
@@ -149,19 +154,17 @@ def _input_view(cfg, stats, image_shape: tuple[int, ...], tasks: list[Task]) -> 
     if size is not None and (len(size) != 2 or size[0] > image_shape[1] or size[1] > image_shape[2]):
         images = f"{image_shape[1]}x{image_shape[2]}"
         raise ClrunError(f"stream.input_size={list(size)} must be [H, W] no larger than the images ({images})")
-    return InputView(
-        tuple(mean),
-        tuple(std),
-        bool(cfg.augment),
-        size,
-        cfg.crop.value,
-        cfg.padding,
-        tuple(cfg.scale),
-        tuple(cfg.ratio),
-        cfg.flip,
-        cfg.cutout,
-        task_stats,
-    )
+    view = InputView(tuple(mean), tuple(std), size=size, task_stats=task_stats, **_augmentation(cfg))
+    if not task_cfgs:
+        return view
+    own = tuple(replace(view, **_augmentation(task_cfgs.get(task.name, cfg))) for task in tasks)
+    return replace(view, task_views=own)
+
+
+def _augmentation(cfg) -> dict:
+    """The InputView's augmentation keys from a stream config."""
+    keys = {"augment": bool(cfg.augment), "crop": cfg.crop.value, "padding": cfg.padding, "flip": cfg.flip}
+    return keys | {"scale": tuple(cfg.scale), "ratio": tuple(cfg.ratio), "cutout": cfg.cutout}
 
 
 def _fits(device: torch.device, *images: torch.Tensor) -> bool:
@@ -207,6 +210,16 @@ def _decode(cfg, files: ImageFiles, data, console: Console | None) -> Loaded:
     for official, split, part in zip(files.official or (None, None), splits, ("training", "test"), strict=True):
         warn_if_partial(f"{READER_KEY}={target}", official, len(split), part)
     size = (int(cfg.image_size[0]), int(cfg.image_size[1]))
+    task_cfgs = _task_cfgs(cfg, [task.name for task in files.tasks or ()])
+    own = ({}, {})  # per split: the files of tasks decoded by a rule of their own
+    for task in files.tasks or ():
+        rule = _decode_rule(cfg, task_cfgs[task.name], task.name) if task.name in task_cfgs else None
+        if rule is None or rule == (cfg.resize.value, size):
+            continue
+        classes = set(task.classes)
+        for rules, split, listed in zip(own, (files.train, files.test), (task.train, task.test), strict=True):
+            rows = listed if listed is not None else [i for i, y in enumerate(split.labels) if y in classes]
+            rules.update(dict.fromkeys(rows, rule))
     decoded = [
         decode_images(
             split,
@@ -216,8 +229,9 @@ def _decode(cfg, files: ImageFiles, data, console: Console | None) -> Loaded:
             name=f"{cfg.name}-{part}",
             skip_corrupt=data.skip_corrupt,
             console=console,
+            own=rules,
         )
-        for part, split in (("train", files.train), ("test", files.test))
+        for part, split, rules in (("train", files.train, own[0]), ("test", files.test, own[1]))
     ]
     train, test = decoded
     pairs = {
@@ -238,6 +252,7 @@ def _decode(cfg, files: ImageFiles, data, console: Console | None) -> Loaded:
         test.kept,
         skipped_labels,
         pairs,
+        task_cfgs,
     )
 
 
@@ -260,6 +275,44 @@ def _decode_pairs(cfg, task: str, files: PairFiles, size: tuple[int, int], data,
     if not bool(keep.any()):
         raise ClrunError(f"stream {cfg.name}: task {task} has no verification pair whose two images decode")
     return Pairs(decoded.images, a[keep], b[keep], torch.tensor(files.same, dtype=torch.bool)[keep])
+
+
+def _task_cfgs(cfg, names: list[str]) -> dict[str, DictConfig]:
+    """The stream config of each task `stream.task_views` names (one of the release's `names`): the stream's with
+    the task's changes, which may touch only TASK_VIEW_KEYS, checked as the run's config is."""
+    task_cfgs = {}
+    for name, changes in (cfg.task_views or {}).items():
+        path = f"stream.task_views.{name}"
+        if name not in names:
+            known = ", ".join(names)
+            raise ClrunError(f"{path}: the release has no task {name} (its tasks: {known}); drop it: ~{path}")
+        if not isinstance(changes, DictConfig):
+            raise ClrunError(f"{path}: expected a mapping of stream keys to change, e.g. {{crop: none}}, not {changes}")
+        unknown = next((key for key in changes if key not in TASK_VIEW_KEYS), None)
+        if unknown is not None:
+            raise ClrunError(f"{path}.{unknown}: not a per-task key; a task may change {', '.join(TASK_VIEW_KEYS)}")
+        task_cfgs[name] = with_changes(cfg, OmegaConf.to_container(changes, resolve=True), path)
+    return task_cfgs
+
+
+def _decode_rule(cfg, task_cfg, name: str) -> tuple[str, tuple[int, int]]:
+    """A task's (resize, image_size). An image_size below the stream's (its images centred on zeros) must hold
+    `input_size`, and a random resized crop, which would take the zero border, is refused."""
+    path = f"stream.task_views.{name}"
+    stream_size, own = tuple(cfg.image_size), tuple(task_cfg.image_size or ())
+    if own != stream_size:
+        low = tuple(cfg.input_size) if cfg.input_size is not None else stream_size
+        if len(own) != 2 or not all(a <= b <= c for a, b, c in zip(low, own, stream_size, strict=True)):
+            shown = None if task_cfg.image_size is None else list(task_cfg.image_size)
+            raise ClrunError(
+                f"{path}.image_size={shown} must be [H, W] between stream.input_size {list(low)} and "
+                f"stream.image_size {list(stream_size)}"
+            )
+        if task_cfg.augment and task_cfg.crop is CropRule.resized:
+            raise ClrunError(
+                f"{path}.crop=resized would crop the zero border around its smaller image_size: set crop none or pad"
+            )
+    return task_cfg.resize.value, (int(own[0]), int(own[1]))
 
 
 def _skipped(files, decoded) -> list[int]:

@@ -1,9 +1,10 @@
 """The decoded-image cache: an image-file dataset decoded once, resized, and stored as uint8 pixels in a
 memory-mapped file, so that later runs read pixels without decoding.
 
-A cache lives in `<cache_dir>/<name>-<key>/` (`images.npy`, `index.parquet`), the key a hash of the settings and of
-every file's path, size, modification time and label: a changed setting or file gives a new folder. A build writes
-a temporary sibling folder and renames it, so a folder with its final name is always complete.
+A cache lives in `<cache_dir>/<name>-<key>/` (`images.npy`, `index.parquet`), the key a hash of the settings (each
+file's own resize rule included) and of every file's path, size, modification time and label: a changed setting or
+file gives a new folder. A build writes a temporary sibling folder and renames it, so a folder with its final name is
+always complete.
 """
 
 import hashlib
@@ -35,6 +36,7 @@ log = logging.getLogger("clrun")
 FORMAT = 1  # the cache layout's version, part of the key
 RESIZE_RULES = tuple(rule.value for rule in ResizeRule)  # stream.resize's choices
 CHUNK = 1024  # images handed to the thread pool at a time
+Rule = tuple[str, tuple[int, int]]  # a file's own (resize rule, (h, w))
 
 
 @dataclass
@@ -57,21 +59,30 @@ def decode_images(
     name: str,
     skip_corrupt: bool = False,
     console: Console | None = None,
+    own: dict[int, Rule] | None = None,
 ) -> DecodedImages:
     """The images of `files` resized to `size` (H, W) by the rule `resize` (`short_side`: the short side to
     min(size), then a centre crop; `stretch`: to `size`), each first cropped to its box if given; decoded once
-    and read from the cache in `cache_dir` after that. Corrupt files raise, or with `skip_corrupt` are skipped."""
-    if resize not in RESIZE_RULES:
-        raise ValueError(f"resize must be one of {RESIZE_RULES}, not {resize!r}")
-    folder = Path(cache_dir).expanduser() / f"{name}-{_key(files, size, resize)}"
+    and read from the cache in `cache_dir` after that. `own`: the files (by index) resized by a rule of their
+    own, (resize, (h, w)) with h, w no larger than `size`: such an image is centred on zeros where the crop
+    `augment.center_crop` to (h, w) takes it back. Corrupt files raise, or with `skip_corrupt` are skipped."""
+    own = own or {}
+    if any(rule not in RESIZE_RULES for rule, _ in [(resize, size), *own.values()]):
+        raise ValueError(f"resize rules must be among {RESIZE_RULES}")
+    if any(h > size[0] or w > size[1] for _, (h, w) in own.values()):
+        raise ValueError(f"a file's own size must be no larger than {size}")
+    folder = Path(cache_dir).expanduser() / f"{name}-{_key(files, size, resize, own)}"
     if not folder.is_dir():
-        _build(files, size, resize, folder, name, skip_corrupt, console or Console(stderr=True))
+        _build(files, size, resize, own, folder, name, skip_corrupt, console or Console(stderr=True))
     return _load(files, folder, skip_corrupt)
 
 
-def _key(files: ImageList, size: tuple[int, int], resize: str) -> str:
+def _key(files: ImageList, size: tuple[int, int], resize: str, own: dict[int, Rule]) -> str:
     """16 hex digits of a hash of the settings and of every file's absolute path, byte size, mtime and label."""
-    digest = hashlib.sha256(json.dumps([FORMAT, list(size), resize, files.boxes]).encode())
+    settings = [FORMAT, list(size), resize, files.boxes]
+    if own:  # only then: the keys of caches made before files had rules of their own stay the same
+        settings.append([[i, rule, list(own_size)] for i, (rule, own_size) in sorted(own.items())])
+    digest = hashlib.sha256(json.dumps(settings).encode())
     for path, label in zip(files.paths, files.labels, strict=True):
         try:
             stat = os.stat(path)
@@ -83,7 +94,7 @@ def _key(files: ImageList, size: tuple[int, int], resize: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _build(files, size, resize, folder: Path, name: str, skip_corrupt: bool, console: Console) -> None:
+def _build(files, size, resize, own, folder: Path, name: str, skip_corrupt: bool, console: Console) -> None:
     """Decode `files` into a temporary sibling of `folder`, then rename it to `folder`."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(f"{folder.name}.tmp-*"):
@@ -92,7 +103,7 @@ def _build(files, size, resize, folder: Path, name: str, skip_corrupt: bool, con
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     tmp.mkdir()
     try:
-        _write(files, size, resize, tmp, name, skip_corrupt, console)
+        _write(files, size, resize, own, tmp, name, skip_corrupt, console)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -115,7 +126,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write(files: ImageList, size, resize, tmp: Path, name: str, skip_corrupt: bool, console: Console) -> None:
+def _write(files: ImageList, size, resize, own, tmp: Path, name: str, skip_corrupt: bool, console: Console) -> None:
     """Decode every file in parallel into `tmp/images.npy` and write `tmp/index.parquet`."""
     n = len(files)
     images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, *size))
@@ -128,7 +139,8 @@ def _write(files: ImageList, size, resize, tmp: Path, name: str, skip_corrupt: b
             bar = progress.add_task(f"decoding {name}", total=n)
             for start in range(0, n, CHUNK):
                 stop = min(start + CHUNK, n)
-                futures = [pool.submit(_decode_into, images, i, files, size, resize) for i in range(start, stop)]
+                rules = [own.get(i, (resize, size)) for i in range(start, stop)]
+                futures = [pool.submit(_decode_into, images, i, files, *rule) for i, rule in enumerate(rules, start)]
                 for i, future in enumerate(futures, start):
                     shapes[i], errors[i] = future.result()
                     if errors[i] and not skip_corrupt:
@@ -150,8 +162,9 @@ def _write(files: ImageList, size, resize, tmp: Path, name: str, skip_corrupt: b
     pd.DataFrame(index).to_parquet(tmp / "index.parquet", index=False)
 
 
-def _decode_into(images: np.ndarray, i: int, files: ImageList, size, resize: str) -> tuple[tuple[int, int], str]:
-    """Decode file `i` into `images[i]`: its original (height, width), and the decoder's message if it failed."""
+def _decode_into(images: np.ndarray, i: int, files: ImageList, resize: str, size) -> tuple[tuple[int, int], str]:
+    """Decode file `i` resized by `resize` to `size` into `images[i]`, centred on zeros where `size` is smaller (at
+    torchvision's centre-crop offsets): its original (height, width), and the decoder's message if it failed."""
     try:
         image = decode_image(read_file(str(files.paths[i])), mode=ImageReadMode.RGB)
     except RuntimeError as error:
@@ -168,7 +181,9 @@ def _decode_into(images: np.ndarray, i: int, files: ImageList, size, resize: str
         image = F.resize(image, list(size), antialias=True)
     else:
         image = F.center_crop(F.resize(image, [min(size)], antialias=True), list(size))
-    images[i] = image.numpy()
+    top, left = (round((outer - inner) / 2) for outer, inner in zip(images.shape[-2:], size, strict=True))
+    images[i] = 0
+    images[i, :, top : top + size[0], left : left + size[1]] = image.numpy()
     return (height, width), ""
 
 

@@ -41,16 +41,16 @@ reproduce-table3: $(STAMP)  ## CPG's Table 3 (ImageNet + 5 fine-grained tasks, R
 	$(BIN)/python benchmarks/reproduce_table3.py --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 reproduce-fig2: $(STAMP)  ## CPG's Fig. 2 (tasks 1, 5, 10, 15 after each later task: DEN, CPG, Finetune Avg): PNG + CSV; SCALE=smoke on a CPU
-	$(BIN)/python benchmarks/reproduce_fig2.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+	$(BIN)/python benchmarks/reproduce_fig2.py --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 reproduce-table4: $(STAMP)  ## CPG's Table 4 (scratch, finetune, cpg on the face tasks / sphereface20, age folds 0-4 averaged) vs the paper; SCALE=smoke on a CPU (synthetic faces)
 	$(BIN)/python benchmarks/reproduce_table4.py --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 reproduce-pah: $(STAMP)  ## PAH's table (PAH, SI) on Split-CIFAR100 (ARGS="--dataset tiny": TinyImageNet) vs the paper; SCALE=smoke on a CPU
-	$(BIN)/python benchmarks/reproduce_pah.py --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+	$(BIN)/python benchmarks/reproduce_pah.py --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 reproduce-pah-ablation: $(STAMP)  ## PAH's ablations (prototype size, semantic init, L_sp, lambda_sm) as one multirun vs the poster's
-	$(BIN)/python benchmarks/reproduce_pah.py --ablation --scale $(SCALE) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
+	$(BIN)/python benchmarks/reproduce_pah.py --ablation --scale $(SCALE) --seeds $(SEEDS) $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)
 
 clean-outputs:
 	rm -rf outputs/runs outputs/bench

@@ -7,7 +7,12 @@ after every task from its own on: DEN and CPG from their runs' accuracy matrices
 and .csv (line, task, after_task, accuracy), and prints each line's first and last value beside the paper's
 (benchmarks/paper/cpg_fig2.csv; DEN's read off the plot) and DEN's expansion beside the paper's 1.09x.
 
-    python benchmarks/reproduce_fig2.py [--scale full|smoke] [--data-root DIR] [--seed N] [--rounds R] [KEY=VALUE ...]
+    python benchmarks/reproduce_fig2.py [--scale full|smoke] [--data-root DIR] [--seed N] [--seeds N] [--rounds R]
+        [KEY=VALUE ...]
+
+`--seeds N` repeats it for base seeds seed..seed+N-1 (Table 2's pipeline per seed, DEN's seeds one multirun): the
+lines are the means over seeds, drawn with a band of +- 1 std, and each first and last value is printed as
+mean +- std with ! where the paper's lies outside mean +- 2 std (one seed: beyond 2 points).
 """
 
 import argparse
@@ -56,14 +61,25 @@ def lines(den: list[list[float]], cpg: list[list[float]], fine_avg: dict) -> pd.
     return pd.DataFrame(rows)
 
 
+def mean_over_seeds(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """`lines` of several seeds as one: per point the mean accuracy and its sample std (NaN for one seed)."""
+    keys = ["line", "task", "after_task"]
+    grouped = pd.concat(frames).groupby(keys, sort=False)["accuracy"]
+    return grouped.agg(accuracy="mean", std="std").reset_index()
+
+
 def plot(frame: pd.DataFrame, path: Path, title: str) -> None:
-    """One panel per task: accuracy against the number of tasks learned, one line per method."""
+    """One panel per task: accuracy against the number of tasks learned, one line per method (a band of +- 1 std
+    over seeds where there are several)."""
     tasks = sorted(frame["task"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(6, 4 * len(tasks)), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for line, style in (("DEN", "o-"), ("CPG", "s-"), ("Finetune Avg", "--")):
             points = frame[(frame["task"] == task) & (frame["line"] == line)]
-            ax.plot(points["after_task"], points["accuracy"], style, label=line, markersize=3)
+            drawn = ax.plot(points["after_task"], points["accuracy"], style, label=line, markersize=3)
+            if points["std"].notna().any():
+                low, high = points["accuracy"] - points["std"], points["accuracy"] + points["std"]
+                ax.fill_between(points["after_task"], low, high, color=drawn[0].get_color(), alpha=0.2)
         ax.set(title=f"Task {task}", xlabel="tasks learned", ylabel="accuracy (%)", ylim=(0, 100))
         ax.grid(alpha=0.3)
     axes[0][0].legend(loc="lower left", fontsize=8)
@@ -73,16 +89,21 @@ def plot(frame: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def print_ends(console: Console, frame: pd.DataFrame, paper: pd.DataFrame, expansion: float) -> None:
-    """Each line's first and last value beside the paper's."""
+def print_ends(console: Console, frame: pd.DataFrame, paper: pd.DataFrame, expansion: float, seeds: int) -> None:
+    """Each line's first and last value (mean +- std over seeds) beside the paper's, ! where it lies outside."""
     view = Table(title="CPG Fig. 2: first and last accuracy of each line, paper vs measured")
     for column in ("line", "task", "paper first", "measured first", "paper last", "measured last"):
         view.add_column(column, justify="right")
     for (line, task), points in frame.groupby(["line", "task"], sort=False):
         ref = paper[(paper["line"] == line) & (paper["task"] == task)].iloc[0]
-        first, last = points["accuracy"].iloc[0], points["accuracy"].iloc[-1]
-        view.add_row(line, str(task), f"{ref['first']:g}", f"{first:.1f}", f"{ref['last']:g}", f"{last:.1f}")
+        cells = []
+        for end, point in (("first", points.iloc[0]), ("last", points.iloc[-1])):
+            flag = "!" if t1.outside(point["accuracy"] - ref[end], point["std"], seeds, "accuracy") else ""
+            spread = f" +- {point['std']:.1f}" if seeds > 1 else ""
+            cells += [f"{ref[end]:g}", f"{point['accuracy']:.1f}{spread}{flag}"]
+        view.add_row(line, str(task), *cells)
     console.print(view)
+    console.print(f"[dim]{t1.seeds_note([seeds])}[/]")
     console.print(
         f"[dim]DEN's expansion (stored parameters / one model): measured {expansion:.2f}x, paper about "
         f"{PAPER_EXPANSION}x. The paper's DEN values are read off its plot; the last value is after task 20 "
@@ -93,29 +114,42 @@ def print_ends(console: Console, frame: pd.DataFrame, paper: pd.DataFrame, expan
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     t2.add_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="DEN's, CPG's and Scratch's seed")
+    parser.add_argument("--seed", type=int, default=0, help="DEN's, CPG's and Scratch's (first) seed")
+    parser.add_argument("--seeds", type=int, default=1, help="how many base seeds: mean +- std")
     parser.add_argument("--out", type=Path, help="the PNG (default benchmarks/results/fig2-<scale>-<date>.png)")
     args = parser.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 160)
     try:
+        if args.seeds < 1:
+            raise t1.ReproduceError("--seeds must be at least 1")
         data_root = t1.check_cifar100(args.data_root or t1.default_data_root())
         start = time.perf_counter()
-        measured, seconds = t2.run_pipeline(args, args.seed, data_root, console)
-        den = [f"experiment={den_preset(args.scale)}", f"seed={args.seed}", f"data.root='{data_root}'", *args.overrides]
-        hydra_dirs = ["hydra.run.dir=" + str(args.runs_dir / "${clrun_run_name:}"), f"hydra.sweep.dir={args.runs_dir}"]
-        seconds["den"] = t1.run_clrun([*den, *hydra_dirs], console)
-        den_dir = t1.ROOT / t1.run_folder(den, args.runs_dir)
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        den = [f"experiment={den_preset(args.scale)}", f"data.root='{data_root}'", *args.overrides]
+        seconds = {}
+        frames, expansions = [], []
+        for seed in seeds:
+            measured, times = t2.run_pipeline(args, seed, data_root, console)
+            seconds |= {f"{name} (seed {seed})": s for name, s in times.items()}
+            cpg_dir = t1.ROOT / args.runs_dir / measured["cpg_avg"]["run_id"]
+            frames.append((cpg_dir, measured["fine_avg"]))
+        sweep = ["-m", *den, "seed=" + ",".join(map(str, seeds)), f"hydra.sweep.dir={args.runs_dir}"]
+        seconds["den"] = t1.run_clrun(sweep, console)
+        per_seed = []
+        for seed, (cpg_dir, fine_avg) in zip(seeds, frames, strict=True):
+            den_dir = t1.ROOT / t1.run_folder([*den, f"seed={seed}"], args.runs_dir)
+            per_seed.append(lines(matrix(den_dir), matrix(cpg_dir), fine_avg))
+            expansions.append(float(pd.read_parquet(den_dir / results.SUMMARY_FILE)["expansion"].iloc[0]))
     except t1.ReproduceError as error:
         print(f"reproduce_fig2: error: {error}", file=sys.stderr)
         return 2
-    cpg_dir = t1.ROOT / args.runs_dir / measured["cpg_avg"]["run_id"]
-    frame = lines(matrix(den_dir), matrix(cpg_dir), measured["fine_avg"])
+    frame = mean_over_seeds(per_seed)
     out = args.out or t1.RESULTS / f"fig2-{args.scale}-{datetime.date.today().isoformat()}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(frame, out, f"CPG Fig. 2 (scale {args.scale}): DEN, CPG with fine-Avg goals, Finetune Avg")
     results.atomic_write(out.with_suffix(".csv"), lambda tmp: frame.to_csv(tmp, index=False, float_format="%.2f"))
-    expansion = float(pd.read_parquet(den_dir / results.SUMMARY_FILE)["expansion"].iloc[0])
-    print_ends(console, frame, pd.read_csv(t1.PAPER / "cpg_fig2.csv"), expansion)
+    expansion = sum(expansions) / len(expansions)
+    print_ends(console, frame, pd.read_csv(t1.PAPER / "cpg_fig2.csv"), expansion, len(seeds))
     times = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
     console.print(f"wall time {time.perf_counter() - start:.0f} s ({times}); wrote {out} and {out.with_suffix('.csv')}")
     return 0

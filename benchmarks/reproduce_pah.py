@@ -7,7 +7,11 @@ writes benchmarks/results/pah-<dataset>-<scale>-<date>.csv. The table's other ro
 CCLIS, A-GEM, HN-2, HN-3) wait for those methods (issue 16); PNN's columns cannot tap ResNet-18's skip
 connections. Finished runs are reused.
 
-    python benchmarks/reproduce_pah.py [--dataset cifar|tiny] [--scale full|smoke] [--data-root DIR] [KEY=VALUE ...]
+    python benchmarks/reproduce_pah.py [--dataset cifar|tiny] [--scale full|smoke] [--data-root DIR] [--seeds N]
+        [KEY=VALUE ...]
+
+`--seeds N` runs seeds seed..seed+N-1 in the same multirun and prints mean +- std per cell, flagging with ! each
+difference whose paper value lies outside mean +- 2 std (one seed: beyond 2 points).
 
 `--ablation` instead sweeps PAH alone over prototype sizes x semantic / random prototype initialisation x L_sp on
 and off x lambda_sm values (one multirun; `--sizes`, `--lambda-sm`) and prints each run beside the poster's
@@ -41,24 +45,28 @@ def measured(run_dir: Path) -> dict:
 
 
 def compare(paper: pd.DataFrame, rows: dict[str, dict], dataset: str) -> pd.DataFrame:
-    """Per method: the paper's and the measured accuracy and forgetting, and their differences."""
+    """Per method: the paper's and the measured (mean over seeds) accuracy and forgetting, their std over seeds,
+    the differences, and `outside`: the columns whose paper value lies outside mean +- 2 std (one seed: beyond
+    reproduce_table1's tolerance)."""
     out = []
     for method, got in rows.items():
         ref = paper.loc[method]
-        acc, forg = ref[f"{dataset}_acc"], ref[f"{dataset}_forg"]
-        out.append(
-            {
-                "method": ref["label"],
-                "paper_acc": acc,
-                "acc": got["acc"],
-                "diff_acc": got["acc"] - acc,
-                "paper_forg": forg,
-                "forg": got["forg"],
-                "diff_forg": got["forg"] - forg,
-                "run_id": got["run_id"],
-            }
-        )
+        row = {"method": ref["label"]}
+        for column in ("acc", "forg"):
+            reference = ref[f"{dataset}_{column}"]
+            row.update({f"paper_{column}": reference, column: got[column], f"std_{column}": got[f"std_{column}"]})
+            row[f"diff_{column}"] = got[column] - reference
+        seeds = int(got["seeds"])
+        flagged = [c for c in ("acc", "forg") if t1.outside(row[f"diff_{c}"], row[f"std_{c}"], seeds, c)]
+        out.append({**row, "seeds": seeds, "outside": " ".join(flagged), "run_id": got["run_id"]})
     return pd.DataFrame(out)
+
+
+def _value(row, column: str) -> str:
+    value, std = row[column], row.get(f"std_{column}")
+    if pd.isna(value):
+        return "n/a"
+    return f"{value:.2f}" + (f" +- {std:.2f}" if std is not None and not pd.isna(std) else "")
 
 
 def print_table(console: Console, table: pd.DataFrame, title: str) -> None:
@@ -66,17 +74,28 @@ def print_table(console: Console, table: pd.DataFrame, title: str) -> None:
     for column in ("method", "paper ACC", "ACC", "diff", "paper Forg.", "Forg.", "diff"):
         view.add_column(column, justify="right")
     for _, row in table.iterrows():
-        cells = [row[c] for c in ("paper_acc", "acc", "diff_acc", "paper_forg", "forg", "diff_forg")]
-        view.add_row(row["method"], *("n/a" if pd.isna(v) else f"{v:.2f}" for v in cells))
+        flagged = str(row["outside"]).split()
+        cells = []
+        for column in ("acc", "forg"):
+            diff = row[f"diff_{column}"]
+            cells += [_value(row, f"paper_{column}"), _value(row, column)]
+            cells.append("n/a" if pd.isna(diff) else f"{diff:+.2f}" + ("!" if column in flagged else ""))
+        view.add_row(row["method"], *cells)
     console.print(view)
+    console.print(f"[dim]{t1.seeds_note(sorted(set(table['seeds'])))}[/]")
 
 
 ABLATION_KEYS = ("prototype_size", "semantic_init", "lambda_sp", "lambda_sm")
 
 
-def ablation(args, common: list[str], console: Console) -> tuple[pd.DataFrame, float]:
-    """One multirun of PAH over the ablation grid; each run's values, its measured ACC and forgetting, and the
-    poster's where it has them (the default lambdas)."""
+def measured_seeds(overrides: list[str], seeds: list[int], runs_dir: Path) -> dict:
+    """The mean (and std, `seeds`) over seeds of the runs of `overrides`."""
+    return t1.mean_row([measured(t1.ROOT / t1.run_folder([*overrides, f"seed={s}"], runs_dir)) for s in seeds])
+
+
+def ablation(args, common: list[str], seeds: list[int], console: Console) -> tuple[pd.DataFrame, float]:
+    """One multirun of PAH over the ablation grid and the seeds; each setting's values, its measured ACC and
+    forgetting (mean and std over seeds), and the poster's where it has them (the default lambdas)."""
     grid = {
         "prototype_size": args.sizes,
         "semantic_init": ["true", "false"],
@@ -84,13 +103,17 @@ def ablation(args, common: list[str], console: Console) -> tuple[pd.DataFrame, f
         "lambda_sm": args.lambda_sm,
     }
     sweep = [f"method.{key}=" + ",".join(map(str, values)) for key, values in grid.items()]
-    seconds = t1.run_clrun(["-m", "method=pah", *sweep, *common, f"hydra.sweep.dir={args.runs_dir}"], console)
+    seed_sweep = "seed=" + ",".join(map(str, seeds))
+    seconds = t1.run_clrun(
+        ["-m", "method=pah", *sweep, seed_sweep, *common, f"hydra.sweep.dir={args.runs_dir}"], console
+    )
     paper = pd.read_csv(t1.PAPER / "pah_ablation.csv")
     rows = []
     for values in itertools.product(*grid.values()):
         setting = dict(zip(ABLATION_KEYS, values, strict=True))
-        folder = t1.run_folder(["method=pah", *(f"method.{k}={v}" for k, v in setting.items()), *common], args.runs_dir)
-        row = {**setting, "semantic_init": setting["semantic_init"] == "true", **measured(t1.ROOT / folder)}
+        overrides = ["method=pah", *(f"method.{k}={v}" for k, v in setting.items()), *common]
+        row = {**setting, "semantic_init": setting["semantic_init"] == "true"}
+        row.update(measured_seeds(overrides, seeds, args.runs_dir))
         same = (paper["prototype_size"] == row["prototype_size"]) & (paper["semantic_init"] == row["semantic_init"])
         ref = paper[same]
         defaults = row["lambda_sp"] == 1.0 and row["lambda_sm"] == 0.5
@@ -103,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     t1.add_common_arguments(parser)
     parser.add_argument("--dataset", choices=tuple(PRESETS), default="cifar", help="Split-CIFAR100 or TinyImageNet")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--seeds", type=int, default=1, help="how many seeds (seed, seed+1, ...): mean +- std")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--out", type=Path, help="the CSV (default benchmarks/results/pah-<dataset>-<scale>-<date>)")
     parser.add_argument("--ablation", action="store_true", help="PAH's ablation grid instead of the method table")
@@ -115,12 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / DATA[args.dataset]).is_dir():
         print(f"reproduce_pah: error: {root / DATA[args.dataset]} not found; set --data-root", file=sys.stderr)
         return 2
+    if args.seeds < 1:
+        print("reproduce_pah: error: --seeds must be at least 1", file=sys.stderr)
+        return 2
     preset = f"pah_{'smoke_' if args.scale == 'smoke' else ''}{PRESETS[args.dataset]}"
-    common = [f"experiment={preset}", f"seed={args.seed}", f"data.root='{root}'", *args.overrides]
+    common = [f"experiment={preset}", f"data.root='{root}'", *args.overrides]
+    seeds = list(range(args.seed, args.seed + args.seeds))
     start = time.perf_counter()
     if args.ablation:
         try:
-            table, seconds = ablation(args, common, console)
+            table, seconds = ablation(args, common, seeds, console)
         except t1.ReproduceError as error:
             print(f"reproduce_pah: error: {error}", file=sys.stderr)
             return 2
@@ -129,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         t1.write_table(table, args.out or t1.RESULTS / name, console, {"ablation": seconds}, start)
         return 0
     try:
-        sweep = ["-m", "method=" + ",".join(args.methods), *common, f"hydra.sweep.dir={args.runs_dir}"]
-        seconds = t1.run_clrun(sweep, console)
-        rows = {m: measured(t1.ROOT / t1.run_folder([f"method={m}", *common], args.runs_dir)) for m in args.methods}
+        sweep = ["-m", "method=" + ",".join(args.methods), "seed=" + ",".join(map(str, seeds)), *common]
+        seconds = t1.run_clrun([*sweep, f"hydra.sweep.dir={args.runs_dir}"], console)
+        rows = {m: measured_seeds([f"method={m}", *common], seeds, args.runs_dir) for m in args.methods}
     except t1.ReproduceError as error:
         print(f"reproduce_pah: error: {error}", file=sys.stderr)
         return 2

@@ -271,9 +271,9 @@ def compare(
         std_row = {c: got.get(f"std_{c}", math.nan) for c in got_row}
         diff_row = {c: got_row[c] - paper_row[c] for c in got_row}
         seeds = int(got.get("seeds", 1))
-        outside = [c for c in got_row if _outside(diff_row[c], std_row[c], seeds, c)]
+        flagged = [c for c in got_row if outside(diff_row[c], std_row[c], seeds, c)]
         meta = {"exp_source": got["exp_source"], "run_id": got["run_id"], "precision": got.get("precision", "unknown")}
-        meta.update(seeds=seeds, outside=" ".join(outside))
+        meta.update(seeds=seeds, outside=" ".join(flagged))
         paper_meta = {"exp_source": "paper", "run_id": "", "precision": "fp32", "seeds": 0, "outside": ""}
         rows.append({"method": labels[method], "row": "paper", **paper_row, **paper_meta})
         rows.append({"method": labels[method], "row": "measured", **got_row, **meta})
@@ -283,7 +283,7 @@ def compare(
     return pd.DataFrame(rows)
 
 
-def _outside(diff: float, std: float, seeds: int, column: str) -> bool:
+def outside(diff: float, std: float, seeds: int, column: str) -> bool:
     """Whether the paper's value lies outside the measured mean +- 2 std (one seed: ONE_SEED_TOLERANCE)."""
     if math.isnan(diff):
         return False
@@ -293,7 +293,11 @@ def _outside(diff: float, std: float, seeds: int, column: str) -> bool:
 
 def flag_note(table: pd.DataFrame) -> str:
     """What the ! beside a difference means, for the seeds `table` was measured over."""
-    seeds = sorted({int(s) for s in table.loc[table["row"] != "paper", "seeds"]})
+    return seeds_note(sorted({int(s) for s in table.loc[table["row"] != "paper", "seeds"]}))
+
+
+def seeds_note(seeds: list[int]) -> str:
+    """What the ! beside a difference means for measurements over these numbers of seeds."""
     if seeds == [1]:
         bounds = ONE_SEED_TOLERANCE
         return (

@@ -134,7 +134,7 @@ def compare(paper: pd.DataFrame, measured: dict[str, dict]) -> pd.DataFrame:
         std_row = {c: got.get(f"std_{c}", math.nan) for c in COLUMNS}
         diff_row = {c: got_row[c] - paper_row[c] for c in COLUMNS}
         seeds = int(got.get("seeds", 1))
-        outside = [c for c in COLUMNS if t1._outside(diff_row[c], std_row[c], seeds, c)]
+        outside = [c for c in COLUMNS if t1.outside(diff_row[c], std_row[c], seeds, c)]
         meta = {"run_id": got["run_id"], "precision": got["precision"], "seeds": seeds, "outside": " ".join(outside)}
         label = LABELS[method]
         rows.append({"method": label, "row": "paper", **paper_row, "run_id": "", "precision": "fp32", "seeds": 0})

@@ -12,14 +12,17 @@ import reproduce_pah as rp  # noqa: E402  (a script beside the package, not part
 import reproduce_table1 as t1  # noqa: E402
 
 
-def test_compare_with_the_papers_table():
+def test_compare_with_the_papers_table_and_flag_by_seeds():
     paper = pd.read_csv(t1.PAPER / "pah_table.csv").set_index("method")
-    rows = {"pah": {"acc": 70.0, "forg": 2.0, "run_id": "a"}, "si": {"acc": 60.0, "forg": 30.0, "run_id": "b"}}
-    table = rp.compare(paper, rows, "tiny").set_index("method")
-    assert table.loc["PAH", ["paper_acc", "diff_acc", "paper_forg", "diff_forg"]].tolist() == pytest.approx(
-        [63.65, 6.35, 4.43, -2.43]
+    pah = t1.mean_row([{"acc": 70.0, "forg": 2.0, "run_id": "a"}, {"acc": 72.0, "forg": 2.5, "run_id": "b"}])
+    si = t1.mean_row([{"acc": 60.0, "forg": 26.0, "run_id": "c"}])
+    table = rp.compare(paper, {"pah": pah, "si": si}, "tiny").set_index("method")
+    assert table.loc["PAH", ["paper_acc", "acc", "diff_acc", "paper_forg", "diff_forg"]].tolist() == pytest.approx(
+        [63.65, 71.0, 7.35, 4.43, -2.18]
     )
-    assert table.loc["SI", "diff_acc"] == pytest.approx(60.0 - 44.96)
+    assert table.loc["PAH", "std_acc"] == pytest.approx(2**0.5) and table.loc["PAH", "seeds"] == 2
+    # PAH: 7.35 and 2.18 points lie beyond 2 std (2.83, 0.35); SI (one seed): 15.04 beyond 2 points, 0.29 not
+    assert table["outside"].tolist() == ["acc forg", "acc"]
 
 
 @pytest.mark.parametrize("dataset", ["split_cifar100", "tiny_imagenet_10"])
@@ -34,11 +37,14 @@ def test_smoke_presets_keep_the_protocol_without_weights(dataset):
 def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     out = tmp_path / "pah.csv"
     argv = ["--scale", "smoke", "--data-root", str(SHARED_DATA / "CIFAR-100-subset"), "--runs-dir", str(tmp_path)]
-    assert rp.main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert rp.main([*argv, "--seeds", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "mean +- 2 std (2 seeds)" in capsys.readouterr().out
     table = pd.read_csv(out)
     assert table["method"].tolist() == ["PAH", "SI"] and table["paper_acc"].tolist() == [74.46, 63.58]
-    assert table[["acc", "forg"]].notna().all().all()
-    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.is_dir()) == ["pah", "si"]
+    assert table[["acc", "forg", "std_acc", "std_forg"]].notna().all().all() and table["seeds"].tolist() == [2, 2]
+    folders = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    runs = sorted(name.split("-")[0] + name.split("-seed")[1][0] for name in folders)
+    assert runs == ["pah0", "pah1", "si0", "si1"]  # two seeds of each method, one multirun
 
 
 @needs_shared("CIFAR-100-subset")

@@ -96,3 +96,12 @@ def test_fig2_lines_by_hand():
     assert task1["Finetune Avg"].tolist() == [64.0] * 5
     task5 = frame[frame["task"] == 5]
     assert task5["after_task"].unique().tolist() == [5] and set(task5["accuracy"]) == {81, 86, 85.0}
+
+
+def test_fig2_mean_over_seeds_by_hand():
+    one = f2.lines([[60.0, 0], [50.0, 80.0]], [[65.0, 0], [65.0, 77.0]], {"task1": 64.0})
+    two = f2.lines([[70.0, 0], [40.0, 70.0]], [[67.0, 0], [67.0, 75.0]], {"task1": 66.0})
+    frame = f2.mean_over_seeds([one, two]).set_index(["line", "after_task"])
+    assert frame.loc[("DEN", 1), "accuracy"] == 65.0 and frame.loc[("DEN", 2), "accuracy"] == 45.0
+    assert frame.loc[("DEN", 1), "std"] == pytest.approx(50**0.5) and frame.loc[("Finetune Avg", 2), "accuracy"] == 65.0
+    assert f2.mean_over_seeds([one])["std"].isna().all()  # one seed: no spread

@@ -103,12 +103,13 @@ class PathNet(Method):
         population = torch.randint(cfg.modules, (cfg.population, cfg.layers, cfg.active))
         progress, self.trainer.progress = self.trainer.progress, None  # one bar per task, not per tournament
         label = f"task {task.index} {task.name}: generations"
-        bar = progress and progress.add_task(label, total=cfg.max_generations, epoch="-", loss=float("nan"), ips=0.0)
+        if progress is not None:
+            bar = progress.add_task(label, total=cfg.max_generations, epoch="-", loss=float("nan"), ips=0.0)
         phases: list[FitStats] = []
         try:
             for _ in range(cfg.max_generations):
                 path, fitness = tournament(population, lambda p: self.train_path(task, p, phases), cfg.modules)
-                if progress:
+                if progress is not None:
                     ips = sum(s.images for s in phases) / sum(s.seconds for s in phases)
                     progress.update(bar, advance=1, loss=phases[-1].loss, ips=ips)
                 if fitness >= cfg.threshold:

@@ -57,7 +57,7 @@ def controlled_copy(base: nn.Module) -> nn.Module:
 class DANConfig(PerTaskMethodConfig):
     """DAN (Rosenfeld & Tsotsos 2018): a frozen base, per later task controllers recombining its filters."""
 
-    # quantise each controller to this many bits after its task (the paper: 8); null: 32-bit floats
+    # quantise each controller to this many bits after its task (8: the abstract's 13% -> 3% cost); null: float32
     quantize_bits: Optional[int] = checked(Rule(lambda v: 1 <= v <= 16, "null or in [1, 16]"), None)
 
 

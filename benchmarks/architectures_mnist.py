@@ -20,7 +20,20 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("finetune", "pnn", "side_tuning", "hat", "xdg", "den", "ccgn", "expert_gate", "der", "pathnet", "dan", "clnp")
+METHODS = (
+    "finetune",
+    "pnn",
+    "side_tuning",
+    "hat",
+    "xdg",
+    "den",
+    "ccgn",
+    "expert_gate",
+    "der",
+    "pathnet",
+    "dan",
+    "clnp",
+)
 COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "wall_s"]
 
 

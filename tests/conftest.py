@@ -102,6 +102,25 @@ def run_interrupted_then_resumed(tmp_path: Path, *overrides: str, after_tasks: i
     return run(tmp_path, *overrides, name="resumed")[1]
 
 
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of `module`'s state."""
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def unchanged(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether `module`'s state is bit-identical to `state` (a `snapshot`)."""
+    now = module.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def state_tensors(value) -> list[torch.Tensor]:
+    """Every tensor in a nested state (dicts, lists, tuples), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+    return [t for item in items for t in state_tensors(item)]
+
+
 def one_line_error(match: str, call, *args, **keys) -> str:
     """The message of the `ClrunError` that `call(*args, **keys)` raises, checked to match and to be one line."""
     with pytest.raises(ClrunError, match=match) as info:

@@ -11,7 +11,9 @@ from conftest import (
     needs_shared,
     run,
     run_interrupted_then_resumed,
+    snapshot,
     task_inputs,
+    unchanged,
 )
 
 from clrun.methods.dan import DAN, controlled_copy, quantize_
@@ -24,15 +26,6 @@ CONVNET = ["backbone=convnet", "backbone.width=0.125"]  # 4, 8, 16 channels, bia
 
 def make(*overrides):
     return build_method(DAN, *TINY, *overrides)[:2]
-
-
-def snapshot(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def unchanged(module, state):
-    now = module.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("backbone", [MLP, CONVNET])

@@ -12,6 +12,7 @@ from conftest import (
     needs_shared,
     run,
     run_interrupted_then_resumed,
+    state_tensors,
     task_inputs,
 )
 
@@ -145,21 +146,13 @@ def test_residual_backbones_are_refused():
         make("backbone=resnet18", "backbone.width=0.125")
 
 
-def tensors(value):
-    """Every tensor in a nested state, in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
-    return [t for item in items for t in tensors(item)]
-
-
 def test_resume_equals_uninterrupted_and_class_scenario_runs(tmp_path):
     overrides = [*TINY, "backbone=convnet", "stream.train_per_task=32", "stream.test_per_task=16"]
     _, straight = run(tmp_path, *overrides)
     resumed = run_interrupted_then_resumed(tmp_path, *overrides, after_tasks=2)
     np.testing.assert_array_equal(matrix(straight), matrix(resumed))
     final = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["method"] for d in (straight, resumed)]
-    pairs = list(zip(tensors(final[0]), tensors(final[1]), strict=True))
+    pairs = list(zip(state_tensors(final[0]), state_tensors(final[1]), strict=True))
     assert len(pairs) > 20 and all(torch.equal(a, b) for a, b in pairs)  # weights, embeddings, per-task BN
     summary, _ = run(tmp_path, *TINY, "stream.scenario=class", "method.task_id=entropy", name="class")
     assert 0 <= summary["acc"] <= 1

@@ -11,6 +11,7 @@ from conftest import (
     needs_shared,
     run,
     run_interrupted_then_resumed,
+    snapshot,
     task_inputs,
 )
 
@@ -30,10 +31,6 @@ CONVNET = ["backbone=convnet", "backbone.width=0.125"]  # 4, 8, 16 channels
 
 def make(*overrides):
     return build_method(PNN, *TINY, *overrides)[:2]
-
-
-def snapshot(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("backbone", [MLP, CONVNET, ["backbone=vgg16_bn", "backbone.width=0.125"]])

@@ -11,7 +11,9 @@ from conftest import (
     needs_shared,
     run,
     run_interrupted_then_resumed,
+    snapshot,
     task_inputs,
+    unchanged,
 )
 from omegaconf import OmegaConf
 
@@ -30,15 +32,6 @@ CONVNET = ["backbone=convnet", "backbone.width=0.125"]  # base 4, 8, 16 channels
 
 def make(*overrides):
     return build_method(SideTuning, *TINY, *overrides)[:2]
-
-
-def snapshot(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
-
-
-def unchanged(module, state):
-    now = module.state_dict()
-    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("backbone", [MLP, CONVNET])

@@ -45,7 +45,9 @@ def test_wheel_in_a_fresh_venv_runs_from_an_empty_folder(tmp_path):
     shown = subprocess.run([clrun, "--help"], capture_output=True, text=True, cwd=empty, timeout=300)
     assert shown.returncode == 0, shown.stderr
     assert "cpg          CPG: Compacting, Picking and Growing" in shown.stdout
-    assert "method: ccgn, cpg," in shown.stdout and "stream: cifar100_10," in shown.stdout
+    options = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")) for group in ("method", "stream")}
+    for group, names in options.items():  # every option of the checkout's conf/, from the wheel's copy of it
+        assert f"{group}: {', '.join(names)}\n" in shown.stdout, group
 
     tiny = ["hardware=cpu", "stream.n_tasks=2", "stream.train_per_task=64", "stream.test_per_task=32"]
     done = subprocess.run(

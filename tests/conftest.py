@@ -102,6 +102,17 @@ def run_interrupted_then_resumed(tmp_path: Path, *overrides: str, after_tasks: i
     return run(tmp_path, *overrides, name="resumed")[1]
 
 
+def learn_and_score(method, stream) -> dict[tuple[int, int], float]:
+    """Learn every task of `stream` in order; R[(i, j)]: task j's test accuracy through `predict` after task i."""
+    accuracy = {}
+    for task in stream.tasks:
+        method.learn(task)
+        for j in range(task.index + 1):
+            correct = method.predict(task_inputs(stream, j), j).argmax(1) == stream.tasks[j].test.y
+            accuracy[task.index, j] = correct.float().mean().item()
+    return accuracy
+
+
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every tensor of `module`'s state."""
     return {k: v.clone() for k, v in module.state_dict().items()}

@@ -9,6 +9,7 @@ from conftest import (
     TINY_STREAM,
     build_method,
     clrun,
+    learn_and_score,
     matrix,
     needs_shared,
     run,
@@ -114,12 +115,7 @@ def test_learns_split_mnist_with_zero_forgetting():
         "stream.test_per_task=200",
         "method.train.epochs=3",
     )
-    accuracy = {}
-    for task in stream.tasks:
-        method.learn(task)
-        for j in range(task.index + 1):
-            correct = method.predict(task_inputs(stream, j), j).argmax(1) == stream.tasks[j].test.y
-            accuracy[task.index, j] = correct.float().mean().item()
+    accuracy = learn_and_score(method, stream)
     assert min(accuracy[j, j] for j in range(3)) > 0.9
     assert all(accuracy[2, j] == accuracy[j, j] for j in range(3))
     assert 0 < method.summary()["free_units"] < 1

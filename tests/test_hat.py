@@ -8,6 +8,7 @@ from conftest import (
     SHARED_DATA,
     TINY_STREAM,
     build_method,
+    learn_and_score,
     matrix,
     needs_shared,
     run,
@@ -170,12 +171,7 @@ def test_learns_split_mnist_with_next_to_no_forgetting():
         "stream.test_per_task=200",
         "method.train.epochs=3",
     )
-    accuracy = {}
-    for task in stream.tasks:
-        method.learn(task)
-        for j in range(task.index + 1):
-            correct = method.predict(task_inputs(stream, j), j).argmax(1) == stream.tasks[j].test.y
-            accuracy[task.index, j] = correct.float().mean().item()
+    accuracy = learn_and_score(method, stream)
     assert min(accuracy[j, j] for j in range(3)) > 0.85
     # default sigmoid(s_max e) gates: the few fractional gates let earlier logits move by ~1e-3 at most
     assert all(abs(accuracy[2, j] - accuracy[j, j]) <= 0.01 for j in range(3))

@@ -8,7 +8,7 @@ SEEDS ?= 1
 # reproduce-table1 reads CIFAR-100 from DATA_ROOT (the folder holding cifar-100-python/); empty: $CLRUN_DATA, else ~/.cache/clrun/data
 DATA_ROOT ?=
 
-.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-table3 reproduce-fig2 reproduce-table4 reproduce-pah reproduce-pah-ablation scenarios-mnist clean-outputs
+.PHONY: run test lint bench reproduce-table1 reproduce-table2 reproduce-table3 reproduce-fig2 reproduce-table4 reproduce-pah reproduce-pah-ablation scenarios-mnist gpu-check clean-outputs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)  ## throughput, masking overhead, image files (cache, 224 epoch), clrun vs the reference-style path; JSON into benchmarks/results/
 	cd benchmarks && ../$(BIN)/python throughput.py && ../$(BIN)/python masking.py && ../$(BIN)/python images.py && ../$(BIN)/python speed.py $(ARGS)
+
+gpu-check: $(STAMP)  ## everything that needs CUDA in one command (<= 8 min on one H200); ARGS=--dry-run: on a CPU, all but the CUDA calls
+	cd benchmarks && $(abspath $(BIN))/python gpu_check.py $(ARGS)
 
 scenarios-mnist: $(STAMP)  ## every method in the task/domain/class scenarios of split and permuted MNIST vs van de Ven's numbers
 	$(BIN)/python benchmarks/scenarios_mnist.py $(if $(strip $(DATA_ROOT)),--data-root $(DATA_ROOT)) $(ARGS)

@@ -224,7 +224,14 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=[32, 256])
     parser.add_argument("--workers", type=int, default=None, help="reference DataLoader workers (CPU: 0, CUDA: 8)")
     parser.add_argument("--epoch-scale", type=float, default=None, help="CPG recipe epochs divided by this")
-    parser.add_argument("--skip-cpg", action="store_true", help="only the step throughputs")
+    parser.add_argument("--skip-cpg", action="store_true", help="only the step throughputs (also without every kind)")
+    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS, help="the steps measured")
+    parser.add_argument(
+        "--task-images",
+        type=int,
+        default=None,
+        help="CPG tasks' training images (default: 2,500 on CUDA, 250 on CPU; quick: 64)",
+    )
     args = parser.parse_args()
 
     on_cuda = torch.cuda.is_available()
@@ -238,7 +245,7 @@ def main() -> None:
     args.steps, args.rounds = (3, 3) if args.quick and not on_cuda else ((10, 2) if not on_cuda else (100, 3))
     args.warmup = 30 if args.compile else (3 if not on_cuda else 10)
     args.epoch_scale = args.epoch_scale or (100.0 if not on_cuda else 10.0)
-    args.task_images = 64 if args.quick else (250 if not on_cuda else FULL_IMAGES)
+    args.task_images = args.task_images or (64 if args.quick else (250 if not on_cuda else FULL_IMAGES))
 
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(
@@ -249,7 +256,7 @@ def main() -> None:
     warm_up(fast)
     rows = []
     for batch_size in args.batch_sizes:
-        for kind in KINDS:
+        for kind in args.kinds:
             rows.append(measure_steps(kind, batch_size, fast, plain, args))
             console.print(f"  {kind} batch {batch_size}: x{rows[-1]['speedup']:.2f}")
     target = TARGETS[fast.device.type]
@@ -270,7 +277,7 @@ def main() -> None:
     console.print(table)
     fields = {"load_average": os.getloadavg(), "quick": args.quick, "compile": fast.compile_mode, "steps": rows}
     fields["target_speedup_batch32"] = target
-    if not args.skip_cpg and 32 in args.batch_sizes:
+    if not args.skip_cpg and 32 in args.batch_sizes and set(args.kinds) == set(KINDS):  # the projection needs all
         cpg = cpg_tasks(args, hardware)
         table1 = table1_projection(cpg, rows)
         fields |= {"cpg": cpg, "table1": table1}
@@ -284,7 +291,12 @@ def main() -> None:
             f"{hours(table1['reference_s'])} ({table1['ratio']:.1f}x)"
         )
     precision = "fp32" if fast.autocast_dtype is None else "bf16"
-    out = write_record(f"speed-{precision}{'-compiled' if fast.compile_mode else ''}-", fast, fields)
+    compiled = (
+        ""
+        if fast.compile_mode is None
+        else f"-compiled{'' if fast.compile_mode == 'default' else '-' + fast.compile_mode}"
+    )
+    out = write_record(f"speed-{precision}{compiled}-", fast, fields)
     console.print(f"wrote {out}")
 
 

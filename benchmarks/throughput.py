@@ -9,6 +9,7 @@ Prints a table and writes benchmarks/results/<host-kind>-<date>.json.
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import time
@@ -29,7 +30,8 @@ from clrun.data.batches import InputView
 from clrun.hardware import resolve_hardware
 from clrun.models import TaskModel, build_backbone
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where the benchmarks write their JSON; CLRUN_BENCH_RESULTS elsewhere (`gpu_check.py --dry-run`: a scratch folder)
+RESULTS = Path(os.environ.get("CLRUN_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR_VIEW = InputView(CIFAR_MEAN, CIFAR_STD, augment=True)  # clrun's CIFAR recipe: pad-4 crop and flip
 # backbone -> (input shape, batch size)

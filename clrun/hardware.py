@@ -69,6 +69,6 @@ def resolve_hardware(cfg) -> Hardware:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.memory_fraction is not None and on_cuda:  # several jobs of a multirun sharing one GPU
-        torch.cuda.set_per_process_memory_fraction(cfg.memory_fraction, device)
+        torch.cuda.set_per_process_memory_fraction(cfg.memory_fraction)  # the current device ("cuda" has no index)
     compile_mode = cfg.compile_mode.value if cfg.compile else None
     return Hardware(device, autocast_dtype, channels_last, compile_mode)

@@ -448,6 +448,7 @@ def test_chunks_of_a_memory_map_give_the_in_memory_batches(tmp_path, monkeypatch
     assert all(torch.equal(got, want) for got, want in zip(chunked, expected, strict=True))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: host images copied to the device in chunks")
 def test_host_images_reach_cuda_in_the_batches_of_device_resident_ones(monkeypatch):
     images, labels = torch.randint(0, 256, (1000, 3, 8, 8), dtype=torch.uint8), torch.arange(1000)

@@ -331,7 +331,8 @@ def _measured_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[floa
     """Per-channel mean and std of uint8 images scaled to [0, 1], summed `chunk` images at a time in float64 (the
     decoded images of a file dataset can be larger than memory)."""
     channels = images.shape[1]
-    total, squares = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+    total = torch.zeros(channels, dtype=torch.float64, device=images.device)  # images may be on the GPU already
+    squares = torch.zeros_like(total)
     for start in range(0, len(images), chunk):
         pixels = images[start : start + chunk].to(torch.float64).div_(255)
         total += pixels.sum((0, 2, 3))

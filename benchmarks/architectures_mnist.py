@@ -33,6 +33,7 @@ METHODS = (
     "pathnet",
     "dan",
     "clnp",
+    "learn_to_grow",
 )
 COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "wall_s"]
 

@@ -47,6 +47,12 @@ def test_row_lstm_reads_images_row_by_row():
     assert torch.equal(lstm(x), lstm.lstm(rows(x))[0][:, -1]) and lstm(x).shape == (2, 8)
 
 
+def test_methods_that_mask_or_gate_layers_refuse_the_lstm_backbone():
+    lstm = [*TINY_STREAM, "backbone=lstm"]
+    one_line_error("backbone.name=lstm: weight sharing", build_method, None, *lstm, "method=packnet")
+    one_line_error("method hat gates the hidden units of chain backbones only", build_method, None, *lstm, "method=hat")
+
+
 def test_gates_pick_the_right_module_on_separable_tasks(tmp_path):
     summary, run_dir = run(tmp_path, *TINY, *SEPARABLE, "stream.scenario=class", "method.train.epochs=10")
     assert summary["task_id_acc"] == 1.0  # every test image of every task went to its own module

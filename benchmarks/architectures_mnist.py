@@ -1,11 +1,11 @@
 """The growing and gating architectures side by side on real MNIST: accuracy, BWT, expansion, wall time.
 
-Runs `clrun -m method=<methods> stream=<stream> backbone=mlp method.train.iterations=N` (each method with
-its own recipe otherwise) as one Hydra multirun, prints a table and writes
+Runs `clrun -m method=<methods> stream=<stream> backbone=<backbone, mlp> method.train.iterations=N` (each
+method with its own recipe otherwise) as one Hydra multirun, prints a table and writes
 benchmarks/results/architectures-<stream>-<N>it-<date>.csv. Finished runs are not retrained.
 
     python benchmarks/architectures_mnist.py [--stream split_mnist] [--iterations 500] [--methods ...]
-        [--data-root DIR] [--seed N] [KEY=VALUE ...]
+        [--data-root DIR] [--seed N] [--backbone mlp] [KEY=VALUE ...]
 """
 
 import argparse
@@ -34,6 +34,7 @@ METHODS = (
     "dan",
     "clnp",
     "learn_to_grow",
+    "gim",
 )
 COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "wall_s"]
 
@@ -45,16 +46,18 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--data-root", default=default_data_root(), help="folder holding MNIST/raw")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default="mlp", help="e.g. lstm (images read row by row: gim's modules)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     console = Console()
-    label = f"{args.stream}-{args.iterations}it"
+    backbone = "" if args.backbone == "mlp" else f"{args.backbone}-"
+    label = f"{args.stream}-{backbone}{args.iterations}it"
     runs_dir = ROOT / "outputs" / "bench" / f"architectures-{label}"
     command = [
         "-m",
         f"method={','.join(args.methods)}",
         f"stream={args.stream}",
-        "backbone=mlp",
+        f"backbone={args.backbone}",
         f"method.train.iterations={args.iterations}",
         f"data.root={Path(args.data_root).expanduser().resolve()}",
         f"seed={args.seed}",
@@ -67,7 +70,7 @@ def main() -> None:
         sys.exit(f"architectures_mnist: error: {error}")
     table = pd.concat([pd.read_parquet(p) for p in sorted(runs_dir.rglob("summary.parquet"))], ignore_index=True)
     table = table[table["method"].isin(args.methods)][["method", "stream", "scenario", "seed", *COLUMNS]]
-    view = Table(title=f"{args.stream}, mlp, {args.iterations} iterations per task")
+    view = Table(title=f"{args.stream}, {args.backbone}, {args.iterations} iterations per task")
     for column in ["method", "ACC %", "BWT %", "forgetting %", "expansion", "model MB", "wall s"]:
         view.add_column(column, justify="left" if column == "method" else "right")
     for _, row in table.iterrows():

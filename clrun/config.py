@@ -188,6 +188,11 @@ class MlpConfig(BackboneConfig):
 
 
 @dataclass
+class LstmConfig(BackboneConfig):
+    hidden: int = checked(AT_LEAST_1, 128)  # LSTM units at width 1
+
+
+@dataclass
 class DataConfig:
     root: str = "${oc.env:CLRUN_DATA,'~/.cache/clrun/data'}"  # dataset folder: env CLRUN_DATA, else ~/.cache/clrun/data
     download: bool = False  # fetch missing files with torchvision's downloaders (needs network)
@@ -212,6 +217,7 @@ def register_schemas(store: ConfigStore) -> None:
     store.store(name="config_schema", node=Config)
     store.store(name="backbone_schema", node=BackboneConfig)
     store.store(name="mlp_backbone_schema", node=MlpConfig)
+    store.store(name="lstm_backbone_schema", node=LstmConfig)
     store.store(name="stream_schema", node=StreamConfig)
     store.store(name="hardware_schema", node=HardwareConfig)
 

@@ -9,7 +9,7 @@ from fixtures import torchvision_model
 from omegaconf import OmegaConf
 from torch import nn
 
-from clrun.config import BackboneConfig, MlpConfig
+from clrun.config import BackboneConfig, LstmConfig, MlpConfig
 from clrun.errors import ClrunError
 from clrun.models import MultiHead, TaskModel, build_backbone
 from clrun.models.backbones import SphereUnit
@@ -21,6 +21,7 @@ CLRUN_TYPES = (Conv2d, Linear, BatchNorm2d, BatchNorm1d)
 # name -> (a small width, valid input shapes, out_features at that width)
 BACKBONES = {
     "mlp": (1.0, [(1, 28, 28), (3, 32, 32)], 400),
+    "lstm": (1.0, [(1, 28, 28), (3, 32, 32)], 128),
     "convnet": (1.0, [(1, 28, 28), (3, 32, 32)], 128),
     "vgg16_bn": (0.25, [(3, 32, 32), (3, 64, 48)], 1024),
     "resnet18": (0.25, [(3, 32, 32), (1, 28, 28)], 128),
@@ -29,6 +30,7 @@ BACKBONES = {
 }
 CANONICAL = {
     "mlp": (1, 28, 28),
+    "lstm": (1, 28, 28),
     "convnet": (1, 28, 28),
     "vgg16_bn": (3, 32, 32),
     "resnet18": (3, 32, 32),
@@ -38,7 +40,7 @@ CANONICAL = {
 
 
 def config(name: str, **fields):
-    schema = MlpConfig if name == "mlp" else BackboneConfig
+    schema = {"mlp": MlpConfig, "lstm": LstmConfig}.get(name, BackboneConfig)
     return OmegaConf.merge(OmegaConf.structured(schema), {"name": name, **fields})
 
 
@@ -82,7 +84,7 @@ def test_layers_are_clrun_types(name):
     for m in model.modules():
         own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
         if own or isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
-            assert type(m) in (*CLRUN_TYPES, nn.PReLU), type(m)
+            assert type(m) in (*CLRUN_TYPES, nn.PReLU, nn.LSTM), type(m)
 
 
 def test_vgg16_bn_layout_and_parameter_count():

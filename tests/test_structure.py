@@ -105,7 +105,16 @@ def test_config_py_holds_no_methods_schema():
         for name, value in vars(clrun.config).items()
         if isinstance(value, type) and dataclasses.is_dataclass(value)
     }
-    assert schemas == {"Rule", "StreamConfig", "HardwareConfig", "BackboneConfig", "MlpConfig", "DataConfig", "Config"}
+    assert schemas == {
+        "Rule",
+        "StreamConfig",
+        "HardwareConfig",
+        "BackboneConfig",
+        "MlpConfig",
+        "LstmConfig",
+        "DataConfig",
+        "Config",
+    }
 
 
 def flat(node, prefix: str = "") -> dict:

@@ -2,7 +2,8 @@
 
 Every backbone exposes `out_features` and maps (N, C, H, W) inputs to
 (N, out_features) features; classifiers live in `clrun.models.heads`. All
-convolutions, linear layers and batch norms are clrun layer types.
+convolutions, linear layers and batch norms are clrun layer types; `lstm` reads
+images row by row through a `torch.nn.LSTM`.
 resnet18, resnet50 and vgg16_bn have a choice of stem (`backbone.stem`); with
 the ImageNet one their modules and keys are torchvision's minus the classifier,
 so torchvision's ImageNet weights load (`backbone.pretrained=imagenet`).
@@ -48,6 +49,30 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) as sequences of their rows: (N, H, C*W)."""
+    return x.permute(0, 2, 1, 3).flatten(2)
+
+
+class RowLSTM(nn.Module):
+    """An LSTM reading an image row by row (H steps of its C*W pixels, sequential MNIST's row variant); its
+    features are the hidden state after the last row."""
+
+    def __init__(self, input_shape: Shape, hidden: int) -> None:
+        super().__init__()
+        c, _, w = input_shape
+        self.lstm = nn.LSTM(c * w, hidden, batch_first=True)
+        self.out_features = hidden
+
+    def sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden state after each step, (N, steps, hidden), for images (N, C, H, W) or sequences
+        (N, steps, C*W)."""
+        return self.lstm(rows(x) if x.dim() == 4 else x)[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sequence(x)[:, -1]
 
 
 class ConvNet(nn.Module):
@@ -257,6 +282,10 @@ def _mlp(cfg: DictConfig, shape: Shape) -> nn.Module:
     return MLP(shape, [_scale(h, cfg.width) for h in cfg.hidden])
 
 
+def _lstm(cfg: DictConfig, shape: Shape) -> nn.Module:
+    return RowLSTM(shape, _scale(cfg.hidden, cfg.width))
+
+
 def _convnet(cfg: DictConfig, shape: Shape) -> nn.Module:
     _require_min_size("convnet", shape, 8)
     return ConvNet(shape[0], cfg.width)
@@ -315,6 +344,7 @@ def _sphereface20(cfg: DictConfig, shape: Shape) -> nn.Module:
 
 BACKBONES: dict[str, Callable[[DictConfig, Shape], nn.Module]] = {
     "mlp": _mlp,
+    "lstm": _lstm,
     "convnet": _convnet,
     "vgg16_bn": _vgg16_bn,
     "resnet18": _resnet18,
@@ -324,7 +354,7 @@ BACKBONES: dict[str, Callable[[DictConfig, Shape], nn.Module]] = {
 
 
 # what `build_backbone` returns (`hardware.compile` compiles these inside a method's model)
-BACKBONE_TYPES = (MLP, ConvNet, VGG16BN, ResNet, SphereFace20)
+BACKBONE_TYPES = (MLP, RowLSTM, ConvNet, VGG16BN, ResNet, SphereFace20)
 
 
 def _imagenet_file(cfg: DictConfig) -> Path:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from clrun.errors import ClrunError
 from clrun.models.heads import MultiHead
 from clrun.models.layers import Conv2d, Linear
 
@@ -72,6 +73,8 @@ class SharedNet(nn.Module):
 
     @staticmethod
     def _with_owners(backbone: nn.Module) -> nn.Module:
+        if any(isinstance(m, nn.RNNBase) for m in backbone.modules()):
+            raise ClrunError("backbone.name=lstm: weight sharing masks conv and linear layers' weights, not an LSTM's")
         for layer in shared_layers(backbone).values():
             layer.register_buffer("owner", torch.zeros_like(layer.weight, dtype=torch.uint8))
             layer.pick = None

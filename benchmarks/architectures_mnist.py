@@ -33,6 +33,8 @@ METHODS = (
     "pathnet",
     "dan",
     "clnp",
+    "rcl",
+    "cleas",
 )
 COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "wall_s"]
 

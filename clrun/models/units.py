@@ -5,6 +5,8 @@ unit (FREE: none yet). A task runs through its unit masks (the units it uses, pe
 outside the mask outputs exactly 0, so nothing that flows only through it reaches the task's logits.
 """
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +22,7 @@ class UnitNet(nn.Module):
     def __init__(self, n_inputs: int, capacities: list[int]):
         super().__init__()
         sizes = [n_inputs, *capacities]
-        self.layers = nn.ModuleList(Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.layers = nn.ModuleList(Linear(a, b) for a, b in pairwise(sizes))
         for i, units in enumerate(capacities):
             self.register_buffer(f"owner{i}", torch.full((units,), FREE, dtype=torch.long))
         self.heads = nn.ModuleList()

@@ -15,6 +15,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -193,13 +194,17 @@ class UnitSearchMethod(Method):
     def footprint(self) -> Footprint:
         """Dense layers over the units some task added, each task's head on the units it uses, its masks."""
         sizes = [self.n_inputs, *(int((o != FREE).sum()) for o in self.net.owners)]
-        body = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
-        heads = sum(int(m[-1].sum()) * h.out_features + h.out_features for m, h in zip(self.masks, self.net.heads))
+        body = sum(a * b + b for a, b in pairwise(sizes))
+        heads = sum(
+            int(m[-1].sum()) * h.out_features + h.out_features for m, h in zip(self.masks, self.net.heads, strict=True)
+        )
         base_sizes = [self.n_inputs, *self.base]
         classes = self.stream.tasks[0].n_classes
-        base = sum(a * b + b for a, b in zip(base_sizes, base_sizes[1:])) + base_sizes[-1] * classes + classes
+        base = sum(a * b + b for a, b in pairwise(base_sizes)) + base_sizes[-1] * classes + classes
         size = (body + heads) * self.net.layers[0].weight.element_size()
-        return Footprint(params=body + heads, bytes=size + tensor_bytes(m for ms in self.masks for m in ms), base_params=base)
+        return Footprint(
+            params=body + heads, bytes=size + tensor_bytes(m for ms in self.masks for m in ms), base_params=base
+        )
 
     def summary(self) -> dict:
         return {"units": sum(int((o != FREE).sum()) for o in self.net.owners)}

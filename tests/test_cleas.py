@@ -63,7 +63,8 @@ def test_pool_smaller_than_task_0_and_conv_backbones_are_refused_in_one_line():
     one_line_error("grows fully connected layers only", build_method, CLEAS, *convnet)
 
 
-def test_cli_runs_cleas_with_the_default_threshold_in_the_domain_scenario(tmp_path):
+def test_cli_runs_cleas_with_the_default_threshold_and_a_plateau_schedule_in_the_domain_scenario(tmp_path):
     overrides = [o for o in TINY if o != "method.decide=sample"]
+    overrides += ["method.train.schedule=plateau", "method.train.patience=1", "method.train.batch_size=16"]
     done = clrun(tmp_path, *overrides, "stream.scenario=domain", "method.task_id=confidence")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -72,8 +72,8 @@ def test_candidates_are_trained_and_the_best_reward_kept(monkeypatch):
     candidates, rewards = [], []
     train = method.train_candidate
 
-    def spy(task, new, masks, data, phase):
-        net, stats = train(task, new, masks, data, phase)
+    def spy(task, new, masks, data, phase, check):
+        net, stats = train(task, new, masks, data, phase, check)
         candidates.append((net, new))
         return net, stats
 

@@ -99,7 +99,7 @@ class UnitSearchMethod(Method):
     def learn(self, task: Task) -> dict:
         if task.index == 0:
             new = [self.as_mask(i, torch.arange(n)) for i, n in enumerate(self.base)]
-            net, stats = self.train_candidate(task, new, new, (task.train.x, task.train.y), "")
+            net, stats = self.train_candidate(task, new, new, (task.train.x, task.train.y), "", task.test)
             self.keep(task, new, new, net)
             return {**stats.row(), "added_units": sum(self.base), "used_units": sum(self.base)}
         x, y = task.train.x, task.train.y
@@ -112,11 +112,9 @@ class UnitSearchMethod(Method):
         best: list[Candidate] = []
 
         def score(new: Masks, masks: Masks, cost: float, phase: str) -> float:
-            net, stats = self.train_candidate(task, new, masks, data, phase)
+            net, stats = self.train_candidate(task, new, masks, data, phase, validation)
             phases.append(stats)
-            net.eval()
-            predict = lambda x: net(x, task.index, masks)  # noqa: E731
-            correct = accuracy(predict, validation, self.stream, self.hw, self.cfg.eval_batch_size, task.index)
+            correct = self.candidate_accuracy(net, task, masks, validation)
             reward = correct - self.cfg.penalty * cost
             if not best or reward > best[0].reward:
                 best[:] = [Candidate(reward, correct, net, new, masks)]
@@ -146,9 +144,17 @@ class UnitSearchMethod(Method):
             pairs += [(layer.weight, rows), (layer.bias, new[i])]
         return pairs
 
-    def train_candidate(self, task: Task, new: Masks, masks: Masks, data, phase: str) -> tuple[UnitNet, FitStats]:
+    def candidate_accuracy(self, net: UnitNet, task: Task, masks: Masks, split: Split) -> float:
+        net.eval()
+        predict = lambda x: net(x, task.index, masks)  # noqa: E731
+        return accuracy(predict, split, self.stream, self.hw, self.cfg.eval_batch_size, task.index)
+
+    def train_candidate(
+        self, task: Task, new: Masks, masks: Masks, data, phase: str, check: Split
+    ) -> tuple[UnitNet, FitStats]:
         """A copy of the stored network with a new head for `task`, trained on `data` through `masks`, only the
-        `movable` entries and the head changing."""
+        `movable` entries and the head changing; a `plateau` schedule follows its accuracy on `check` (the
+        validation split; task 0: the test split, as `Method.fit` validates)."""
         net = copy.deepcopy(self.net)
         head = net.add_head(task.n_classes)
         kept = [(t, ~m, t.detach().clone()) for t, m in self.movable(net, new)]
@@ -162,7 +168,10 @@ class UnitSearchMethod(Method):
             return F.cross_entropy(net(x, head, masks), y)
 
         params = [*net.layers.parameters(), *net.heads[head].parameters()]
-        return net, self.fit(task, net, params, loss, phase=phase, data=data, after_step=restore)
+        validate = None
+        if self.cfg.train.schedule.value == "plateau":
+            validate = lambda: self.candidate_accuracy(net, task, masks, check)  # noqa: E731
+        return net, self.fit(task, net, params, loss, phase=phase, data=data, after_step=restore, validate=validate)
 
     @torch.no_grad()
     def keep(self, task: Task, new: Masks, masks: Masks, net: UnitNet) -> None:

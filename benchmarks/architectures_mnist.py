@@ -35,6 +35,8 @@ METHODS = (
     "clnp",
     "learn_to_grow",
     "gim",
+    "rcl",
+    "cleas",
 )
 COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "wall_s"]
 

@@ -125,21 +125,21 @@ class RPSNet(Method):
     def inference_path(self) -> torch.Tensor:
         return self.fixed | self.path
 
-    def labelled(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images with their labels over the stream's every class (the one head's)."""
+    def head_labels(self, y: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """Task-local labels `y` of tasks `t` as the one head's labels (over the stream's every class)."""
         offsets = torch.tensor([self.stream.class_offset(k) for k in range(len(self.stream.tasks))], device=y.device)
-        return x, y + (offsets[t] if isinstance(t, torch.Tensor) else offsets[t])
+        return y + offsets[t]
 
     def datasets(self, task: Task) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """The training set (the task's images not held out + the memory, `memory_repeat` times) and the
         validation set (the held-out images, or the training images, + the memory), labels over every class."""
-        x, y = self.labelled(task.train.x, task.train.y, task.index)
+        x, y = task.train.x, self.head_labels(task.train.y, task.index)
         n_val = round(self.cfg.val_fraction * len(y))
         order = torch.randperm(len(y)).to(y.device)
         held, kept = order[:n_val], order[n_val:]
         train, val = [(x[kept], y[kept])], [(x[held], y[held]) if n_val else (x, y)]
         if len(self.memory):
-            old = self.labelled(self.memory.x, self.memory.y, self.memory.t)
+            old = self.memory.x, self.head_labels(self.memory.y, self.memory.t)
             train += [old] * self.cfg.memory_repeat
             val.append(old)
         return joined(train), joined(val)

@@ -6,6 +6,11 @@ benchmarks/results/architectures-<stream>-<N>it-<date>.csv. Finished runs are no
 
     python benchmarks/architectures_mnist.py [--stream split_mnist] [--iterations 500] [--methods ...]
         [--data-root DIR] [--seed N] [--backbone mlp] [KEY=VALUE ...]
+    python benchmarks/architectures_mnist.py [--stream split_mnist] [--scenario task] [--iterations 500]
+        [--methods ...] [--data-root DIR] [--seed N] [KEY=VALUE ...]
+
+`--scenario class|domain` runs the stream in that scenario (methods that do not support it stop the multirun:
+name the ones that do) and adds it to the CSV's name.
 """
 
 import argparse
@@ -37,6 +42,7 @@ METHODS = (
     "gim",
     "rcl",
     "cleas",
+    "rps_net",
 )
 COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "wall_s"]
 
@@ -44,6 +50,7 @@ COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "wall_s"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stream", default="split_mnist")
+    parser.add_argument("--scenario", default="task", choices=["task", "class", "domain"])
     parser.add_argument("--iterations", type=int, default=500, help="iterations per task (each training phase)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--data-root", default=default_data_root(), help="folder holding MNIST/raw")
@@ -54,12 +61,15 @@ def main() -> None:
     console = Console()
     backbone = "" if args.backbone == "mlp" else f"{args.backbone}-"
     label = f"{args.stream}-{backbone}{args.iterations}it"
+    label = f"{args.stream}-{args.iterations}it" + ("" if args.scenario == "task" else f"-{args.scenario}")
     runs_dir = ROOT / "outputs" / "bench" / f"architectures-{label}"
     command = [
         "-m",
         f"method={','.join(args.methods)}",
         f"stream={args.stream}",
         f"backbone={args.backbone}",
+        f"stream.scenario={args.scenario}",
+        "backbone=mlp",
         f"method.train.iterations={args.iterations}",
         f"data.root={Path(args.data_root).expanduser().resolve()}",
         f"seed={args.seed}",
@@ -73,6 +83,7 @@ def main() -> None:
     table = pd.concat([pd.read_parquet(p) for p in sorted(runs_dir.rglob("summary.parquet"))], ignore_index=True)
     table = table[table["method"].isin(args.methods)][["method", "stream", "scenario", "seed", *COLUMNS]]
     view = Table(title=f"{args.stream}, {args.backbone}, {args.iterations} iterations per task")
+    view = Table(title=f"{args.stream} ({args.scenario} scenario), mlp, {args.iterations} iterations per task")
     for column in ["method", "ACC %", "BWT %", "forgetting %", "expansion", "model MB", "wall s"]:
         view.add_column(column, justify="left" if column == "method" else "right")
     for _, row in table.iterrows():

@@ -4,10 +4,8 @@ Runs `clrun -m method=<methods> stream=<stream> backbone=<backbone, mlp> method.
 method with its own recipe otherwise) as one Hydra multirun, prints a table and writes
 benchmarks/results/architectures-<stream>-<N>it-<date>.csv. Finished runs are not retrained.
 
-    python benchmarks/architectures_mnist.py [--stream split_mnist] [--iterations 500] [--methods ...]
-        [--data-root DIR] [--seed N] [--backbone mlp] [KEY=VALUE ...]
     python benchmarks/architectures_mnist.py [--stream split_mnist] [--scenario task] [--iterations 500]
-        [--methods ...] [--data-root DIR] [--seed N] [KEY=VALUE ...]
+        [--methods ...] [--data-root DIR] [--seed N] [--backbone mlp] [KEY=VALUE ...]
 
 `--scenario class|domain` runs the stream in that scenario (methods that do not support it stop the multirun:
 name the ones that do) and adds it to the CSV's name.
@@ -60,8 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     backbone = "" if args.backbone == "mlp" else f"{args.backbone}-"
-    label = f"{args.stream}-{backbone}{args.iterations}it"
-    label = f"{args.stream}-{args.iterations}it" + ("" if args.scenario == "task" else f"-{args.scenario}")
+    label = f"{args.stream}-{backbone}{args.iterations}it" + ("" if args.scenario == "task" else f"-{args.scenario}")
     runs_dir = ROOT / "outputs" / "bench" / f"architectures-{label}"
     command = [
         "-m",
@@ -69,7 +66,6 @@ def main() -> None:
         f"stream={args.stream}",
         f"backbone={args.backbone}",
         f"stream.scenario={args.scenario}",
-        "backbone=mlp",
         f"method.train.iterations={args.iterations}",
         f"data.root={Path(args.data_root).expanduser().resolve()}",
         f"seed={args.seed}",
@@ -82,8 +78,9 @@ def main() -> None:
         sys.exit(f"architectures_mnist: error: {error}")
     table = pd.concat([pd.read_parquet(p) for p in sorted(runs_dir.rglob("summary.parquet"))], ignore_index=True)
     table = table[table["method"].isin(args.methods)][["method", "stream", "scenario", "seed", *COLUMNS]]
-    view = Table(title=f"{args.stream}, {args.backbone}, {args.iterations} iterations per task")
-    view = Table(title=f"{args.stream} ({args.scenario} scenario), mlp, {args.iterations} iterations per task")
+    view = Table(
+        title=f"{args.stream} ({args.scenario} scenario), {args.backbone}, {args.iterations} iterations per task"
+    )
     for column in ["method", "ACC %", "BWT %", "forgetting %", "expansion", "model MB", "wall s"]:
         view.add_column(column, justify="left" if column == "method" else "right")
     for _, row in table.iterrows():

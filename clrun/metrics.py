@@ -51,10 +51,40 @@ def fwt(R: np.ndarray, initial: np.ndarray) -> float:
     return _nanmean([R[j - 1, j] - initial[j] for j in range(1, R.shape[0])])
 
 
-def lower_triangle_mean(R: np.ndarray) -> float:
-    """Mean of R[i, j] over j <= i: the average accuracy over the whole stream."""
+def acc_all_steps(R: np.ndarray) -> float:
+    """The survey's A (Diaz-Rodriguez et al.; its eq. 7): mean of R[i, j] over j <= i, the accuracy averaged over
+    every step of the stream."""
     R = np.asarray(R, dtype=float)
     return _nanmean(R[np.tril_indices(R.shape[0])])
+
+
+def fwt_all_steps(R: np.ndarray) -> float:
+    """The survey's FWT (its eq. 10): mean of R[i, j] over j > i, tasks not learned yet, with no baseline
+    subtracted (unlike `fwt`); NaN where those entries were not measured (task-incremental heads)."""
+    R = np.asarray(R, dtype=float)
+    return _nanmean(R[np.triu_indices(R.shape[0], k=1)])
+
+
+def bwt_all_steps(R: np.ndarray) -> float:
+    """The survey's BWT over all steps (its eq. 11): mean of R[i, j] - R[j, j] over j < i (`bwt` takes the
+    last row only)."""
+    R = np.asarray(R, dtype=float)
+    return _nanmean([R[i, j] - R[j, j] for i in range(R.shape[0]) for j in range(i)])
+
+
+def memory_efficiency(sizes) -> float:
+    """The survey's MS (its eq. 12): min(1, mean_i size_0 / size_i) of the stored model's size after each task;
+    1 means no growth."""
+    sizes = np.asarray(sizes, dtype=float)
+    return float(np.minimum(1.0, np.mean(sizes[0] / sizes))) if sizes.size else float("nan")
+
+
+def compute_efficiency(plain_macs, spent_macs) -> float:
+    """The survey's CE (its eq. 13): min(1, mean_t plain_t / spent_t), `plain_t` the MACs that training task t's
+    final model once under its recipe costs (epsilon x one forward+backward pass over the task), `spent_t` every
+    MAC spent learning task t (every phase, every candidate a search trains). NaN where a task was not counted."""
+    ratios = np.asarray(plain_macs, dtype=float) / np.asarray(spent_macs, dtype=float)
+    return float(np.minimum(1.0, ratios.mean())) if ratios.size else float("nan")
 
 
 def expansion(stored_params: int, base_params: int) -> float:

@@ -18,7 +18,8 @@ from clrun.results import ACCURACY_FILE, PERCENT, SUMMARY_FILE, TASK_AWARE, matr
 
 GROUP = ["method", "stream", "scenario", "backbone", "config_id"]
 COLUMNS = ["acc", "bwt", "forgetting", "task_aware_acc", "task_id_acc", "transfer_vs_scratch"]
-COLUMNS += ["expansion", "model_mb", "wall_s"]
+COLUMNS += ["acc_all_steps", "bwt_all_steps", "fwt_all_steps"]  # the survey's A, BWT and FWT over all steps
+COLUMNS += ["expansion", "model_mb", "memory_efficiency", "compute_efficiency", "wall_s"]
 
 
 def load_runs(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -70,8 +71,13 @@ LABELS = {
     "task_aware_acc": "task-aware ACC %",
     "task_id_acc": "task id right %",
     "transfer_vs_scratch": "vs scratch %",
+    "acc_all_steps": "A (all steps) %",
+    "bwt_all_steps": "BWT all steps %",
+    "fwt_all_steps": "FWT all steps %",
     "expansion": "expansion",
     "model_mb": "model MB",
+    "memory_efficiency": "MS",
+    "compute_efficiency": "CE",
     "wall_s": "wall s",
 }
 

@@ -80,8 +80,8 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 
 # summary columns that are fractions, shown as percentages
-PERCENT = {"acc", "bwt", "fwt", "forgetting", "lower_triangle_acc", "task_id_acc", "task_aware_acc", "task_aware_bwt"}
-PERCENT |= {"task_aware_forgetting", "transfer_vs_scratch"}
+PERCENT = {"acc", "bwt", "fwt", "forgetting", "acc_all_steps", "fwt_all_steps", "bwt_all_steps", "task_id_acc"}
+PERCENT |= {"task_aware_acc", "task_aware_bwt", "task_aware_forgetting", "transfer_vs_scratch"}
 TASK_AWARE = "task_aware"  # eval_mode of rows measured with the task id given
 TASK_AGNOSTIC = "task_agnostic"  # eval_mode of rows measured without it (class and domain scenarios)
 BEFORE_TRAINING = -1  # train_task of the rows measured before the first task (domain scenario: FWT's b_j)
@@ -117,18 +117,27 @@ def initial_accuracy(accuracy: pd.DataFrame, n_tasks: int) -> np.ndarray:
     return b
 
 
-def summarize(R: np.ndarray, footprint: Footprint, wall_s: float, initial: np.ndarray | None = None) -> dict:
-    """The summary metrics of a finished run (definitions in `clrun.metrics`); `initial` holds FWT's b_j."""
+def summarize(
+    R: np.ndarray, footprint: Footprint, tasks: pd.DataFrame, wall_s: float, initial: np.ndarray | None = None
+) -> dict:
+    """The summary metrics of a finished run (definitions in `clrun.metrics`); `initial` holds FWT's b_j; `tasks`
+    (tasks.parquet's rows: `model_mb` after each task, `plain_macs`, `train_macs`) gives MS and CE."""
     initial = np.full(len(R), np.nan) if initial is None else initial
+    nan = pd.Series(np.nan, index=tasks.index)
     return {
         "acc": metrics.acc(R),
         "bwt": metrics.bwt(R),
         "fwt": metrics.fwt(R, initial),
         "forgetting": metrics.forgetting(R),
-        "lower_triangle_acc": metrics.lower_triangle_mean(R),
+        "acc_all_steps": metrics.acc_all_steps(R),
+        "fwt_all_steps": metrics.fwt_all_steps(R),
+        "bwt_all_steps": metrics.bwt_all_steps(R),
         "expansion": metrics.expansion(footprint.params, footprint.base_params),
         "params": footprint.params,
         "model_mb": metrics.model_mb(footprint.bytes),
+        "memory_efficiency": metrics.memory_efficiency(tasks.get("model_mb", nan)),
+        "compute_efficiency": metrics.compute_efficiency(tasks.get("plain_macs", nan), tasks.get("train_macs", nan)),
+        "train_macs": float(tasks.get("train_macs", nan).sum(min_count=1)),
         "wall_s": wall_s,
     }
 

@@ -20,10 +20,19 @@ from clrun.data import build_stream
 from clrun.data.stream import Stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
-from clrun.train import accuracy, agnostic_accuracy, make_progress, verification
+from clrun.train import accuracy, agnostic_accuracy, make_progress, recipe_images, verification
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
+
+
+def plain_macs(method_cfg, task_row: dict) -> float:
+    """The survey's epsilon x one forward+backward pass over a task (CE's numerator): the MACs of training the task's
+    final model once under the method's `train` recipe; NaN without a `train` recipe or a MAC count."""
+    recipe = method_cfg.get("train")
+    if recipe is None:
+        return float("nan")
+    return recipe_images(recipe, task_row["n_train"]) * task_row.get("macs_per_image", float("nan"))
 
 
 def identity(cfg) -> dict:
@@ -129,7 +138,8 @@ class Run:
                 start = time.perf_counter()
                 stats = method.learn(task)
                 accuracy_rows += self._evaluate(method, stream, hw, task.index)
-                task_rows.append(self._task_row(task, time.perf_counter() - start, stats, method.footprint()))
+                row = self._task_row(task, time.perf_counter() - start, stats, method.footprint())
+                task_rows.append({**row, "plain_macs": plain_macs(method.task_cfg(task), row)})
                 self._checkpoint(method, accuracy_rows, task_rows)
 
         accuracy_table = pd.DataFrame(accuracy_rows)
@@ -138,7 +148,7 @@ class Run:
         wall_s = sum(row["wall_s"] for row in task_rows)
         metrics = {
             "n_tasks": len(stream),
-            **results.summarize(R, method.footprint(), wall_s, initial),
+            **results.summarize(R, method.footprint(), pd.DataFrame(task_rows), wall_s, initial),
             **results.second_matrix_metrics(accuracy_table, len(stream)),
             **method.summary(),
         }

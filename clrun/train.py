@@ -4,6 +4,7 @@ A method supplies what makes it that method (which parameters train, the loss, h
 `Trainer.fit` owns the optimizer, schedule, batching, augmentation, autocast and progress.
 """
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -13,6 +14,7 @@ from typing import Optional
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.flop_counter import FlopCounterMode
 
 from clrun.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, NULL_OR_AT_LEAST_1, POSITIVE, Rule, checked
 from clrun.data import iterate
@@ -68,6 +70,13 @@ class TrainConfig(OptimizerConfig):
     max_decays: Optional[int] = checked(NULL_OR_AT_LEAST_1, 3)
 
 
+def recipe_images(recipe, n: int) -> int:
+    """The images one training phase under `recipe` (a `TrainConfig`) trains on `n` images: `iterations` batches,
+    else `epochs` passes."""
+    iterations = recipe.get("iterations")
+    return iterations * recipe.batch_size if iterations else recipe.epochs * n
+
+
 @dataclass(frozen=True)
 class Step:
     """Where a training phase is when it trains a batch (what loss functions and hooks are handed)."""
@@ -93,22 +102,35 @@ class FitStats:
     images: int
     seconds: float
     loss: float  # mean loss of the last epoch
+    # multiply-accumulates of one training image's step (every forward and backward pass its loss makes), counted
+    # by torch.utils.flop_counter on the phase's first batch (matmuls and convolutions); NaN: not counted
+    macs_per_image: float = math.nan
+    macs: float = math.nan  # spent in the phase: macs_per_image x images
 
     @classmethod
     def total(cls, phases: Sequence["FitStats"]) -> "FitStats":
-        """Several phases of one task as one: epochs, images and seconds summed, the last phase's loss
-        (no phase: zeros and a NaN loss)."""
+        """Several phases of one task as one: epochs, images, seconds and MACs summed, the last phase's loss and
+        MACs per image (no phase: zeros and NaNs)."""
         return cls(
             epochs=sum(s.epochs for s in phases),
             images=sum(s.images for s in phases),
             seconds=sum(s.seconds for s in phases),
             loss=phases[-1].loss if phases else math.nan,
+            macs_per_image=phases[-1].macs_per_image if phases else math.nan,
+            macs=sum(s.macs for s in phases) if phases else math.nan,
         )
 
     def row(self) -> dict:
         """The figures that go into `tasks.parquet`."""
         images_per_s = self.images / self.seconds if self.seconds > 0 else float("nan")
-        return {"epochs": self.epochs, "train_s": self.seconds, "images_per_s": images_per_s, "train_loss": self.loss}
+        return {
+            "epochs": self.epochs,
+            "train_s": self.seconds,
+            "images_per_s": images_per_s,
+            "train_loss": self.loss,
+            "train_macs": self.macs,
+            "macs_per_image": self.macs_per_image,
+        }
 
 
 def make_progress() -> Progress:
@@ -267,6 +289,7 @@ class Trainer:
         hw.compile(module)
         module.train()
         start, images, mean_loss, number, epochs_done = time.perf_counter(), 0, float("nan"), 0, 0
+        macs_per_image = float("nan")
         for epoch in range(epochs):
             loss_sum = torch.zeros((), device=hw.device)
             seen = 0
@@ -275,11 +298,14 @@ class Trainer:
                     break
                 step = Step(number, epoch, batch_index, batches, seen, n)
                 x = hw.to_input(self.stream.prepare(batch[0], train=True, task=task))
-                with hw.autocast():
-                    value = loss(x, *batch[1:], step)
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                value.backward()
+                with FlopCounterMode(display=False) if number == 0 else contextlib.nullcontext() as counter:
+                    with hw.autocast():
+                        value = loss(x, *batch[1:], step)
+                    for optimizer in optimizers:
+                        optimizer.zero_grad(set_to_none=True)
+                    value.backward()
+                if number == 0:
+                    macs_per_image = counter.get_total_flops() / 2 / len(x)
                 if after_backward is not None:
                     after_backward(step, optimizers)
                 for optimizer in optimizers:
@@ -308,7 +334,8 @@ class Trainer:
                 break
         if carry is not None:
             carry.update(optimizers[0].state)
-        return FitStats(epochs=epochs_done, images=images, seconds=time.perf_counter() - start, loss=mean_loss)
+        seconds = time.perf_counter() - start
+        return FitStats(epochs_done, images, seconds, mean_loss, macs_per_image, macs_per_image * images)
 
 
 def eval_batches(

@@ -37,8 +37,34 @@ def test_forgetting_takes_max_over_rows_not_diagonal():
     assert metrics.bwt(R2) == pytest.approx(((0.4 - 0.5) + (0.8 - 0.8)) / 2)
 
 
-def test_lower_triangle_mean():
-    assert metrics.lower_triangle_mean(R) == pytest.approx((0.90 + 0.70 + 0.80 + 0.60 + 0.85 + 0.95) / 6)
+def test_acc_all_steps_is_the_lower_triangle_mean_with_the_diagonal():
+    assert metrics.acc_all_steps(R) == pytest.approx((0.90 + 0.70 + 0.80 + 0.60 + 0.85 + 0.95) / 6)
+
+
+def test_bwt_all_steps_averages_every_earlier_task_after_every_step():
+    # (1, 0): 0.70 - 0.90; (2, 0): 0.60 - 0.90; (2, 1): 0.85 - 0.80, over T(T-1)/2 = 3 terms
+    assert metrics.bwt_all_steps(R) == pytest.approx((-0.20 - 0.30 + 0.05) / 3)
+    assert metrics.bwt(R) != pytest.approx(metrics.bwt_all_steps(R))  # the last row only
+
+
+def test_survey_fwt_is_the_upper_triangle_mean_and_nan_when_unmeasured():
+    assert math.isnan(metrics.fwt_all_steps(R))
+    R3 = np.array([[0.9, 0.3, 0.25], [0.8, 0.9, 0.4], [0.7, 0.8, 0.9]])
+    assert metrics.fwt_all_steps(R3) == pytest.approx((0.3 + 0.25 + 0.4) / 3)  # no baseline subtracted
+
+
+def test_memory_efficiency_from_the_sizes_after_each_task():
+    assert metrics.memory_efficiency([2.0, 2.0, 2.0]) == 1.0  # no growth
+    assert metrics.memory_efficiency([2.0, 4.0, 8.0]) == pytest.approx((1 + 0.5 + 0.25) / 3)
+    assert metrics.memory_efficiency([2.0, 1.0]) == 1.0  # capped at 1 when the model shrinks
+
+
+def test_compute_efficiency_counts_every_mac_spent():
+    plain = [100.0, 100.0, 100.0]
+    assert metrics.compute_efficiency(plain, plain) == 1.0
+    # task 2 trained 4 candidates of the same cost, then the chosen one again: 1/5 of its MACs made the model
+    assert metrics.compute_efficiency(plain, [100.0, 200.0, 500.0]) == pytest.approx((1 + 0.5 + 0.2) / 3)
+    assert math.isnan(metrics.compute_efficiency(plain, [100.0, nan, 100.0]))  # a task not counted
 
 
 def test_fwt_nan_when_future_tasks_never_measured():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import CLRUN, SHARED_DATA, clrun, matrix, needs_shared, run, run_interrupted_then_resumed
 
-from clrun import results
+from clrun import report, results
 from clrun.errors import ClrunError
 from clrun.run import CHECKPOINT
 
@@ -222,3 +222,31 @@ def test_real_split_mnist_finetune_forgets_scratch_does_not(tmp_path):
     assert scratch["bwt"] == 0.0
     assert finetune["acc"] > 0.6
     assert finetune["bwt"] < -0.02
+
+
+def test_survey_metrics_count_every_mac_a_task_spends(tmp_path, capsys):
+    """CE's MACs (torch.utils.flop_counter): an MLP's training step per image is 2 x in x out per layer (forward and
+    weight gradient) plus in x out for the input gradient of every layer but the first; finetune trains once (CE
+    1), PackNet's 30 retraining epochs after 1 training epoch make its CE 1/31."""
+    mlp = [*TINY, "stream.n_tasks=3", "backbone=mlp"]  # 3x32x32 synthetic images, hidden 200, 200, heads of 2
+    layers = [(3072, 200), (200, 200), (200, 2)]
+    per_image = sum(2 * i * o for i, o in layers) + sum(i * o for i, o in layers[1:])
+    summaries = {}
+    for method in ("finetune", "packnet"):
+        summaries[method], run_dir = run(tmp_path, *mlp, f"method={method}", name=method)
+        tasks = pd.read_parquet(run_dir / results.TASKS_FILE)
+        assert (tasks["macs_per_image"] == per_image).all()
+        assert (tasks["train_macs"] == per_image * 160 * tasks["epochs"]).all()
+        assert (tasks["plain_macs"] == per_image * 160).all()  # the `train` recipe's one epoch
+    assert summaries["finetune"]["compute_efficiency"] == 1.0
+    assert summaries["packnet"]["compute_efficiency"] == pytest.approx(1 / 31)
+    for summary in summaries.values():
+        R = matrix(tmp_path / summary["method"])
+        assert summary["acc_all_steps"] == pytest.approx(np.nanmean(R[np.tril_indices(3)]))
+        assert summary["bwt_all_steps"] == pytest.approx(
+            np.mean([R[i, j] - R[j, j] for i in range(3) for j in range(i)])
+        )
+        assert 0.99 < summary["memory_efficiency"] < 1.0  # only the heads grow
+    assert summaries["packnet"]["bwt_all_steps"] == 0.0
+    report.main([str(tmp_path)])
+    assert "CE" in capsys.readouterr().out

@@ -42,7 +42,7 @@ METHODS = (
     "cleas",
     "rps_net",
 )
-COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "wall_s"]
+COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "memory_efficiency", "compute_efficiency", "wall_s"]
 
 
 def main() -> None:
@@ -77,17 +77,18 @@ def main() -> None:
     except ReproduceError as error:
         sys.exit(f"architectures_mnist: error: {error}")
     table = pd.concat([pd.read_parquet(p) for p in sorted(runs_dir.rglob("summary.parquet"))], ignore_index=True)
-    table = table[table["method"].isin(args.methods)][["method", "stream", "scenario", "seed", *COLUMNS]]
+    table = table[table["method"].isin(args.methods)].reindex(
+        columns=["method", "stream", "scenario", "seed", *COLUMNS]
+    )
     view = Table(
         title=f"{args.stream} ({args.scenario} scenario), {args.backbone}, {args.iterations} iterations per task"
     )
-    for column in ["method", "ACC %", "BWT %", "forgetting %", "expansion", "model MB", "wall s"]:
+    for column in ["method", "ACC %", "BWT %", "forgetting %", "expansion", "model MB", "MS", "CE", "wall s"]:
         view.add_column(column, justify="left" if column == "method" else "right")
     for _, row in table.iterrows():
         percent = [f"{row[c] * 100:.2f}" for c in ("acc", "bwt", "forgetting")]
-        view.add_row(
-            row["method"], *percent, f"{row['expansion']:.2f}", f"{row['model_mb']:.2f}", f"{row['wall_s']:.0f}"
-        )
+        plain = [f"{row[c]:.2f}" for c in ("expansion", "model_mb", "memory_efficiency", "compute_efficiency")]
+        view.add_row(row["method"], *percent, *plain, f"{row['wall_s']:.0f}")
     console.print(view)
     out = RESULTS / f"architectures-{label}-{datetime.date.today()}.csv"
     table.to_csv(out, index=False, float_format="%.4f")

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from clrun.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, NULL_OR_AT_LEAST_1, POSITIVE, Rule, checked
 from clrun.data import iterate
@@ -70,6 +71,24 @@ class TrainConfig(OptimizerConfig):
     max_decays: Optional[int] = checked(NULL_OR_AT_LEAST_1, 3)
 
 
+class MacCounter(TorchDispatchMode):
+    """Counts the multiply-accumulates of the matmuls and convolutions run inside it, forward and backward, by
+    torch.utils.flop_counter's formulas (its FlopCounterMode also tracks modules, through hooks that break
+    `autograd.grad` with `create_graph`, e.g. a gradient penalty)."""
+
+    def __init__(self):
+        super().__init__()
+        self.macs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.macs += formula(*args, **kwargs, out_val=out) // 2
+        return out
+
+
 def recipe_images(recipe, n: int) -> int:
     """The images one training phase under `recipe` (a `TrainConfig`) trains on `n` images: `iterations` batches,
     else `epochs` passes."""
@@ -103,7 +122,7 @@ class FitStats:
     seconds: float
     loss: float  # mean loss of the last epoch
     # multiply-accumulates of one training image's step (every forward and backward pass its loss makes), counted
-    # by torch.utils.flop_counter on the phase's first batch (matmuls and convolutions); NaN: not counted
+    # by `MacCounter` on the phase's first batch (matmuls and convolutions); NaN: not counted
     macs_per_image: float = math.nan
     macs: float = math.nan  # spent in the phase: macs_per_image x images
 
@@ -298,14 +317,14 @@ class Trainer:
                     break
                 step = Step(number, epoch, batch_index, batches, seen, n)
                 x = hw.to_input(self.stream.prepare(batch[0], train=True, task=task))
-                with FlopCounterMode(display=False) if number == 0 else contextlib.nullcontext() as counter:
+                with MacCounter() if number == 0 else contextlib.nullcontext() as counter:
                     with hw.autocast():
                         value = loss(x, *batch[1:], step)
                     for optimizer in optimizers:
                         optimizer.zero_grad(set_to_none=True)
                     value.backward()
                 if number == 0:
-                    macs_per_image = counter.get_total_flops() / 2 / len(x)
+                    macs_per_image = counter.macs / len(x)
                 if after_backward is not None:
                     after_backward(step, optimizers)
                 for optimizer in optimizers:

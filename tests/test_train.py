@@ -5,13 +5,14 @@ import torch
 import torch.nn.functional as F
 from conftest import build_method, compose_config
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 from clrun.config import HardwareConfig
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
 from clrun.methods.base import mixed_task_loss, task_loss
 from clrun.methods.finetune import Finetune
-from clrun.train import make_optimizer, make_schedule
+from clrun.train import MacCounter, make_optimizer, make_schedule
 
 TINY = ["hardware=cpu", "backbone=mlp", "stream.train_per_task=64", "stream.test_per_task=32", "stream.n_tasks=2"]
 
@@ -146,3 +147,20 @@ def test_plateau_schedule_validates_on_the_test_split_by_default():
     method.test_accuracy = lambda task: measured.append(test_accuracy(task)) or measured[-1]
     method.learn(stream.tasks[0])
     assert len(measured) == 3 and measured[-1] == method.test_accuracy(stream.tasks[0])
+
+
+def test_mac_counter_agrees_with_flop_counter_and_survives_a_gradient_penalty():
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5)
+    )
+    x = torch.randn(4, 3, 8, 8)
+    with FlopCounterMode(display=False) as reference:
+        net(x).sum().backward()
+    with MacCounter() as counter:
+        net(x).sum().backward()
+    assert counter.macs == reference.get_total_flops() // 2 > 0
+    real = x.clone().requires_grad_()
+    with MacCounter() as counter:  # WGAN-GP's penalty: a gradient of a gradient
+        (grad,) = torch.autograd.grad(net(real).sum(), real, create_graph=True)
+        (grad.square().sum()).backward()
+    assert counter.macs > 0

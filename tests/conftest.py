@@ -124,6 +124,26 @@ def unchanged(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (as `hardware.threads=1` runs tiny networks, e.g. a controller's LSTM)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def assert_resume_is_bit_identical(tmp_path: Path, *overrides: str) -> None:
+    """A run stopped after task 2 and resumed ends with the matrix and every tensor of the method's state (weights,
+    masks, buffers) equal to an uninterrupted run's."""
+    _, straight = run(tmp_path, *overrides)
+    resumed = run_interrupted_then_resumed(tmp_path, *overrides, after_tasks=2)
+    np.testing.assert_array_equal(matrix(straight), matrix(resumed))
+    final = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["method"] for d in (straight, resumed)]
+    pairs = list(zip(state_tensors(final[0]), state_tensors(final[1]), strict=True))
+    assert len(pairs) > 20 and all(torch.equal(a, b) for a, b in pairs)
+
+
 def state_tensors(value) -> list[torch.Tensor]:
     """Every tensor in a nested state (dicts, lists, tuples), in order."""
     if isinstance(value, torch.Tensor):

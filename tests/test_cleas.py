@@ -13,12 +13,7 @@ TINY = [*TINY_STREAM, "method=cleas", "backbone=mlp", "backbone.hidden=[24,16]",
 TINY += ["method.episodes=3", "method.train.iterations=6", "method.decide=sample"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tasks_reuse_drop_and_add_units_and_earlier_logits_stay_bit_identical():

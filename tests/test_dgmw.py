@@ -1,20 +1,16 @@
 """DGMw: earlier classes' generated images bit-identical under later tasks, binary masks and growth that keeps the
 free weights, the class scenario only, resume, the CLI, and beating finetune's class-IL accuracy on split MNIST."""
 
-import numpy as np
 import pandas as pd
 import torch
 from conftest import (
     SHARED_DATA,
     TINY_STREAM,
+    assert_resume_is_bit_identical,
     build_method,
     clrun,
-    matrix,
     needs_shared,
     one_line_error,
-    run,
-    run_interrupted_then_resumed,
-    state_tensors,
 )
 
 from clrun.methods.dgmw import DGMw
@@ -76,12 +72,7 @@ def test_class_scenario_only_and_nz_must_hold_the_one_hot():
 
 def test_resume_equals_uninterrupted(tmp_path):
     overrides = [*TINY, "stream.train_per_task=32", "stream.test_per_task=16", "method.train.epochs=1"]
-    _, straight = run(tmp_path, *overrides)
-    resumed = run_interrupted_then_resumed(tmp_path, *overrides, after_tasks=2)
-    np.testing.assert_array_equal(matrix(straight), matrix(resumed))
-    final = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["method"] for d in (straight, resumed)]
-    pairs = list(zip(state_tensors(final[0]), state_tensors(final[1]), strict=True))
-    assert len(pairs) > 20 and all(torch.equal(a, b) for a, b in pairs)
+    assert_resume_is_bit_identical(tmp_path, *overrides)  # weights, masks, buffers
 
 
 def test_cli_runs_dgmw(tmp_path):

@@ -1,20 +1,17 @@
 """GIM: the gates pick the right module on separable tasks, earlier tasks' outputs bit-identical, the selection
 rule, resume, the lstm backbone's row reading, the CLI, split MNIST read row by row."""
 
-import numpy as np
 import pandas as pd
 import torch
 from conftest import (
     SHARED_DATA,
     TINY_STREAM,
+    assert_resume_is_bit_identical,
     build_method,
     clrun,
-    matrix,
     needs_shared,
     one_line_error,
     run,
-    run_interrupted_then_resumed,
-    state_tensors,
     task_inputs,
 )
 
@@ -98,12 +95,7 @@ def test_other_backbones_are_refused():
 
 def test_resume_equals_uninterrupted(tmp_path):
     overrides = [*TINY, "stream.train_per_task=32", "stream.test_per_task=16", "stream.scenario=class"]
-    _, straight = run(tmp_path, *overrides)
-    resumed = run_interrupted_then_resumed(tmp_path, *overrides, after_tasks=2)
-    np.testing.assert_array_equal(matrix(straight), matrix(resumed))
-    final = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["method"] for d in (straight, resumed)]
-    pairs = list(zip(state_tensors(final[0]), state_tensors(final[1]), strict=True))
-    assert len(pairs) > 20 and all(torch.equal(a, b) for a, b in pairs)
+    assert_resume_is_bit_identical(tmp_path, *overrides)  # weights, masks, buffers
 
 
 def test_cli_runs_gim_in_the_class_scenario(tmp_path):

@@ -1,19 +1,16 @@
 """HAT: gates at s_max, frozen weights and bit-identical earlier tasks, gradient factors, annealing, penalty,
 per-task batch norm, storage, resume."""
 
-import numpy as np
 import pytest
 import torch
 from conftest import (
     SHARED_DATA,
     TINY_STREAM,
+    assert_resume_is_bit_identical,
     build_method,
     learn_and_score,
-    matrix,
     needs_shared,
     run,
-    run_interrupted_then_resumed,
-    state_tensors,
     task_inputs,
 )
 
@@ -149,12 +146,7 @@ def test_residual_backbones_are_refused():
 
 def test_resume_equals_uninterrupted_and_class_scenario_runs(tmp_path):
     overrides = [*TINY, "backbone=convnet", "stream.train_per_task=32", "stream.test_per_task=16"]
-    _, straight = run(tmp_path, *overrides)
-    resumed = run_interrupted_then_resumed(tmp_path, *overrides, after_tasks=2)
-    np.testing.assert_array_equal(matrix(straight), matrix(resumed))
-    final = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["method"] for d in (straight, resumed)]
-    pairs = list(zip(state_tensors(final[0]), state_tensors(final[1]), strict=True))
-    assert len(pairs) > 20 and all(torch.equal(a, b) for a, b in pairs)  # weights, embeddings, per-task BN
+    assert_resume_is_bit_identical(tmp_path, *overrides)  # weights, masks, buffers
     summary, _ = run(tmp_path, *TINY, "stream.scenario=class", "method.task_id=entropy", name="class")
     assert 0 <= summary["acc"] <= 1
 

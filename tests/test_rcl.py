@@ -23,13 +23,7 @@ TINY = [*TINY_STREAM, "method=rcl", "backbone=mlp", "backbone.hidden=[24,16]", "
 TINY += ["method.episodes=3", "method.train.iterations=6"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The controller's tiny LSTM steps on one thread (as `hardware.threads=1` runs them)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("baseline", ["ema", "critic"])

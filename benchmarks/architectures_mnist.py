@@ -33,6 +33,7 @@ METHODS = (
     "pathnet",
     "dan",
     "clnp",
+    "mntdp",
 )
 COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "wall_s"]
 

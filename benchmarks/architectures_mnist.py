@@ -41,6 +41,7 @@ METHODS = (
     "rcl",
     "cleas",
     "rps_net",
+    "mntdp",
 )
 COLUMNS = ["acc", "bwt", "forgetting", "expansion", "model_mb", "memory_efficiency", "compute_efficiency", "wall_s"]
 

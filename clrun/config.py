@@ -53,6 +53,8 @@ class SplitRule(Enum):
     rotation = "rotation"  # every task all classes, a fixed rotation each
     label_permutation = "label_permutation"  # every task all images, its labels mapped by a fixed permutation each
     release = "release"  # the tasks the dataset's release fixes (its reader lists them: CORe50, CPG's six datasets)
+    tasks = "tasks"  # the tasks `stream.tasks` lists, each classes of its own dataset (CTrL's streams)
+    random_tasks = "random_tasks"  # n_tasks such tasks drawn as `stream.random_tasks` says (CTrL's S_long)
 
 
 class ResizeRule(Enum):
@@ -116,6 +118,11 @@ class StreamConfig:
     # release tasks with their own recipe: {task name: {key: value}}, the keys among TASK_VIEW_KEYS (a task's
     # image_size may be smaller than image_size: its images are centred on a zero border; README, Streams); null: none
     task_views: Optional[dict[str, Any]] = None
+    # split tasks: the tasks in order, each {dataset, classes, train_per_class, test_per_class, background, name}
+    # (clrun.data.composed.TaskEntry); images brought to the most channels and image_size (default: the largest)
+    tasks: Optional[list[Any]] = None
+    # split random_tasks: {datasets, steps, train_per_class (per stage a list of options), test_per_class}
+    random_tasks: Optional[dict[str, Any]] = None
 
 
 TASK_VIEW_KEYS = ("image_size", "resize", "augment", "crop", "padding", "scale", "ratio", "flip", "cutout")

@@ -15,6 +15,7 @@ from torchvision.transforms.functional import InterpolationMode, rotate
 from clrun.config import TASK_VIEW_KEYS, CropRule, Normalization, Scenario, SplitRule, with_changes
 from clrun.data.batches import InputView
 from clrun.data.cache import decode_images
+from clrun.data.composed import composed_splits, task_entries
 from clrun.data.image_files import ImageFiles, ImageList, PairFiles, TaskFiles
 from clrun.data.readers import (
     DATASETS,
@@ -97,6 +98,8 @@ def build_stream(cfg, data, seed: int, device: torch.device | str, console: Cons
         raise ClrunError("stream.task_views names tasks of a dataset's release: it needs stream.split=release")
     stream_seed = seed if cfg.split_seed is None else cfg.split_seed
     g = torch.Generator().manual_seed(stream_seed)
+    if kind in (SplitRule.tasks, SplitRule.random_tasks):
+        return _composed_stream(cfg, kind, data, g, torch.device(device))
     loaded = _load(cfg, kind, data, stream_seed, console)
     (x_train, y_train), (x_test, y_test) = loaded.train, loaded.test
     specs = _task_specs(cfg, kind, loaded, x_train.shape, data.root, data.download, g)
@@ -126,6 +129,22 @@ def build_stream(cfg, data, seed: int, device: torch.device | str, console: Cons
         tasks.append(Task(index, name, classes, train, test, skipped))
     view = _input_view(cfg, loaded.stats, tuple(x_train.shape[1:]), tasks, loaded.task_cfgs)
     input_shape = (x_train.shape[1], *view.size) if view.size else tuple(x_train.shape[1:])
+    return Stream(cfg.name, tasks, input_shape, view, cfg.scenario.value, device)
+
+
+def _composed_stream(cfg, kind: SplitRule, data, g: torch.Generator, device: torch.device) -> Stream:
+    """A stream whose tasks each take classes of their own dataset (`clrun.data.composed`); `normalize=dataset`
+    uses the statistics of all its training images."""
+    splits = composed_splits(cfg, task_entries(cfg, kind.value, g), data.root, data.download, g)
+    images = [split.x for _, _, *pair in splits for split in pair]
+    place = device if _fits(device, *images) else torch.device("cpu")
+    tasks = [
+        Task(index, name, classes, *(Split(s.x.to(place), s.y.to(place)) for s in pair))
+        for index, (name, classes, *pair) in enumerate(splits)
+    ]
+    train = torch.cat([task.train.x.cpu() for task in tasks])
+    view = _input_view(cfg, partial(_channel_stats, train), tuple(train.shape[1:]), tasks, {})
+    input_shape = (train.shape[1], *view.size) if view.size else tuple(train.shape[1:])
     return Stream(cfg.name, tasks, input_shape, view, cfg.scenario.value, device)
 
 

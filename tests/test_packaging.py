@@ -44,7 +44,9 @@ def test_wheel_in_a_fresh_venv_runs_from_an_empty_folder(tmp_path):
 
     shown = subprocess.run([clrun, "--help"], capture_output=True, text=True, cwd=empty, timeout=300)
     assert shown.returncode == 0, shown.stderr
-    assert "cpg          CPG: Compacting, Picking and Growing" in shown.stdout
+    assert "cpg          [task; class, domain with task_id] CPG: Compacting, Picking and Growing" in shown.stdout
+    assert "dgmw         [class] DGMw" in shown.stdout  # each method's scenarios
+    assert "finetune     [task, class, domain] Fine-tuning" in shown.stdout
     options = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml")) for group in ("method", "stream")}
     for group, names in options.items():  # every option of the checkout's conf/, from the wheel's copy of it
         assert f"{group}: {', '.join(names)}\n" in shown.stdout, group

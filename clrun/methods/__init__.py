@@ -12,6 +12,7 @@ import pkgutil
 from functools import cache
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from clrun.methods.base import (
     Method,
@@ -65,10 +66,23 @@ def register(store: ConfigStore) -> None:
         store.store(name=f"{name}_method_schema", node=method_class.config_class(_target_=target, name=name))
 
 
+def scenarios(method_class: type[Method]) -> str:
+    """The scenarios a method runs in under its default config, and those a `task_id` rule adds, e.g.
+    "task; class, domain with task_id"."""
+    cfg = OmegaConf.structured(method_class.config_class())
+    plain = method_class.supported_scenarios(cfg)
+    text = ", ".join(plain)
+    if "task_id" in cfg:
+        cfg.task_id = "entropy"
+        added = [s for s in method_class.supported_scenarios(cfg) if s not in plain]
+        text += f"; {', '.join(added)} with task_id" if added else ""
+    return text
+
+
 def describe() -> str:
-    """One line per built-in method: its name and the first paragraph of its module's docstring."""
+    """One line per built-in method: its name, its scenarios and the first paragraph of its module's docstring."""
     lines = []
     for name, method_class in method_classes().items():
         doc = (inspect.getmodule(method_class).__doc__ or "").strip()
-        lines.append(f"  {name:12s} {' '.join(doc.split(chr(10) * 2)[0].split())}")
+        lines.append(f"  {name:12s} [{scenarios(method_class)}] {' '.join(doc.split(chr(10) * 2)[0].split())}")
     return "\n".join(lines)

@@ -1,12 +1,15 @@
 """iCaRL: nearest mean of exemplars, sigmoid distillation targets, the exemplar budget, a CLI run, split MNIST."""
 
 import math
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA, TINY_STREAM, build_method, clrun, needs_shared, one_line_error, run
+from rich.console import Console
 
 from clrun.data.stream import Split, Task
 from clrun.methods.icarl import ICaRL, class_means, icarl_targets, nearest_mean_scores
@@ -153,3 +156,16 @@ def test_icarl_beats_finetune_in_the_class_scenario_on_split_mnist(tmp_path):
     # fine-tuning 0.19-0.20 (it keeps only the last task's two digits)
     assert finetune["acc"] < 0.3
     assert icarl["acc"] > finetune["acc"] + 0.4
+
+
+def test_scenarios_mnist_runs_icarl_in_the_class_scenario_only(monkeypatch, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scenarios_mnist as sm  # a script beside the package, not part of it
+
+    calls = []
+    monkeypatch.setattr(sm, "run_clrun", lambda args, console: calls.append(args) or 1.0)
+    assert sm.run_protocol("split_mnist", ["er", "icarl", "si"], tmp_path, [], Console(quiet=True)) == 2.0
+    assert [call[1:3] for call in calls] == [
+        ["experiment=vdv_split_mnist_task,vdv_split_mnist_domain,vdv_split_mnist_class", "method=er,si"],
+        ["experiment=vdv_split_mnist_class", "method=icarl"],
+    ]

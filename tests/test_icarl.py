@@ -8,7 +8,16 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, TINY_STREAM, build_method, clrun, needs_shared, one_line_error, run
+from conftest import (
+    SHARED_DATA,
+    TINY_STREAM,
+    assert_resume_is_bit_identical,
+    build_method,
+    clrun,
+    needs_shared,
+    one_line_error,
+    run,
+)
 from rich.console import Console
 
 from clrun.data.stream import Split, Task
@@ -116,6 +125,11 @@ def test_memory_stays_within_budget_over_unequal_tasks_and_is_counted(budget):
         assert method.means.shape[0] == len(seen) and torch.isnan(method.means[:, 0]).sum() == counts.count(0)
         stored = len(memory) * (memory.x[0].numel() + 8 + 8) + method.means.numel() * 4  # uint8, int64 y and t, fp32
         assert method.footprint().bytes == module_bytes(method.model) + stored
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    overrides = [*TINY, "backbone=convnet", "stream.train_per_task=32", "stream.test_per_task=16"]
+    assert_resume_is_bit_identical(tmp_path, *overrides, "method.replay.budget=9", "method.flip_means=true")
 
 
 def test_domain_scenario_and_reservoir_memory_are_refused():

@@ -4,6 +4,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import (
     assert_resume_is_bit_identical,
     build_method,
     clrun,
+    matrix,
     needs_shared,
     one_line_error,
     run,
@@ -125,6 +127,18 @@ def test_memory_stays_within_budget_over_unequal_tasks_and_is_counted(budget):
         assert method.means.shape[0] == len(seen) and torch.isnan(method.means[:, 0]).sum() == counts.count(0)
         stored = len(memory) * (memory.x[0].numel() + 8 + 8) + method.means.numel() * 4  # uint8, int64 y and t, fp32
         assert method.footprint().bytes == module_bytes(method.model) + stored
+
+
+def test_task_scenario_trains_every_class_and_predicts_among_the_tasks_own(tmp_path):
+    summary, run_dir = run(tmp_path, *TINY, "stream.scenario=task", "method.replay.budget=12")
+    R = matrix(run_dir)
+    assert ((R[np.tril_indices(3)] >= 0) & (R[np.tril_indices(3)] <= 1)).all() and summary["scenario"] == "task"
+    method, stream = make("stream.scenario=task", "method.replay.budget=12")
+    for task in stream.tasks:
+        method.learn(task)
+    assert method.model.scenario == "class" and method.means.shape[0] == 6  # one output and one mean per class
+    x = stream.prepare(stream.tasks[2].test.x, train=False)
+    torch.testing.assert_close(method.predict(x, 2), nearest_mean_scores(method.model.features(x), method.means)[:, 4:])
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -29,7 +29,22 @@ PAPER = Path(__file__).resolve().parent / "paper" / "vdv_mnist.csv"
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("task", "domain", "class")
 # per-task methods run in the domain and class scenarios with task_id=entropy (conf/tuning/)
-METHODS = ("finetune", "joint", "ewc", "online_ewc", "si", "mas", "lwf", "er", "scratch", "hn", "pah", "icarl")
+METHODS = (
+    "finetune",
+    "joint",
+    "ewc",
+    "online_ewc",
+    "si",
+    "mas",
+    "lwf",
+    "er",
+    "dgr",
+    "dgr_distill",
+    "scratch",
+    "hn",
+    "pah",
+    "icarl",
+)
 # methods van de Ven's tables (and clrun) run in some scenarios only; the others run in all three
 ONLY_IN = {"icarl": ("class",)}
 COLUMNS = ["acc", "bwt", "forgetting", "task_aware_acc", "task_id_acc", "expansion", "wall_s"]

@@ -13,7 +13,7 @@ import scenarios_mnist as sm  # noqa: E402  (a script beside the package, not pa
 def test_every_published_value_names_its_source():
     paper = pd.read_csv(sm.PAPER)
     assert list(paper.columns) == ["protocol", "scenario", "method", "acc", "sem", "source"]
-    assert len(paper) == 36 and not paper.duplicated(["protocol", "scenario", "method"]).any()
+    assert len(paper) == 48 and not paper.duplicated(["protocol", "scenario", "method"]).any()
     assert paper["source"].notna().all() and (paper["source"].str.strip() != "").all()
     table = {"split_mnist": "Table 3", "permuted_mnist": "Table 4"}
     assert all(row.source.startswith("arXiv:1809.10635") for row in paper.itertuples())
@@ -21,6 +21,8 @@ def test_every_published_value_names_its_source():
     point = paper.set_index(["protocol", "scenario", "method"])
     assert point.loc[("split_mnist", "task", "finetune"), ["acc", "sem"]].tolist() == [85.15, 1.00]
     assert point.loc[("permuted_mnist", "class", "online_ewc"), ["acc", "sem"]].tolist() == [33.88, 0.49]
+    assert point.loc[("split_mnist", "class", "dgr_distill"), ["acc", "sem"]].tolist() == [91.84, 0.27]
+    assert point.loc[("permuted_mnist", "task", "dgr"), ["acc", "sem"]].tolist() == [92.52, 0.08]
 
 
 def test_collect_and_show_carry_the_source(tmp_path):

@@ -41,7 +41,6 @@ is the model plus the memory.
 
 import copy
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -50,16 +49,10 @@ from omegaconf import OmegaConf
 from clrun.config import NON_NEGATIVE, POSITIVE, checked
 from clrun.data.stream import Task
 from clrun.methods.base import MethodConfig
+from clrun.methods.parts.distill import KDForm, distillation
 from clrun.methods.parts.replay import ReplayConfig, Replaying
 from clrun.models import TaskModel
 from clrun.train import FitStats, Loss
-
-
-class KDForm(Enum):
-    """How a distillation term is reduced (`kd_form`)."""
-
-    summed = "summed"  # summed over classes, averaged over the batch (Li & Hoiem; van de Ven 2022)
-    vdv2019 = "vdv2019"  # T^2 x the mean over batch and classes (van de Ven's 2019 code)
 
 
 @dataclass
@@ -82,18 +75,6 @@ class LwFConfig(MethodConfig):
     # Ven's code; false: a fresh optimizer per task
     one_optimizer: bool = False
     replay: ReplayConfig = field(default_factory=ReplayConfig)  # budget 0: no replay
-
-
-def distillation(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, form: KDForm = KDForm.summed
-) -> torch.Tensor:
-    """Cross-entropy of the student's temperature-softmax against the teacher's: summed over classes and averaged
-    over the batch (no T^2 factor), or with `KDForm.vdv2019` T^2 times its mean over batch and classes."""
-    targets = F.softmax(teacher.float() / temperature, dim=1)
-    terms = -(targets * F.log_softmax(student.float() / temperature, dim=1))
-    if form is KDForm.vdv2019:
-        return terms.mean() * temperature**2
-    return terms.sum(1).mean()
 
 
 class LwF(Replaying):

@@ -21,7 +21,7 @@ from conftest import (
     state_tensors,
 )
 
-from clrun.methods.parts.replay import LogitMemory, logit_mse
+from clrun.methods.parts.replay import LogitMemory
 from clrun.results import Footprint
 from clrun.train import FitStats, Step
 
@@ -68,40 +68,22 @@ def test_reservoir_buffer_holds_every_image_seen_with_probability_budget_over_se
 
 @pytest.mark.parametrize("budget", [1, 5, 40])
 def test_buffer_stays_within_budget_and_keeps_each_image_with_its_own_label_task_and_logits(budget):
-    # three tasks of unequal size whose outputs widen (2, 4, then 6 logits): every held row is an image offered,
-    # once, with its label, task and the logits it came with, NaN past the width it was stored at
+    # three tasks of unequal size (7, 3, 19 images) in batches of unequal size: every held row is an image offered,
+    # once, with its label, task and the logits it came with
     torch.manual_seed(0)
-    memory, first, width_of, task_of = LogitMemory(budget), 0, {}, {}
-    for task, (n, width) in enumerate([(7, 2), (3, 4), (19, 6)]):
+    memory, first, task_of = LogitMemory(budget), 0, {}
+    for task, n in enumerate([7, 3, 19]):
         for batch in (n // 2, n - n // 2):
-            offer(memory, first, batch, width, task)
-            width_of.update({i: width for i in range(first, first + batch)})
+            offer(memory, first, batch, 6, task)
             task_of.update({i: task for i in range(first, first + batch)})
             first += batch
         assert len(memory) == len(memory.x) == len(memory.logits) == min(budget, first)
         ids = ids_of(memory.x)
         assert len(set(ids.tolist())) == len(ids)
         assert torch.equal(memory.y, ids % 3) and memory.t.tolist() == [task_of[i] for i in ids.tolist()]
-        assert memory.logits.shape[1] == width
-        for row, i in zip(memory.logits, ids.tolist(), strict=True):
-            w = width_of[i]
-            assert torch.equal(row[:w], i + 0.25 * torch.arange(w)) and row[w:].isnan().all()
+        assert torch.equal(memory.logits, ids[:, None].float() + 0.25 * torch.arange(6))
     stored = min(budget, 29) * (4 + 8 + 8 + 4 * 6)  # uint8 1x2x2 images, int64 labels and tasks, float32 logits
     assert memory.add_to(Footprint(params=0, bytes=0, base_params=0)).bytes == stored
-
-
-def test_logit_mse_is_mse_over_the_stored_columns():
-    outputs = torch.randn(5, 6, requires_grad=True)
-    stored = torch.randn(5, 6)
-    assert logit_mse(outputs, stored).item() == pytest.approx(F.mse_loss(outputs, stored).item(), rel=1e-6)
-    narrow = stored.clone()
-    narrow[:2, 4:] = float("nan")  # two rows stored when the outputs were 4 wide
-    known = torch.cat([(outputs[:2, :4] - stored[:2, :4]).flatten(), (outputs[2:] - stored[2:]).flatten()])
-    value = logit_mse(outputs, narrow)
-    assert value.item() == pytest.approx(known.pow(2).mean().item(), rel=1e-6)
-    value.backward()
-    assert torch.isfinite(outputs.grad).all() and (outputs.grad[:2, 4:] == 0).all()
-    assert logit_mse(outputs, stored[:, :3]).item() == pytest.approx(F.mse_loss(outputs[:, :3], stored[:, :3]).item())
 
 
 def captured_loss(method, task):
@@ -118,9 +100,9 @@ def captured_loss(method, task):
     return captured["loss"]
 
 
-@pytest.mark.parametrize("scenario", ["class", "task"])
+@pytest.mark.parametrize("scenario", ["class", "task", "domain"])
 @pytest.mark.parametrize("name", ["dark_er", "dark_er_pp"])
-def test_loss_is_ce_plus_alpha_logit_mse_plus_beta_buffer_ce(name, scenario):
+def test_loss_is_ce_plus_alpha_logit_mse_plus_beta_buffer_ce_over_every_output(name, scenario):
     extra = ["method.beta=0.3"] if name == "dark_er_pp" else []
     method, stream, _ = build_method(
         None,
@@ -132,41 +114,32 @@ def test_loss_is_ce_plus_alpha_logit_mse_plus_beta_buffer_ce(name, scenario):
         "method.replay.batch_size=6",
         *extra,
     )
-    method.learn(stream.tasks[0])  # a real task: the buffer holds 20 of its 64 images, logits 2 wide
+    method.learn(stream.tasks[0])  # a real task: the buffer holds 20 of its 64 images
     task = stream.tasks[1]
-    loss = captured_loss(method, task)  # adds task 1's head: the outputs are 4 wide
+    loss = captured_loss(method, task)
     model, memory, hw = method.model, method.memory, method.hw
     images, y = task.train.x[:8], task.train.y[:8]
     x = hw.to_input(stream.prepare(images, train=True, task=1))
     held = [v.clone() for v in (memory.x, memory.y, memory.t, memory.logits)]
     torch.manual_seed(3)
     value = loss(x, y, images, Step(0, 0, 0, 1, 0, 8))
+    per_task = 0 if scenario == "domain" else 2  # global labels: y + 2 t (domain: the shared labels)
 
-    def outputs(inputs, heads=(0, 1)):
+    def outputs(inputs):  # mammoth's output layer: every class of the stream from the start (domain: 2 outputs)
         features = model.features(inputs)
-        return torch.cat([model.logits(features, k) for k in heads], dim=1)
+        return torch.cat([model.logits(features, k) for k in range(len(model.heads.heads))], dim=1)
 
     with torch.no_grad():
-        if scenario == "class":
-            expected = F.cross_entropy(outputs(x), y + 2)
-        else:
-            expected = F.cross_entropy(model(x, 1), y)
+        assert held[3].shape[1] == (2 if scenario == "domain" else 6)
+        expected = F.cross_entropy(outputs(x), y + per_task)
         torch.manual_seed(3)
         index = torch.randperm(20)[:6]
         replayed = hw.to_input(stream.prepare(held[0][index], train=True, task=held[2][index]))
-        assert held[3].shape[1] == 2
-        expected += 0.7 * F.mse_loss(outputs(replayed)[:, :2], held[3][index])
+        expected += 0.7 * F.mse_loss(outputs(replayed), held[3][index])
         if name == "dark_er_pp":
             index = torch.randperm(20)[:6]
             replayed = hw.to_input(stream.prepare(held[0][index], train=True, task=held[2][index]))
-            labels, tasks = held[1][index], held[2][index]
-            if scenario == "class":
-                ce = F.cross_entropy(outputs(replayed), labels + 2 * tasks)
-            else:
-                ce = torch.stack(
-                    [F.cross_entropy(model(replayed[i : i + 1], int(tasks[i])), labels[i : i + 1]) for i in range(6)]
-                ).mean()
-            expected += 0.3 * ce
+            expected += 0.3 * F.cross_entropy(outputs(replayed), held[1][index] + per_task * held[2][index])
     assert value.item() == pytest.approx(expected.item(), rel=1e-5)
     assert memory.seen == 64 + 8 and len(memory) == 20  # then the batch was offered to the buffer
 
@@ -193,13 +166,11 @@ def test_stored_logits_are_the_models_outputs_when_the_image_was_offered(scenari
     assert len(memory) == 40 and memory.seen == 128
     with torch.no_grad():
         final = method.outputs(method.hw.to_input(stream.prepare(memory.x, train=False)))
-    widths = set()
+    assert memory.logits.shape[1] == (6 if scenario == "class" else 2)  # every output, future classes' too
+    assert set(memory.t.tolist()) == {0, 1}
     for image, row in zip(memory.x, memory.logits, strict=True):
-        recorded = at_insertion[image.numpy().tobytes()]
-        widths.add(len(recorded))
-        assert torch.equal(row[: len(recorded)], recorded) and row[len(recorded) :].isnan().all()
-    assert not torch.allclose(memory.logits.nan_to_num(), final[:, : memory.logits.shape[1]])  # not recomputed
-    assert widths == ({2, 4} if scenario == "class" else {2})
+        assert torch.equal(row, at_insertion[image.numpy().tobytes()])
+    assert not torch.allclose(memory.logits, final)  # not recomputed later
 
 
 def test_only_the_reservoir_policy_is_accepted():
@@ -232,8 +203,7 @@ def test_dark_er_pp_resumes_bit_identically(tmp_path):
     final = [torch.load(d / "checkpoints" / "last.pt", weights_only=True)["method"] for d in (straight, resumed)]
     pairs = list(zip(state_tensors(final[0]), state_tensors(final[1]), strict=True))
     assert len(pairs) == 14  # two hidden layers' and three heads' weights and biases; the buffer's x, y, t, logits
-    for a, b in pairs:  # equal, NaN (logits wider than those stored with a row) where NaN
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert final[0]["memory"]["seen"] == final[1]["memory"]["seen"] == 192
 
 

@@ -175,12 +175,7 @@ class Memory:
 class LogitMemory(Memory):
     """Dark Experience Replay's buffer (mammoth's utils/buffer.py `Buffer`): at most `budget` training images, each
     with its label, task and the logits the model gave it when it was offered, filled batch by batch during
-    training by reservoir sampling (`insert`), read by `draw` (without replacement, as mammoth's `get_data`).
-
-    The model's outputs grow with its heads (class scenario: the classes seen so far; task: every head
-    concatenated), so a row's logits are as wide as the outputs were when it was stored: narrower rows are padded
-    with NaN, which `logit_mse` leaves out. mammoth's network has every class's output from the start, so its
-    stored logits also hold the (untrained) future classes' values; here those columns do not exist yet."""
+    training by reservoir sampling (`insert`), read by `draw` (without replacement, as mammoth's `get_data`)."""
 
     def __init__(self, budget: int):
         super().__init__(budget, "reservoir")
@@ -194,18 +189,14 @@ class LogitMemory(Memory):
         (stored detached, as float32): reservoir sampling (`reservoir_slots`), one draw per image past the budget."""
         free, index, slots = reservoir_slots(self.seen, self.budget, len(y))
         logits = logits.detach().float()
-        if self.logits is not None:  # the outputs grew (new heads): widen the stored rows
-            self.logits = nan_padded(self.logits, max(self.logits.shape[1], logits.shape[1]))
         if free:
             self._store(x[:free], y[:free], t[:free])
             rows = logits[:free].clone()
-            self.logits = (
-                rows if self.logits is None else torch.cat([self.logits, nan_padded(rows, self.logits.shape[1])])
-            )
+            self.logits = rows if self.logits is None else torch.cat([self.logits, rows])
         if len(index):
             index, slots = index.to(y.device), slots.to(y.device)
             self.x[slots], self.y[slots], self.t[slots] = x[index], y[index], t[index]
-            self.logits[slots] = nan_padded(logits[index], self.logits.shape[1])
+            self.logits[slots] = logits[index]
         self.seen += len(y)
 
     def draw(self, n: int, stream: Stream, hw: Hardware) -> tuple[torch.Tensor, ...]:
@@ -225,22 +216,6 @@ class LogitMemory(Memory):
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         super().load_state_dict(state, device)
         self.logits = None if state["logits"] is None else state["logits"].to(device)
-
-
-def nan_padded(logits: torch.Tensor, width: int) -> torch.Tensor:
-    """`logits` with NaN columns appended up to `width`."""
-    if logits.shape[1] >= width:
-        return logits
-    return torch.cat([logits, logits.new_full((len(logits), width - logits.shape[1]), float("nan"))], dim=1)
-
-
-def logit_mse(outputs: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-    """DER's logit-matching term, F.mse_loss(outputs, stored) (the mean over rows and columns) over the stored
-    columns only: `stored` (a `LogitMemory`'s rows) may be narrower than `outputs` and NaN-padded."""
-    out = outputs[:, : stored.shape[1]].float()
-    known = ~torch.isnan(stored)
-    squared = torch.where(known, out - stored.nan_to_num(), 0.0).pow(2)
-    return squared.sum() / known.sum().clamp(min=1)
 
 
 def with_replay(

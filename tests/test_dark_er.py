@@ -216,7 +216,7 @@ def test_clrun_runs_dark_er_pp_as_a_user_would(tmp_path):
 
 
 @needs_shared("MNIST")
-def test_dark_er_beats_finetune_in_the_class_scenario_on_split_mnist(tmp_path):
+def test_dark_er_pp_beats_finetune_in_the_class_scenario_on_split_mnist(tmp_path):
     tiny = [
         "hardware=cpu",
         "hardware.threads=1",
@@ -240,5 +240,6 @@ def test_dark_er_beats_finetune_in_the_class_scenario_on_split_mnist(tmp_path):
         "method.train.epochs=1",
         name="finetune",
     )
+    # seeds 0-1: DER++ 0.76, fine-tuning with the same SGD recipe 0.19 (it keeps only the last task's two digits)
     assert finetune["acc"] < 0.3
-    assert dark["acc"] > finetune["acc"] + 0.3
+    assert dark["acc"] > finetune["acc"] + 0.4

@@ -40,6 +40,8 @@ METHODS = (
     "er",
     "dgr",
     "dgr_distill",
+    "dark_er",
+    "dark_er_pp",
     "scratch",
     "hn",
     "pah",

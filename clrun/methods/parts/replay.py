@@ -10,6 +10,9 @@ the method computes (its network after learning the task, in eval mode), and a
 class giving up images keeps its best-ranked ones (iCaRL, DER).
 Batches mix the current task and the memory as van de Ven et al. do:
 loss = (1/t) current + (1 - 1/t) replay, t the number of tasks so far.
+
+`LogitMemory` is Dark Experience Replay's buffer (`dark_er`, `dark_er_pp`): filled batch by batch during
+training by the same reservoir rule (`reservoir_slots`), each image with the logits the model gave it then.
 """
 
 from collections.abc import Callable
@@ -62,6 +65,22 @@ def herding(features: torch.Tensor, n: int) -> torch.Tensor:
     return torch.tensor(picks, dtype=torch.long, device=features.device)
 
 
+def reservoir_slots(seen: int, budget: int, n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Reservoir sampling (Vitter's algorithm R; mammoth's utils/buffer.py `reservoir`) of `n` new examples offered
+    in order after `seen` earlier ones to a memory of `budget` slots: the first `free` fill the empty slots in order;
+    each later one, the c-th example seen, takes a slot drawn uniformly from [0, c) (torch's global RNG, CPU) and is
+    kept if that slot is < budget, so after any number of offers every example seen is held with probability
+    budget / seen. Returns `free` and, for the later examples kept, their indices among the `n` and their slots (CPU
+    tensors); of examples drawing the same slot only the last is returned (the one a sequential write leaves)."""
+    free = max(0, min(budget - seen, n))
+    counts = seen + free + torch.arange(1, n - free + 1)  # examples seen when each later one arrives
+    slots = (torch.rand(len(counts), dtype=torch.float64) * counts).long()  # uniform in [0, count)
+    last = {}  # slot -> the last example drawing it
+    for i, slot in zip(torch.nonzero(slots < budget).squeeze(1).tolist(), slots[slots < budget].tolist(), strict=True):
+        last[slot] = free + i
+    return free, torch.tensor(list(last.values()), dtype=torch.long), torch.tensor(list(last), dtype=torch.long)
+
+
 class Memory:
     """At most `budget` stored images with labels `y` (local to their task) and task indices `t`."""
 
@@ -104,17 +123,12 @@ class Memory:
     def _reservoir(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
         order = torch.randperm(len(y)).to(y.device)
         x, y, t = x[order], y[order], t[order]
-        free = max(0, min(self.budget - len(self), len(y)))
+        free, index, slots = reservoir_slots(self.seen, self.budget, len(y))
         if free:
             self._store(x[:free], y[:free], t[:free])
-        counts = self.seen + free + torch.arange(1, len(y) - free + 1)  # images seen when each later one arrives
-        slots = (
-            torch.rand(len(counts), dtype=torch.float64) * counts
-        ).long()  # uniform in [0, count): kept if < budget
-        for i, slot in zip(
-            torch.nonzero(slots < self.budget).squeeze(1).tolist(), slots[slots < self.budget].tolist(), strict=True
-        ):
-            self.x[slot], self.y[slot], self.t[slot] = x[free + i], y[free + i], t[free + i]
+        if len(index):
+            index, slots = index.to(y.device), slots.to(y.device)
+            self.x[slots], self.y[slots], self.t[slots] = x[index], y[index], t[index]
         self.seen += len(y)
 
     def _balance(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, order: torch.Tensor) -> None:
@@ -156,6 +170,52 @@ class Memory:
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.seen = state["seen"]
         self.x, self.y, self.t = (None if v is None else v.to(device) for v in (state["x"], state["y"], state["t"]))
+
+
+class LogitMemory(Memory):
+    """Dark Experience Replay's buffer (mammoth's utils/buffer.py `Buffer`): at most `budget` training images, each
+    with its label, task and the logits the model gave it when it was offered, filled batch by batch during
+    training by reservoir sampling (`insert`), read by `draw` (without replacement, as mammoth's `get_data`)."""
+
+    def __init__(self, budget: int):
+        super().__init__(budget, "reservoir")
+        self.logits = None
+
+    def add(self, task: Task, features=None) -> None:
+        raise TypeError("a LogitMemory is filled batch by batch during training: use insert(x, y, t, logits)")
+
+    def insert(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, logits: torch.Tensor) -> None:
+        """Offer a batch of uint8 images `x` (labels `y`, tasks `t`) in order, with the model's `logits` for them
+        (stored detached, as float32): reservoir sampling (`reservoir_slots`), one draw per image past the budget."""
+        free, index, slots = reservoir_slots(self.seen, self.budget, len(y))
+        logits = logits.detach().float()
+        if free:
+            self._store(x[:free], y[:free], t[:free])
+            rows = logits[:free].clone()
+            self.logits = rows if self.logits is None else torch.cat([self.logits, rows])
+        if len(index):
+            index, slots = index.to(y.device), slots.to(y.device)
+            self.x[slots], self.y[slots], self.t[slots] = x[index], y[index], t[index]
+            self.logits[slots] = logits[index]
+        self.seen += len(y)
+
+    def draw(self, n: int, stream: Stream, hw: Hardware) -> tuple[torch.Tensor, ...]:
+        """min(n, held) stored rows drawn without replacement (torch's global RNG, CPU): their images prepared for
+        training (augmented when the stream is), labels, tasks and stored logits."""
+        index = torch.randperm(len(self))[:n].to(self.y.device)
+        x = hw.to_input(stream.prepare(self.x[index], train=True, task=self.t[index]))
+        return x, self.y[index], self.t[index], self.logits[index]
+
+    def add_to(self, footprint: Footprint) -> Footprint:
+        """A method's footprint plus the stored images, labels, tasks and logits (bytes, not parameters)."""
+        return super().add_to(footprint).plus(0 if self.logits is None else tensor_bytes([self.logits]))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "logits": self.logits}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        super().load_state_dict(state, device)
+        self.logits = None if state["logits"] is None else state["logits"].to(device)
 
 
 def with_replay(

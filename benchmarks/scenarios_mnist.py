@@ -29,7 +29,7 @@ PAPER = Path(__file__).resolve().parent / "paper" / "vdv_mnist.csv"
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("task", "domain", "class")
 # per-task methods run in the domain and class scenarios with task_id=entropy (conf/tuning/)
-METHODS = ("finetune", "joint", "ewc", "online_ewc", "si", "mas", "lwf", "er", "scratch", "hn", "pah")
+METHODS = ("finetune", "joint", "ewc", "online_ewc", "si", "mas", "lwf", "er", "gem", "agem", "scratch", "hn", "pah")
 COLUMNS = ["acc", "bwt", "forgetting", "task_aware_acc", "task_id_acc", "expansion", "wall_s"]
 
 

@@ -22,6 +22,9 @@ def test_projection_by_hand():
     g = torch.tensor([3.0, -1.0, 2.0])
     g_ref = torch.tensor([-1.0, 0.0, 1.0])  # g.g_ref = -1, |g_ref|^2 = 2
     torch.testing.assert_close(agem_project(g, g_ref), torch.tensor([2.5, -1.0, 2.5]))
+    tiny = torch.full((1000,), 1e-23)  # its float32 square underflows to 0
+    out = agem_project(-tiny, tiny)
+    assert torch.isfinite(out).all() and abs(float(out.double() @ tiny.double())) < 1e-60
     for unchanged in (torch.tensor([0.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, 1.0])):  # dot > 0, dot = 0
         assert agem_project(unchanged, g_ref) is unchanged
 
@@ -55,7 +58,7 @@ def test_each_step_projects_against_one_reference_gradient_of_earlier_memories(m
     for index in drawn:  # 16 distinct images of the earlier tasks' 20 in memory
         assert len(index.unique()) == 16 and set(method.memory.t[index].tolist()) <= {0, 1}
     assert len(method.memory) == 30 and method.memory.t.tolist().count(2) == 10
-    conflicts = [s for s in steps if s["g"] @ s["ref"] < 0]
+    conflicts = [s for s in steps if s["g"].double() @ s["ref"].double() < 0]
     assert row["projected_steps"] == len(conflicts) > 0
     lr = method.cfg.train.lr
     for step, following in zip(steps[:-1], steps[1:], strict=True):  # plain SGD on g or its projection

@@ -66,8 +66,9 @@ class AGEM(Replaying):
             if g_ref is None:
                 return
             g = flat_grad(params)
-            if bool(g @ g_ref < 0):
-                write_grad(params, agem_project(g, g_ref))
+            update = agem_project(g, g_ref)
+            if update is not g:
+                write_grad(params, update)
                 projected += 1
 
         stats = self.fit(task, self.model, params, loss, after_backward=after_backward)

@@ -93,8 +93,11 @@ def gem_project(g: torch.Tensor, G: torch.Tensor, margin: float = 0.5, eps: floa
 
 
 def agem_project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
-    """A-GEM's update: g itself when g.g_ref >= 0, else g - (g.g_ref / g_ref.g_ref) g_ref."""
-    dot = g @ g_ref
+    """A-GEM's update: g itself (the same tensor) when g.g_ref >= 0, else g - (g.g_ref / g_ref.g_ref) g_ref. The
+    products are taken in float64: a float32 g_ref.g_ref underflows to 0 once the memory's loss is tiny (a reference
+    gradient of 1e-23 per coordinate), and the float32 quotient would be NaN."""
+    gd, refd = g.double(), g_ref.double()
+    dot = gd @ refd
     if dot >= 0:
         return g
-    return g - (dot / (g_ref @ g_ref)) * g_ref
+    return (gd - (dot / (refd @ refd)) * refd).to(g.dtype)

@@ -38,6 +38,8 @@ METHODS = (
     "mas",
     "lwf",
     "er",
+    "gem",
+    "agem",
     "dgr",
     "dgr_distill",
     "dark_er",

@@ -148,7 +148,8 @@ class CCGN(Method):
         self.classifying = cfg.task_classifier and cfg.task_id.value == "none" and stream.scenario != "task"
         if self.classifying and not cfg.memory.budget:
             raise ClrunError("method ccgn: the task classifier needs method.memory.budget > 0")
-        self.memory = Memory(cfg.memory.budget, cfg.memory.policy.value)  # filled only for the task classifier
+        # filled only for the task classifier
+        self.memory = Memory(cfg.memory.budget, cfg.memory.policy.value, len(stream.tasks))
         self.classifier: nn.Sequential | None = None  # the task classifier over the tasks learned so far
 
     @classmethod

@@ -175,7 +175,7 @@ class DER(Method):
         super().__init__(cfg, backbone_cfg, stream, hw)
         self.extractors = hw.prepare_model(Extractors())
         self.heads = nn.ModuleList()  # class: the one classifier; task: a head per task
-        self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
+        self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value, len(stream.tasks))
         self.pruned: list[float] = []  # per task, the share of its extractor's gated units pruned
         with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
             backbone = build_backbone(OmegaConf.merge(backbone_cfg, {"pretrained": None}), stream.input_shape)

@@ -108,7 +108,7 @@ class RPSNet(Method):
         layers = (len(cfg.widths), cfg.modules)
         self.fixed = torch.zeros(layers, dtype=torch.bool)  # frozen modules (earlier paths)
         self.path = torch.zeros(layers, dtype=torch.bool)  # the current path
-        self.memory = Memory(cfg.memory, cfg.memory_policy.value)
+        self.memory = Memory(cfg.memory, cfg.memory_policy.value, len(stream.tasks))
         self.search: list[tuple[torch.Tensor, float]] = []  # the last task's candidates: path, validation score
 
     @classmethod

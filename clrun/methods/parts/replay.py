@@ -7,7 +7,10 @@ task: `reservoir` keeps every image seen so far with the same probability;
 larger classes giving up images when a task adds classes; `herding` splits it
 the same way but picks a new class's images by iCaRL's herding on the features
 the method computes (its network after learning the task, in eval mode), and a
-class giving up images keeps its best-ranked ones (iCaRL, DER).
+class giving up images keeps its best-ranked ones (iCaRL, DER); `per_task` gives
+each of the stream's tasks budget // n_tasks slots, filled with a uniform sample of
+its images (GEM's n_memories per task), and `per_task_class` splits each task's
+slots equally over its classes (A-GEM's per-class ring buffers).
 Batches mix the current task and the memory as van de Ven et al. do:
 loss = (1/t) current + (1 - 1/t) replay, t the number of tasks so far.
 
@@ -35,6 +38,8 @@ class ReplayPolicy(Enum):
     reservoir = "reservoir"  # every training image seen so far has the same chance to be in memory
     class_balanced = "class_balanced"  # the budget is split equally over the classes seen so far
     herding = "herding"  # class_balanced, images picked by iCaRL's herding on the method's features after the task
+    per_task = "per_task"  # budget // n_tasks slots per task of the stream, a uniform sample of its images (GEM)
+    per_task_class = "per_task_class"  # per_task, each task's slots split equally over its classes (A-GEM)
 
 
 @dataclass
@@ -84,9 +89,10 @@ def reservoir_slots(seen: int, budget: int, n: int) -> tuple[int, torch.Tensor, 
 class Memory:
     """At most `budget` stored images with labels `y` (local to their task) and task indices `t`."""
 
-    def __init__(self, budget: int, policy: str):
+    def __init__(self, budget: int, policy: str, n_tasks: int = 1):
         self.budget = budget
         self.policy = policy
+        self.per_task = budget // n_tasks  # the slots of each task under the per_task policies
         self.x = self.y = self.t = None
         self.seen = 0  # training images offered so far (the reservoir's count)
 
@@ -100,6 +106,8 @@ class Memory:
         t = torch.full_like(y, task.index)
         if self.policy == "reservoir":
             self._reservoir(x, y, t)
+        elif self.policy in ("per_task", "per_task_class"):
+            self._task_slots(x, y, t, by_class=self.policy == "per_task_class")
         elif self.policy == "herding":
             if features is None:
                 raise ValueError("the herding memory needs the features of the task's training images")
@@ -147,6 +155,33 @@ class Memory:
         self._store(x[keep], y[keep], t[keep])
         self.seen += offered
 
+    def _task_slots(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, by_class: bool) -> None:
+        """Fill the task's `per_task` slots with a uniform sample of its images (`by_class`: each class an equal
+        share, the first classes one more when the slots do not divide); earlier tasks' images stay."""
+        order = torch.randperm(len(y)).to(y.device)
+        if by_class:
+            labels = y.unique().tolist()
+            quota = [self.per_task // len(labels) + (k < self.per_task % len(labels)) for k in range(len(labels))]
+            keep = [order[y[order] == label][:n] for label, n in zip(labels, quota, strict=True)]
+            keep = torch.cat(keep)
+        else:
+            keep = order[: self.per_task]
+        if len(keep):
+            self._store(x[keep], y[keep], t[keep])
+        self.seen += len(y)
+
+    def task_images(self, task: int) -> torch.Tensor:
+        """Indices of the stored images of task `task`."""
+        return torch.nonzero(self.t == task).squeeze(1)
+
+    def batch(
+        self, index: torch.Tensor, stream: Stream, hw: Hardware
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stored images at `index`, prepared for training (augmented when the stream is), with their labels
+        and tasks."""
+        x = hw.to_input(stream.prepare(self.x[index], train=True, task=self.t[index]))
+        return x, self.y[index], self.t[index]
+
     def _store(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> None:
         if self.y is None:
             self.x, self.y, self.t = x.clone(), y.clone(), t.clone()
@@ -156,9 +191,7 @@ class Memory:
     def sample(self, n: int, stream: Stream, hw: Hardware) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`n` stored images, drawn uniformly with replacement and prepared for training (augmented when the
         stream is), with their labels and tasks."""
-        index = torch.randint(len(self), (n,)).to(self.y.device)
-        x = hw.to_input(stream.prepare(self.x[index], train=True, task=self.t[index]))
-        return x, self.y[index], self.t[index]
+        return self.batch(torch.randint(len(self), (n,)).to(self.y.device), stream, hw)
 
     def add_to(self, footprint: Footprint) -> Footprint:
         """A method's footprint plus the stored images, labels and tasks (bytes, not parameters)."""
@@ -242,7 +275,7 @@ class Replaying(SharedModelMethod):
 
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
-        self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value)
+        self.memory = Memory(cfg.replay.budget, cfg.replay.policy.value, len(stream.tasks))
 
     def replayed(self, loss_fn: Loss, task: int) -> Loss:
         """`loss_fn` on task `task`'s batches mixed with replayed ones (`with_replay`)."""

@@ -34,6 +34,20 @@ TINY_STREAM = [
 ]
 
 
+# real split MNIST in the class scenario, 500 training and 200 test images a task: a replay method against fine-tuning
+# in a minute (tests add the backbone's size and the recipe)
+SPLIT_MNIST_CLASS = [
+    "hardware=cpu",
+    "hardware.threads=1",
+    "stream=split_mnist",
+    f"data.root={SHARED_DATA}",
+    "stream.scenario=class",
+    "backbone=mlp",
+    "stream.train_per_task=500",
+    "stream.test_per_task=200",
+]
+
+
 CLRUN = [sys.executable, "-c", "from clrun.cli import main; main()"]  # the `clrun` command of this interpreter
 
 

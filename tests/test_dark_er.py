@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
-    SHARED_DATA,
+    SPLIT_MNIST_CLASS,
     TINY_STREAM,
     build_method,
     clrun,
@@ -217,17 +217,7 @@ def test_clrun_runs_dark_er_pp_as_a_user_would(tmp_path):
 
 @needs_shared("MNIST")
 def test_dark_er_pp_beats_finetune_in_the_class_scenario_on_split_mnist(tmp_path):
-    tiny = [
-        "hardware=cpu",
-        "hardware.threads=1",
-        "stream=split_mnist",
-        f"data.root={SHARED_DATA}",
-        "stream.scenario=class",
-        "backbone=mlp",
-        "backbone.hidden=[100,100]",
-        "stream.train_per_task=500",
-        "stream.test_per_task=200",
-    ]
+    tiny = [*SPLIT_MNIST_CLASS, "backbone.hidden=[100,100]"]
     dark, _ = run(tmp_path, *tiny, "method=dark_er_pp", name="dark_er_pp")
     finetune, _ = run(
         tmp_path,

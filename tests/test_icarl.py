@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
-    SHARED_DATA,
+    SPLIT_MNIST_CLASS,
     TINY_STREAM,
     assert_resume_is_bit_identical,
     build_method,
@@ -166,18 +166,7 @@ def test_clrun_runs_icarl_in_the_class_scenario(tmp_path):
 
 @needs_shared("MNIST")
 def test_icarl_beats_finetune_in_the_class_scenario_on_split_mnist(tmp_path):
-    tiny = [
-        "hardware=cpu",
-        "hardware.threads=1",
-        "stream=split_mnist",
-        f"data.root={SHARED_DATA}",
-        "stream.scenario=class",
-        "backbone=mlp",
-        "backbone.width=0.25",
-        "stream.train_per_task=500",
-        "stream.test_per_task=200",
-        "method.train.iterations=100",
-    ]
+    tiny = [*SPLIT_MNIST_CLASS, "backbone.width=0.25", "method.train.iterations=100"]
     icarl, _ = run(tmp_path, *tiny, "method=icarl", "method.replay.budget=200", name="icarl")
     finetune, _ = run(tmp_path, *tiny, "method=finetune", name="finetune")
     # seeds 0-1: iCaRL 0.82 and 0.76; with the network's own outputs (method.nme=false) 0.44-0.47, which fails here;

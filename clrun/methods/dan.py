@@ -31,6 +31,7 @@ from clrun.config import Rule, checked
 from clrun.data.stream import Task
 from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
+from clrun.models.frozen import FrozenBaseNet
 from clrun.models.layers import Conv2d, Linear
 from clrun.results import Footprint, count_params, module_bytes
 
@@ -74,27 +75,18 @@ def controls(net: nn.Module) -> list[torch.Tensor]:
     return [m.control for m in net.modules() if isinstance(m, (Conv2d, Linear))]
 
 
-class DANNet(nn.Module):
+class DANNet(FrozenBaseNet):
     """The base network (task 0's), one controlled copy per later task and a head per task."""
 
     def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base = base
+        super().__init__(base)
         self.controlled = nn.ModuleList()  # task k >= 1: controlled[k - 1]
         self.heads = nn.ModuleList()
-        self.base_frozen = False
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         if task == 0:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.base_frozen):
-                return self.heads[0](self.base(x))
+            return self.heads[0](self.base_features(x))
         return self.heads[task](self.controlled[task - 1](x))
-
-    def train(self, mode: bool = True) -> "DANNet":
-        super().train(mode)
-        if self.base_frozen:
-            self.base.eval()  # batch norm on task 0's statistics, never updated
-        return self
 
 
 class DAN(Method):

@@ -30,6 +30,7 @@ from clrun.config import POSITIVE, Rule, checked
 from clrun.data.stream import Task
 from clrun.methods.base import Method, PerTaskMethodConfig
 from clrun.models import build_backbone
+from clrun.models.frozen import FrozenBaseNet
 from clrun.models.layers import Linear
 from clrun.results import Footprint, count_params, module_bytes
 
@@ -63,20 +64,17 @@ class Side(nn.Module):
         return self.project(self.net(x))
 
 
-class SideTuningNet(nn.Module):
+class SideTuningNet(FrozenBaseNet):
     """The base, the side networks of tasks `first_side`, `first_side` + 1, ... and a head per task."""
 
     def __init__(self, base: nn.Module, first_side: int):
-        super().__init__()
-        self.base = base
+        super().__init__(base, frozen=first_side == 0)  # a pretrained base is frozen from the start; else after task 0
         self.sides = nn.ModuleList()
         self.heads = nn.ModuleList()
         self.first_side = first_side
-        self.base_frozen = first_side == 0  # a pretrained base is frozen from the start; task 0's after task 0
 
     def features(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.base_frozen):
-            base = self.base(x)
+        base = self.base_features(x)
         if task < self.first_side:
             return base
         side = self.sides[task - self.first_side]
@@ -85,12 +83,6 @@ class SideTuningNet(nn.Module):
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self.heads[task](self.features(x, task))
-
-    def train(self, mode: bool = True) -> "SideTuningNet":
-        super().train(mode)
-        if self.base_frozen:
-            self.base.eval()  # batch norm on its running statistics, never updated
-        return self
 
 
 class SideTuning(Method):

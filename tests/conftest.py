@@ -34,6 +34,14 @@ TINY_STREAM = [
 ]
 
 
+# real split MNIST, its first 3 tasks of 1024 training and 200 test images (a method's learn-and-keep check)
+SPLIT_MNIST_3 = [
+    "stream=split_mnist",
+    f"data.root={SHARED_DATA}",
+    "stream.n_tasks=3",
+    "stream.train_per_task=1024",
+    "stream.test_per_task=200",
+]
 # real split MNIST in the class scenario, 500 training and 200 test images a task: a replay method against fine-tuning
 # in a minute (tests add the backbone's size and the recipe)
 SPLIT_MNIST_CLASS = [

@@ -4,7 +4,7 @@ per-task batch norm, storage, resume."""
 import pytest
 import torch
 from conftest import (
-    SHARED_DATA,
+    SPLIT_MNIST_3,
     TINY_STREAM,
     assert_resume_is_bit_identical,
     build_method,
@@ -156,11 +156,7 @@ def test_learns_split_mnist_with_next_to_no_forgetting():
     method, stream, _ = build_method(
         None,
         *TINY,
-        "stream=split_mnist",
-        f"data.root={SHARED_DATA}",
-        "stream.n_tasks=3",
-        "stream.train_per_task=1024",
-        "stream.test_per_task=200",
+        *SPLIT_MNIST_3,
         "method.train.epochs=3",
     )
     accuracy = learn_and_score(method, stream)

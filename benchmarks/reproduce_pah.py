@@ -3,9 +3,9 @@
 Runs the `pah_split_cifar100` or `pah_tiny_imagenet_10` preset (the released code's setup: torchvision's
 ImageNet-pretrained ResNet-18, AdamW, batch 64, 15 epochs per task) for each method as one Hydra multirun, then
 prints the paper's final accuracy and forgetting (benchmarks/paper/pah_table.csv) beside the measured ones and
-writes benchmarks/results/pah-<dataset>-<scale>-<date>.csv. The table's other rows (GCR, Dark Experience Replay,
-CCLIS, A-GEM, HN-2, HN-3) wait for those methods (issue 16); PNN's columns cannot tap ResNet-18's skip
-connections. Finished runs are reused.
+writes benchmarks/results/pah-<dataset>-<scale>-<date>.csv. The rows with a buffer in the paper's table (Dark
+Experience Replay, A-GEM) run under `pah_buffer200_<dataset>` (the same protocol, `replay.budget: 200`), one
+multirun per preset. PNN's columns cannot tap ResNet-18's skip connections. Finished runs are reused.
 
     python benchmarks/reproduce_pah.py [--dataset cifar|tiny] [--scale full|smoke] [--data-root DIR] [--seeds N]
         [KEY=VALUE ...]
@@ -33,7 +33,7 @@ import reproduce_table1 as t1
 from rich.console import Console
 from rich.table import Table
 
-METHODS = ("pah", "si")  # the table's rows clrun can run on ResNet-18 (pnn's columns need a chain backbone)
+METHODS = ("pah", "si", "dark_er", "agem")  # the table's rows clrun can run on ResNet-18 (pnn: a chain backbone)
 PRESETS = {"cifar": "split_cifar100", "tiny": "tiny_imagenet_10"}  # conf/experiment/pah[_smoke]_<this>.yaml
 DATA = {"cifar": "cifar-100-python", "tiny": "tiny-imagenet-200"}
 
@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         print("reproduce_pah: error: --seeds must be at least 1", file=sys.stderr)
         return 2
-    preset = f"pah_{'smoke_' if args.scale == 'smoke' else ''}{PRESETS[args.dataset]}"
+    paper = pd.read_csv(t1.PAPER / "pah_table.csv", dtype={"buffer": str}).set_index("method")
+    smoke = "smoke_" if args.scale == "smoke" else ""
+    preset = f"pah_{smoke}{PRESETS[args.dataset]}"
     common = [f"experiment={preset}", f"data.root='{root}'", *args.overrides]
     seeds = list(range(args.seed, args.seed + args.seeds))
     start = time.perf_counter()
@@ -156,17 +158,26 @@ def main(argv: list[str] | None = None) -> int:
         name = f"pah-ablation-{args.dataset}-{args.scale}-{datetime.date.today().isoformat()}.csv"
         t1.write_table(table, args.out or t1.RESULTS / name, console, {"ablation": seconds}, start)
         return 0
+    presets = {
+        m: preset if paper.loc[m, "buffer"] == "0" else f"pah_{smoke}buffer200_{PRESETS[args.dataset]}"
+        for m in args.methods
+    }
+    seconds, rows = {}, {}
     try:
-        sweep = ["-m", "method=" + ",".join(args.methods), "seed=" + ",".join(map(str, seeds)), *common]
-        seconds = t1.run_clrun([*sweep, f"hydra.sweep.dir={args.runs_dir}"], console)
-        rows = {m: measured_seeds([f"method={m}", *common], seeds, args.runs_dir) for m in args.methods}
+        for name in dict.fromkeys(presets.values()):  # one multirun per preset, in the order of the methods
+            methods = [m for m in args.methods if presets[m] == name]
+            runs = [f"experiment={name}", *common[1:]]
+            sweep = ["-m", "method=" + ",".join(methods), "seed=" + ",".join(map(str, seeds)), *runs]
+            seconds[name] = t1.run_clrun([*sweep, f"hydra.sweep.dir={args.runs_dir}"], console)
+            rows.update({m: measured_seeds([f"method={m}", *runs], seeds, args.runs_dir) for m in methods})
     except t1.ReproduceError as error:
         print(f"reproduce_pah: error: {error}", file=sys.stderr)
         return 2
-    table = compare(pd.read_csv(t1.PAPER / "pah_table.csv").set_index("method"), rows, args.dataset)
+    rows = {m: rows[m] for m in args.methods}
+    table = compare(paper, rows, args.dataset)
     print_table(console, table, f"PAH's table, {preset}: paper vs measured (%)")
     out = args.out or t1.RESULTS / f"pah-{args.dataset}-{args.scale}-{datetime.date.today().isoformat()}.csv"
-    t1.write_table(table, out, console, {"methods": seconds}, start)
+    t1.write_table(table, out, console, seconds, start)
     return 0
 
 

@@ -209,12 +209,20 @@ class DataConfig:
 
 
 @dataclass
+class RunReplayConfig:
+    # the replay memory, in images, of whichever method keeps one (its `budget_key`, e.g. `method.replay.budget`);
+    # null: the method's own default. One key, so that a sweep over replay methods compares them at one budget.
+    budget: Optional[int] = checked(Rule(lambda v: v >= 0, "null or non-negative"), None)
+
+
+@dataclass
 class Config:
     method: Any = MISSING
     backbone: Any = MISSING
     stream: Any = MISSING
     hardware: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
+    replay: RunReplayConfig = field(default_factory=RunReplayConfig)
     seed: int = 0
     resume: bool = True  # continue from the run folder's checkpoint; false: start the run over
 
@@ -266,6 +274,15 @@ def check_config(cfg: DictConfig) -> type:
     cfg.method = _typed(method_class.config_class, cfg.method, "method")
     if OmegaConf.is_missing(cfg.method, "name"):
         raise ClrunError(f"method.name is missing: give the method of {target} a name (`name: ...` in its YAML)")
+    budget = cfg.get("replay", {}).get("budget")
+    if budget is not None:
+        check_ranges(cfg.replay, "replay")
+        if method_class.budget_key() is None:
+            raise ClrunError(
+                f"replay.budget={budget}: method {cfg.method.name} keeps no replay memory; "
+                "leave replay.budget out of its runs (or sweep it with replay methods only)"
+            )
+        OmegaConf.update(cfg.method, method_class.budget_key(), budget, merge=False)
     scenario = cfg.stream.scenario.value
     supported = method_class.supported_scenarios(cfg.method)
     if scenario not in supported:

@@ -61,6 +61,8 @@ def aggregate(summaries: pd.DataFrame) -> pd.DataFrame:
     grouped = summaries.groupby(GROUP)
     table = grouped[[c for c in COLUMNS if c in summaries]].agg(["mean", "std"])
     table[("seeds", "n")] = grouped.size()
+    if "replay_budget" in summaries:  # runs before the key have none
+        table[("replay_budget", "")] = grouped["replay_budget"].first()
     return table.reset_index()
 
 
@@ -87,8 +89,11 @@ def print_table(console: Console, table: pd.DataFrame) -> None:
     for (stream, scenario, backbone), rows in table.groupby([("stream", ""), ("scenario", ""), ("backbone", "")]):
         view = Table(title=f"{stream} ({scenario} scenario) / {backbone}: mean±std over seeds")
         view.add_column("metric")
+        rows = rows.sort_values([c for c in [("method", ""), ("replay_budget", "")] if c in rows])
         for _, row in rows.iterrows():
-            name = f"{row[('method', '')]} {row[('config_id', '')][:4]}"
+            budget = row.get(("replay_budget", ""))
+            memory = "" if budget is None or pd.isna(budget) else f" memory {int(budget)}"
+            name = f"{row[('method', '')]}{memory} {row[('config_id', '')][:4]}"
             view.add_column(f"{name} ({row[('seeds', 'n')]} seeds)", justify="right")
         for column in [c for c in COLUMNS if (c, "mean") in rows]:
             scale = 100 if column in PERCENT else 1

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from clrun import results
-from clrun.config import check_config
+from clrun.config import check_config, import_target
 from clrun.data import build_stream
 from clrun.data.stream import Stream
 from clrun.errors import ClrunError
@@ -41,7 +41,25 @@ def identity(cfg) -> dict:
     value = {key: _container(cfg[key]) for key in IDENTITY_KEYS}
     if value["stream"].get("task_views", {}) is None:
         del value["stream"]["task_views"]
+    budget = OmegaConf.select(cfg, "replay.budget", default=None)
+    if budget is not None:  # the method's own key: `replay.budget=200` and `method.replay.budget=200` are one run
+        _set_budget(value["method"], budget)
     return value
+
+
+def _set_budget(method: dict, budget: int) -> None:
+    """Write `budget` at the method's `budget_key` in its plain config (nothing for a method without a memory,
+    or one whose class cannot be imported: `check_config` says so)."""
+    try:
+        key = import_target(method.get("_target_"), "method._target_").budget_key()
+    except (ClrunError, AttributeError):
+        return
+    if key is None:
+        return
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        method = method[parent]
+    method[leaf] = budget
 
 
 def _container(value):
@@ -153,7 +171,9 @@ class Run:
             **method.summary(),
         }
         precision = "fp32" if hw.autocast_dtype is None else str(hw.autocast_dtype).removeprefix("torch.")
-        summary = {**self.labels, "clrun_version": version("clrun"), "precision": precision, **metrics}
+        key = method_class.budget_key()
+        budget = {"replay_budget": None if key is None else OmegaConf.select(cfg.method, key)}  # images in memory
+        summary = {**self.labels, "clrun_version": version("clrun"), "precision": precision, **budget, **metrics}
         results.write_parquet(pd.DataFrame([summary]), self.run_dir / results.SUMMARY_FILE)
         results.save_plots(R, names, self.run_dir, self.run_id)
         results.print_report(self.console, R, names, metrics, self.run_dir)

@@ -1,15 +1,33 @@
 """The replay memory (budget, policies), with_replay's mixing weight, and ER end to end."""
 
+import copy
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from conftest import SPLIT_MNIST_CLASS, TINY_STREAM, build_method, matrix, needs_shared, run
+from conftest import (
+    SHARED_DATA,
+    SPLIT_MNIST_CLASS,
+    TINY_STREAM,
+    build_method,
+    clrun,
+    compose_config,
+    matrix,
+    needs_shared,
+    run,
+)
+from omegaconf import OmegaConf
 
+from clrun import report
 from clrun.data.stream import Split, Task
+from clrun.errors import ClrunError
+from clrun.methods import method_classes
 from clrun.methods.er import ER
 from clrun.methods.parts.replay import Memory, herding, with_replay
+from clrun.results import Footprint
+from clrun.run import run_name
 
 TINY = [
     *TINY_STREAM,
@@ -193,3 +211,67 @@ def test_herding_memory_holds_each_class_picks_on_the_backbone_features(method):
             index = torch.nonzero(task.train.y == c).squeeze(1)
             picks = task.train.x[index[herding(features[index], quota)]]
             assert torch.equal(method.memory.x[(method.memory.t == task.index) & (method.memory.y == c)], picks)
+
+
+# three MNIST tasks of unequal class counts and sizes (27, 40 and 15 training images), class scenario
+UNEQUAL_MNIST = [
+    "hardware=cpu",
+    "hardware.threads=1",
+    "stream=split_mnist",
+    f"data.root={SHARED_DATA}",
+    "stream.split=tasks",
+    "stream.n_tasks=3",
+    "stream.scenario=class",
+    "backbone=mlp",
+    "backbone.hidden=[32]",
+    "stream.tasks=[{dataset:mnist,classes:[0,1,2],train_per_class:9,test_per_class:4},"
+    "{dataset:mnist,classes:[3],train_per_class:40,test_per_class:4},"
+    "{dataset:mnist,classes:[4,5,6,7,8],train_per_class:3,test_per_class:4}]",
+]
+REPLAY_METHODS = sorted(name for name, method_class in method_classes().items() if method_class.budget_key())
+FASTER = {"rps_net": ["method.candidates=2"]}  # fewer random paths per task
+
+
+@needs_shared("MNIST")
+@pytest.mark.parametrize("name", REPLAY_METHODS)
+def test_every_replay_method_holds_at_most_the_run_level_budget_and_counts_it(name):
+    budget = 7
+    overrides = [f"method={name}", f"replay.budget={budget}", "method.train.epochs=1", *FASTER.get(name, [])]
+    method, stream, cfg = build_method(None, *UNEQUAL_MNIST, *overrides)
+    assert OmegaConf.select(cfg.method, method.budget_key()) == budget  # the run-level key reached the method's
+    for task in stream.tasks:
+        method.learn(task)
+        assert 0 < len(method.memory) <= budget
+        stored = method.memory.add_to(Footprint(0, 0, 0)).bytes
+        with_memory = method.footprint().bytes
+        kept, method.memory = method.memory, copy.copy(method.memory)
+        for part in ("x", "y", "t", "logits"):
+            if hasattr(method.memory, part):
+                setattr(method.memory, part, None)
+        assert with_memory - method.footprint().bytes == stored > 0  # every stored tensor counted, once
+        method.memory = kept
+
+
+def test_run_level_budget_names_the_same_run_as_the_methods_own_key_and_is_refused_without_a_memory():
+    er = ["method=er", *TINY_STREAM]
+    assert run_name(compose_config(*er, "replay.budget=30")) == run_name(compose_config(*er, "method.replay.budget=30"))
+    assert run_name(compose_config(*er, "replay.budget=30")) != run_name(compose_config(*er))
+    rps = ["method=rps_net", *TINY_STREAM]
+    assert run_name(compose_config(*rps, "replay.budget=30")) == run_name(compose_config(*rps, "method.memory=30"))
+    with pytest.raises(ClrunError, match=r"^replay.budget=30: method finetune keeps no replay memory"):
+        build_method(None, "method=finetune", *TINY_STREAM, "replay.budget=30")
+
+
+def test_a_sweep_over_replay_methods_and_budgets_from_the_command_line(tmp_path, capsys):
+    tiny = ["stream.n_tasks=2", "stream.train_per_task=32", "stream.test_per_task=16", "method.train.epochs=1"]
+    done = clrun(tmp_path, "-m", "method=er,agem", "replay.budget=5,9", *TINY_STREAM[:2], *tiny)
+    assert done.returncode == 0, done.stderr
+    summaries = pd.concat(pd.read_parquet(p) for p in tmp_path.glob("outputs/runs/*/summary.parquet"))
+    assert sorted(zip(summaries["method"], summaries["replay_budget"], strict=True)) == [
+        ("agem", 5),
+        ("agem", 9),
+        ("er", 5),
+        ("er", 9),
+    ]
+    report.main([str(tmp_path / "outputs" / "runs")])
+    assert "er memory 5" in " ".join(capsys.readouterr().out.split())

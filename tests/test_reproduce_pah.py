@@ -37,14 +37,18 @@ def test_smoke_presets_keep_the_protocol_without_weights(dataset):
 def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     out = tmp_path / "pah.csv"
     argv = ["--scale", "smoke", "--data-root", str(SHARED_DATA / "CIFAR-100-subset"), "--runs-dir", str(tmp_path)]
-    assert rp.main([*argv, "--seeds", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    methods = ["--methods", "pah", "dark_er", "si"]
+    assert rp.main([*argv, *methods, "--seeds", "2", "--out", str(out)]) == 0, capsys.readouterr().err
     assert "mean +- 2 std (2 seeds)" in capsys.readouterr().out
     table = pd.read_csv(out)
-    assert table["method"].tolist() == ["PAH", "SI"] and table["paper_acc"].tolist() == [74.46, 63.58]
-    assert table[["acc", "forg", "std_acc", "std_forg"]].notna().all().all() and table["seeds"].tolist() == [2, 2]
-    folders = [p.name for p in tmp_path.iterdir() if p.is_dir()]
-    runs = sorted(name.split("-")[0] + name.split("-seed")[1][0] for name in folders)
-    assert runs == ["pah0", "pah1", "si0", "si1"]  # two seeds of each method, one multirun
+    assert table["method"].tolist() == ["PAH", "DER (Dark Experience Replay)", "SI"]
+    assert table["paper_acc"].tolist() == [74.46, 63.09, 63.58]
+    assert table[["acc", "forg", "std_acc", "std_forg"]].notna().all().all() and table["seeds"].tolist() == [2, 2, 2]
+    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    runs = sorted(p.name.split("-")[0] + p.name.split("-seed")[1][0] for p in folders)
+    assert runs == ["dark_er0", "dark_er1", "pah0", "pah1", "si0", "si1"]  # two seeds of each method
+    budgets = {p.name.split("-")[0]: pd.read_parquet(p / "summary.parquet")["replay_budget"][0] for p in folders}
+    assert budgets["dark_er"] == 200 and budgets["pah"] is None  # the table's buffer, for its buffer rows only
 
 
 @needs_shared("CIFAR-100-subset")

@@ -38,3 +38,17 @@ def test_collect_and_show_carry_the_source(tmp_path):
     sm.show(table, console)
     text = console.export_text()
     assert "99.00 (99.14)" in text and "published: arXiv:1809.10635" in text and "Table 3" in text
+
+
+def test_budgets_run_the_replay_methods_only_and_show_a_row_per_budget(tmp_path):
+    assert [sm.replays(m) for m in ("er", "dark_er", "gem", "ewc", "finetune")] == [True, True, True, False, False]
+    rows = [("er", 200, 0.80), ("er", 500, 0.90), ("finetune", None, 0.20)]
+    for i, (method, budget, acc) in enumerate(rows):
+        summary = {"stream": "split_mnist", "scenario": "class", "method": method, "replay_budget": budget, "acc": acc}
+        (tmp_path / f"run{i}").mkdir()
+        pd.DataFrame([summary]).to_parquet(tmp_path / f"run{i}" / "summary.parquet")
+    console = Console(record=True, width=200)
+    sm.show(sm.collect(tmp_path), console)
+    lines = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if "│" in line}
+    assert "80.00" in lines["er (memory 200)"] and "90.00" in lines["er (memory 500)"]
+    assert "20.00" in lines["finetune"]

@@ -113,6 +113,7 @@ def test_config_py_holds_no_methods_schema():
         "MlpConfig",
         "LstmConfig",
         "DataConfig",
+        "RunReplayConfig",
         "Config",
     }
 

@@ -4,7 +4,7 @@ A method is one module under `clrun/methods/` (or any importable module of the u
 subclass and its config dataclass (`config_class`); see README, "Adding a method".
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -139,6 +139,13 @@ class Method:
     def task_cfg(self, task: Task):
         """The method's config for `task`: `cfg` with the task's `task_overrides` merged in (`PerTaskRecipeConfig`)."""
         return self.task_cfgs.get(task.name, self.cfg)
+
+    @classmethod
+    def budget_key(cls) -> str | None:
+        """The key under `method` that sizes the method's replay memory (images), which the run-level
+        `replay.budget` sets; None for a method that keeps no memory. Default: `replay.budget` when the config
+        has a `replay` field (a `ReplayConfig`)."""
+        return "replay.budget" if "replay" in {f.name for f in fields(cls.config_class)} else None
 
     @classmethod
     def supported_scenarios(cls, cfg) -> tuple[str, ...]:

@@ -134,6 +134,11 @@ class ChannelGates:
 
 class CCGN(Method):
     config_class = CCGNConfig
+
+    @classmethod
+    def budget_key(cls) -> str:
+        return "memory.budget"  # the task classifier's memory
+
     starts_head_from_classifier = True
 
     def __init__(self, cfg, backbone_cfg, stream, hw):

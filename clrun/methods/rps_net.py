@@ -99,6 +99,10 @@ def joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor
 class RPSNet(Method):
     config_class = RPSNetConfig
 
+    @classmethod
+    def budget_key(cls) -> str:
+        return "memory"
+
     def __init__(self, cfg, backbone_cfg, stream, hw):
         super().__init__(cfg, backbone_cfg, stream, hw)
         if cfg.active > cfg.modules:

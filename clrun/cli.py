@@ -1,5 +1,6 @@
 """The `clrun` command: Hydra composes the config from the package's `clrun.conf`, `Run` executes it."""
 
+import logging
 import shutil
 import signal
 import sys
@@ -9,14 +10,17 @@ import hydra
 from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.logging import RichHandler
 
-from clrun import methods
+from clrun import methods, sweeps
 from clrun.config import register_schemas
 from clrun.errors import ClrunError
-from clrun.run import CHECKPOINT, Run, run_name
+from clrun.run import CHECKPOINT, Run, held_elsewhere, run_name
 
+RUN_LOG = "run.log"  # in the run folder: what the run printed, warnings included, appended at each start
 CONFIG_PATH = "pkg://clrun.conf"  # conf/ in the checkout, shipped in the package (pyproject.toml's package-dir)
 
 
@@ -38,10 +42,12 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 def discard_unstarted(run_dir: Path) -> None:
-    """Remove a run folder that never got a checkpoint (what Hydra and the lock left in it)."""
-    if not (run_dir / CHECKPOINT).exists():
+    """Remove a run folder that never got a checkpoint (what Hydra, the lock and run.log left in it), unless
+    another process is running in it."""
+    if not (run_dir / CHECKPOINT).exists() and not held_elsewhere(run_dir):
         shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
         shutil.rmtree(run_dir / CHECKPOINT.parent, ignore_errors=True)
+        (run_dir / RUN_LOG).unlink(missing_ok=True)
         if run_dir.exists() and not any(run_dir.iterdir()):
             run_dir.rmdir()
 
@@ -50,23 +56,58 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (SLURM preemption, `timeout`) stops like Ctrl-C
 
 
+def _console_for_logs(console: Console) -> None:
+    """Send what clrun logs (conf/hydra/job_logging/clrun.yaml's rich handler) through `console`, so that
+    `run.log` holds the warnings among the run's other messages."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RichHandler):
+            handler.console = console
+
+
+def save_run_log(run_dir: Path, text: str) -> None:
+    """Append `text` (what the run printed, warnings included) to `run_dir/run.log`, if the folder exists."""
+    if run_dir.is_dir() and not held_elsewhere(run_dir):
+        with open(run_dir / RUN_LOG, "a") as log:
+            log.write(text)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _run(cfg: DictConfig) -> float:
-    """Run one continual-learning experiment; return its final average accuracy (for sweepers). Logging is
-    set up by Hydra from conf/hydra/job_logging/clrun.yaml."""
+    """Run one continual-learning experiment; return its final average accuracy (for sweepers; NaN for a job
+    of a multirun that failed, which `clrun.sweeps` records so that the sweep goes on)."""
     signal.signal(signal.SIGTERM, _interrupt)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    console = Console(record=True)  # the terminal, and run.log (the progress bars are not recorded)
+    _console_for_logs(console)
+    error_line = ""
     try:
-        return Run(cfg, run_dir, Console()).execute()["acc"]
+        run = Run(cfg, run_dir, console)
+        accuracy = run.execute()["acc"]
+        sweeps.record_job("reused" if run.reused else "finished", run_dir)
+        return accuracy
     except ClrunError as error:
-        print(f"clrun: error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
-        sys.exit(2)
+        error_line = f"clrun: error: {' '.join(str(error).split())}"  # always one line
+        print(error_line, file=sys.stderr)
+        if not in_sweep:
+            sys.exit(2)
+        sweeps.record_job("failed", run_dir, error_line.removeprefix("clrun: error: "))
+        return float("nan")
     except KeyboardInterrupt:
         kept = (run_dir / CHECKPOINT).exists()
         where = f"finished tasks are saved in {run_dir}; run the same command again to resume"
-        print(f"clrun: interrupted; {where if kept else 'no task had finished, nothing was kept'}", file=sys.stderr)
+        error_line = f"clrun: interrupted; {where if kept else 'no task had finished, nothing was kept'}"
+        print(error_line, file=sys.stderr)
         sys.exit(130)
+    except Exception as error:  # a bug, or a resource running out (memory): the traceback, then the sweep goes on
+        if not in_sweep:
+            raise
+        error_line = f"{type(error).__name__}: {' '.join(str(error).split())}"
+        console.print_exception()
+        sweeps.record_job("failed", run_dir, error_line)
+        return float("nan")
     finally:
+        save_run_log(run_dir, console.export_text() + (error_line + "\n" if error_line else ""))
         discard_unstarted(run_dir)
 
 

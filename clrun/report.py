@@ -3,7 +3,8 @@
 Collects every finished run below the given folders (default `outputs/runs`),
 adds each run's transfer against the `scratch` run of the same stream, backbone
 and seed, and prints the mean and standard deviation over seeds of each config
-(runs that differ only in their seed share a `config_id`).
+(runs that differ only in their seed share a `config_id`); names the unfinished runs and the failed jobs of
+sweeps recorded below the folders first.
 """
 
 import argparse
@@ -15,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from clrun.results import ACCURACY_FILE, PERCENT, SUMMARY_FILE, TASK_AWARE, matrix_rows, write_parquet
+from clrun.run import CHECKPOINT
+from clrun.sweeps import STATUS_FILE
 
 GROUP = ["method", "stream", "scenario", "backbone", "config_id"]
 COLUMNS = ["acc", "bwt", "forgetting", "task_aware_acc", "task_id_acc", "transfer_vs_scratch"]
@@ -105,6 +108,28 @@ def print_table(console: Console, table: pd.DataFrame) -> None:
         console.print(view)
 
 
+def unfinished_and_failed(folders: list[Path]) -> tuple[list[Path], pd.DataFrame]:
+    """Run folders below `folders` with a checkpoint but no summary (stopped or still running), and the failed
+    jobs of the sweeps recorded there (`clrun.sweeps`' status tables; a job that succeeded later left out)."""
+    unfinished = sorted(
+        {p.parent.parent for f in folders for p in Path(f).rglob(CHECKPOINT.name) if p.parent.name == "checkpoints"}
+    )
+    unfinished = [d for d in unfinished if not (d / SUMMARY_FILE).exists()]
+    statuses = [pd.read_csv(p, keep_default_na=False) for f in folders for p in sorted(Path(f).rglob(STATUS_FILE))]
+    if not statuses:
+        return unfinished, pd.DataFrame(columns=["overrides", "error"])
+    jobs = pd.concat(statuses, ignore_index=True).drop_duplicates("overrides", keep="last")  # each job's last try
+    return unfinished, jobs[jobs["status"] == "failed"][["overrides", "error"]]
+
+
+def print_unfinished(console: Console, unfinished: list[Path], failed: pd.DataFrame) -> None:
+    """Name the runs without results: unfinished folders, failed sweep jobs with their error."""
+    for run_dir in unfinished:
+        console.print(f"unfinished (no {SUMMARY_FILE}; the same command resumes it): {run_dir}", soft_wrap=True)
+    for job in failed.itertuples():
+        console.print(f"failed in a sweep: {job.overrides}: {job.error}", soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `clrun-report` command."""
     parser = argparse.ArgumentParser(prog="clrun-report", description=__doc__.splitlines()[0])
@@ -112,11 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the per-run table (with transfer) to this parquet file")
     args = parser.parse_args(argv)
     summaries, accuracy = load_runs(args.folders)
+    console = Console()
+    print_unfinished(console, *unfinished_and_failed(args.folders))
     if summaries.empty:
         parser.exit(
             2, f"clrun-report: error: no finished runs ({SUMMARY_FILE}) below {', '.join(map(str, args.folders))}\n"
         )
     summaries["transfer_vs_scratch"] = transfer_vs_scratch(summaries, accuracy)
-    print_table(Console(), aggregate(summaries))
+    print_table(console, aggregate(summaries))
     if args.out:
         write_parquet(summaries, args.out)

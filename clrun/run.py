@@ -23,6 +23,7 @@ from clrun.hardware import resolve_hardware
 from clrun.train import accuracy, agnostic_accuracy, make_progress, recipe_images, verification
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+LOCK = CHECKPOINT.parent / "lock"  # held (flock) by the process running in the folder
 IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
 
 
@@ -82,6 +83,18 @@ def config_id(cfg) -> str:
     return _digest({key: value for key, value in identity(cfg).items() if key != "seed"})
 
 
+def held_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds the run folder's lock (is running in it)."""
+    try:
+        with open(Path(run_dir) / LOCK) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
+
 class Run:
     """Executes one configured run in `run_dir`, resuming from its checkpoint when there is one."""
 
@@ -91,6 +104,7 @@ class Run:
         self.console = console or Console()
         self.run_id = self.run_dir.name
         self.labels: dict = {}  # the columns that identify the run in every table, once the config is checked
+        self.reused = False  # whether the folder held the finished run already (nothing was trained)
 
     def execute(self, adopt: Callable[[object, Stream], list[dict]] | None = None) -> dict:
         """Learn every remaining task, write the results, return the summary row.
@@ -111,9 +125,9 @@ class Run:
             "seed": cfg.seed,
             "config_id": config_id(cfg),
         }
-        lock_path = self.run_dir / CHECKPOINT.parent / "lock"
+        lock_path = self.run_dir / LOCK
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as lock:
+        with open(lock_path, "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -143,6 +157,7 @@ class Run:
             accuracy_rows += self._evaluate(method, stream, hw, results.BEFORE_TRAINING)
 
         remaining = stream.tasks[len(task_rows) :]
+        self.reused = not remaining and adopt is None
         if task_rows and adopt is None:
             state = f"resuming after task {len(task_rows) - 1}" if remaining else "finished earlier, nothing to train"
             self.console.print(f"[bold]{self.run_id}[/]: {state}")
@@ -159,6 +174,11 @@ class Run:
                 row = self._task_row(task, time.perf_counter() - start, stats, method.footprint())
                 task_rows.append({**row, "plain_macs": plain_macs(method.task_cfg(task), row)})
                 self._checkpoint(method, accuracy_rows, task_rows)
+                seen = results.accuracy_matrix(pd.DataFrame(accuracy_rows), len(stream))[task.index, : task.index + 1]
+                self.console.print(
+                    f"{self.run_id}: task {task.index + 1}/{len(stream)} ({task.name}) done in {row['wall_s']:.1f} s; "
+                    f"mean accuracy on the tasks so far {100 * seen.mean():.2f}%"
+                )
 
         accuracy_table = pd.DataFrame(accuracy_rows)
         R = results.accuracy_matrix(accuracy_table, len(stream))

@@ -426,6 +426,9 @@ def test_split_fashion_mnist_on_the_real_subset_through_the_cli(tmp_path):
     accuracy = pd.read_parquet(run_dir / "accuracy.parquet")
     assert accuracy["eval_task_name"].tolist() == ["0-1", "0-1", "2-3"]
     assert (accuracy["accuracy"] > 0.8).all()  # t-shirt vs trouser and pullover vs dress are easy
+    log = " ".join((run_dir / "run.log").read_text().split())  # the warning and the run's messages, in order
+    warning = log.index("8226 of the official 60000 training images")
+    assert warning < log.index("task 1/2 (0-1) done in") < log.index("task 2/2 (2-3) done in") < log.index("results:")
 
 
 def batches_of(batched) -> list[torch.Tensor]:

@@ -1,0 +1,79 @@
+"""Sweeps that survive their failing jobs: each job's outcome recorded, one status table per sweep.
+
+In a multirun (`clrun -m ...`) a job that fails (an unsupported scenario, a bad value, a NaN loss, out of memory)
+does not stop the sweep: `clrun.cli` records it with its error line and returns NaN to the sweeper. Every job
+writes `job-<num>.json` (its overrides, status `finished` | `reused` | `failed`, error, run folder) into the
+sweep's record folder, `<hydra.sweep.dir>/sweeps/<start time>/`, which `SweepReport` (a Hydra callback, set in
+conf/config.yaml) creates when the multirun starts and passes to the jobs in `CLRUN_SWEEP_RECORDS` (so jobs in
+other processes, e.g. the `parallel` launcher's, find it). When the multirun ends it writes `status.csv` there,
+prints how many jobs finished, failed and were reused, and exits with status 1 if any failed.
+"""
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+RECORDS = "CLRUN_SWEEP_RECORDS"  # the environment variable naming the running sweep's record folder
+STATUS_FILE = "status.csv"
+
+
+def record_job(status: str, run_dir: Path, error: str = "") -> None:
+    """Record the outcome of the current multirun job (nothing outside a multirun started by `SweepReport`)."""
+    folder = os.environ.get(RECORDS)
+    if not folder:
+        return
+    job = HydraConfig.get().job
+    row = {
+        "job": job.num,
+        "overrides": " ".join(HydraConfig.get().overrides.task),
+        "status": status,
+        "error": error,
+        "run_dir": str(run_dir),
+    }
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"job-{job.num}.json").write_text(json.dumps(row))
+
+
+def status_table(folder: Path) -> pd.DataFrame:
+    """The recorded jobs of one sweep, in job order."""
+    rows = [json.loads(path.read_text()) for path in folder.glob("job-*.json")]
+    columns = ["job", "overrides", "status", "error", "run_dir"]
+    return pd.DataFrame(rows, columns=columns).sort_values("job", ignore_index=True)
+
+
+class SweepReport(Callback):
+    """Hydra callback: opens the sweep's record folder, and at the end writes and prints its status table."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        folder = Path(config.hydra.sweep.dir) / "sweeps" / f"{stamp}-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ[RECORDS] = str(folder.resolve())
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from clrun.results import atomic_write
+
+        folder = Path(os.environ.pop(RECORDS))
+        table = status_table(folder)
+        atomic_write(folder / STATUS_FILE, lambda tmp: table.to_csv(tmp, index=False))
+        counts = table["status"].value_counts()
+        console = Console(stderr=True)
+        failed = table[table["status"] == "failed"]
+        if len(failed):
+            view = Table("job", "overrides", "error", title="failed jobs")
+            for row in failed.itertuples():
+                view.add_row(str(row.job), row.overrides, row.error)
+            console.print(view)
+        summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("finished", "reused", "failed"))
+        console.print(f"sweep: {len(table)} jobs: {summary}; status table: {folder / STATUS_FILE}")
+        if len(failed):
+            sys.exit(1)

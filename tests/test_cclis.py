@@ -2,6 +2,8 @@
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +19,7 @@ from conftest import (
     needs_shared,
     one_line_error,
 )
+from rich.console import Console
 
 from clrun.data.stream import Split, Task
 from clrun.methods.cclis import CCLIS, importance_scores, importance_select, is_supcon_loss, prd_loss
@@ -207,3 +210,13 @@ def test_clrun_runs_cclis_as_a_user_would(tmp_path):
     assert (tasks["buffer"] == 10).all()
     summary = pd.read_parquet(run_dir / "summary.parquet").iloc[0]
     assert 0 <= summary["acc"] <= 1 and summary["scenario"] == "class"
+
+
+def test_scenarios_mnist_runs_cclis_in_the_class_scenario_only(monkeypatch, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scenarios_mnist as sm  # a script beside the package, not part of it
+
+    calls = []
+    monkeypatch.setattr(sm, "run_clrun", lambda args, console: calls.append(args) or 1.0)
+    assert sm.run_protocol("split_mnist", ["cclis"], tmp_path, [], Console(quiet=True)) == 1.0
+    assert [call[1:3] for call in calls] == [["experiment=vdv_split_mnist_class", "method=cclis"]]

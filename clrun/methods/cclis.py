@@ -40,8 +40,9 @@ flip (`flip`); no colour jitter or grayscale (MNIST is grey). Scores and the lin
 too, as in the code.
 
 Departures: every task trains `train` (the code gives the first task `--start_epoch` 500 epochs, later ones 100,
-with a 10-epoch warm-up at batch 512 and cosine to lr x 0.001); the code marks "earlier task" pairs by
-`label // 2` (`target_labels[-1] // 2`, right for 2 classes per task only); here by the task's first class;
+with a 10-epoch warm-up at batch 512 and cosine to lr x 0.001); the code finds "earlier task" pairs by comparing
+label // cls_per_task with `target_labels[-1] // 2` (right for 2 classes per task only); here: label < the task's
+first class;
 random rounding draws from torch's RNG (the code: Python's `random`); an earlier class's quota is capped so that
 the buffer never exceeds the budget (the code can overshoot it when the classes outnumber the budget's share).
 Scenarios: class (the paper's); task: the same training, each task's prediction the classifier restricted to its

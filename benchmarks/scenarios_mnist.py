@@ -51,9 +51,10 @@ METHODS = (
     "hn",
     "pah",
     "icarl",
+    "cclis",
 )
 # methods van de Ven's tables (and clrun) run in some scenarios only; the others run in all three
-ONLY_IN = {"icarl": ("class",)}
+ONLY_IN = {"icarl": ("class",), "cclis": ("class",)}
 COLUMNS = ["acc", "bwt", "forgetting", "task_aware_acc", "task_id_acc", "expansion", "wall_s"]
 
 

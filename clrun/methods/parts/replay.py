@@ -14,6 +14,9 @@ slots equally over its classes (A-GEM's per-class ring buffers).
 Batches mix the current task and the memory as van de Ven et al. do:
 loss = (1/t) current + (1 - 1/t) replay, t the number of tasks so far.
 
+`ImportanceMemory` (CCLIS) holds beside each image its importance weight, the probability-like weight its sampling
+gave it, which the method's loss uses to correct for the non-uniform selection; the method picks what it holds.
+
 `LogitMemory` is Dark Experience Replay's buffer (`dark_er`, `dark_er_pp`): filled batch by batch during
 training by the same reservoir rule (`reservoir_slots`), each image with the logits the model gave it then.
 """
@@ -249,6 +252,38 @@ class LogitMemory(Memory):
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         super().load_state_dict(state, device)
         self.logits = None if state["logits"] is None else state["logits"].to(device)
+
+
+class ImportanceMemory(Memory):
+    """A memory whose images each carry an importance weight `w` (CCLIS: the image's score over the sum of its
+    class's scores when it was sampled). The method chooses its contents (`replace`), at most `budget` images."""
+
+    def __init__(self, budget: int):
+        super().__init__(budget, "importance")
+        self.w = None
+
+    def add(self, task: Task, features=None) -> None:
+        raise TypeError("an ImportanceMemory is filled by its method's sampling: use replace(x, y, t, w)")
+
+    def replace(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> None:
+        """Hold exactly these images (labels local to their tasks `t`) with their weights `w` (float32)."""
+        if len(y) > self.budget:
+            raise ValueError(f"{len(y)} images offered to a memory of {self.budget}")
+        self.seen += len(y)
+        self.x = self.y = self.t = None
+        self._store(x, y, t)
+        self.w = w.detach().float().clone()
+
+    def add_to(self, footprint: Footprint) -> Footprint:
+        """A method's footprint plus the stored images, labels, tasks and weights (bytes, not parameters)."""
+        return super().add_to(footprint).plus(0 if self.w is None else tensor_bytes([self.w]))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "w": self.w}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        super().load_state_dict(state, device)
+        self.w = None if state["w"] is None else state["w"].to(device)
 
 
 def with_replay(

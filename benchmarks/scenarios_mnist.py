@@ -44,6 +44,7 @@ METHODS = (
     "dgr_distill",
     "dark_er",
     "dark_er_pp",
+    "gcr",
     "scratch",
     "hn",
     "pah",

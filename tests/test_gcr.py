@@ -71,7 +71,7 @@ def unequal(stream, sizes):
     stream.tasks[:] = tasks
 
 
-@pytest.mark.parametrize("budget", [7, 40])
+@pytest.mark.parametrize("budget", [3, 7, 40])  # 3: a coreset of 1 row, earlier tasks' shares 0 from task 1 on
 def test_memory_never_exceeds_the_budget_over_unequal_tasks_and_is_counted(budget):
     method, stream, _ = build_method(None, *TINY, f"method.replay.budget={budget}", "method.replay.batch_size=8")
     unequal(stream, [50, 9, 70])
@@ -96,10 +96,19 @@ def test_memory_never_exceeds_the_budget_over_unequal_tasks_and_is_counted(budge
         # each earlier task its share (fewer if it had fewer), the new one the rest of the coreset or all it offered
         assert counts[:k] == [min(share, c) for c in counts[:k]] and max(counts[:k], default=0) <= share
         assert counts[k] == min(coreset.budget - k * share, task.train.y.numel(), pool.budget)
-        assert (coreset.w > 0).all() and len(coreset.w) == len(coreset)
+        assert (coreset.w > 0).all() and len(coreset.w) == len(coreset) == sum(counts)
         width = coreset.logits.shape[1]
         stored = len(coreset) * (coreset.x[0].numel() + 8 + 8 + 4 * width + 4)  # + its float32 weight
         assert method.footprint().bytes == module_bytes(method.model) + stored
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+def test_a_budget_too_small_for_both_parts_still_trains(budget):
+    # 1: a coreset of 1 and no reservoir (nothing ever selected); 2: one row each
+    method, stream, _ = build_method(None, *TINY, f"method.replay.budget={budget}")
+    for task in stream.tasks:
+        method.learn(task)
+        assert len(method.memory) + len(method.pool) <= budget and len(method.memory) == (budget == 2)
 
 
 @pytest.mark.parametrize("scenario", ["class", "domain"])

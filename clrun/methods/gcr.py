@@ -139,13 +139,15 @@ class GCR(DarkReplay):
         k, coreset = self.tasks_held, self.memory
         per_task = coreset.budget // (k + 1)
         parts = []
-        for held in range(k):
+        for held in range(k if len(coreset) else 0):
             index = torch.nonzero(coreset.t == held).squeeze(1)
             parts.append(self.select(coreset, index, coreset.w[index], per_task))
-        index = torch.arange(len(self.pool), device=self.hw.device)
-        parts.append(self.select(self.pool, index, None, coreset.budget - k * per_task))
-        x, y, t, logits, w = (torch.cat(column) for column in zip(*parts, strict=True))
-        coreset.keep(x, y, t, logits, w)
+        if len(self.pool):
+            index = torch.arange(len(self.pool), device=self.hw.device)
+            parts.append(self.select(self.pool, index, None, coreset.budget - k * per_task))
+        if parts:
+            x, y, t, logits, w = (torch.cat(column) for column in zip(*parts, strict=True))
+            coreset.keep(x, y, t, logits, w)
         self.tasks_held += 1
         self.seen_before += self.pool.seen
         self.pool.clear()

@@ -47,6 +47,7 @@ METHODS = (
     "dgr_distill",
     "dark_er",
     "dark_er_pp",
+    "gcr",
     "scratch",
     "hn",
     "pah",

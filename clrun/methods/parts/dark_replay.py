@@ -82,7 +82,10 @@ class DarkReplay(SharedModelMethod):
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every output of the model (what DER trains, stores and matches): every head concatenated, over every
         class of the stream (domain: the shared head)."""
-        features = self.model.features(x)
+        return self.head_outputs(self.model.features(x))
+
+    def head_outputs(self, features: torch.Tensor) -> torch.Tensor:
+        """`outputs` from the backbone's features: the last layer only (GCR's selection differentiates it alone)."""
         if self.model.scenario == "domain":
             return self.model.logits(features, None)
         return torch.cat([head(features) for head in self.model.heads.heads], dim=1)

@@ -18,7 +18,8 @@ loss = (1/t) current + (1 - 1/t) replay, t the number of tasks so far.
 gave it, which the method's loss uses to correct for the non-uniform selection; the method picks what it holds.
 
 `LogitMemory` is Dark Experience Replay's buffer (`dark_er`, `dark_er_pp`): filled batch by batch during
-training by the same reservoir rule (`reservoir_slots`), each image with the logits the model gave it then.
+training by the same reservoir rule (`reservoir_slots`), each image with the logits the model gave it then;
+`WeightedLogitMemory` adds a weight per row (GCR's weighted coreset, `gcr`).
 """
 
 from collections.abc import Callable
@@ -252,6 +253,45 @@ class LogitMemory(Memory):
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         super().load_state_dict(state, device)
         self.logits = None if state["logits"] is None else state["logits"].to(device)
+
+    def clear(self) -> None:
+        """Hold nothing and start the reservoir's count again (GCR's candidate reservoir after each task)."""
+        self.x = self.y = self.t = self.logits = None
+        self.seen = 0
+
+
+class WeightedLogitMemory(LogitMemory):
+    """A `LogitMemory` whose rows also carry a non-negative weight `w` (GCR's weighted coreset), written whole by
+    `keep` (a selection), never by reservoir sampling."""
+
+    def __init__(self, budget: int):
+        super().__init__(budget)
+        self.w = None
+
+    def insert(self, x, y, t, logits) -> None:
+        raise TypeError("a WeightedLogitMemory holds a selection: use keep(x, y, t, logits, w)")
+
+    def keep(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, logits: torch.Tensor, w: torch.Tensor) -> None:
+        """Hold exactly these rows (at most `budget` of them) and their weights."""
+        if len(y) > self.budget:
+            raise ValueError(f"{len(y)} rows for a memory of {self.budget}")
+        self.x, self.y, self.t, self.logits = x.clone(), y.clone(), t.clone(), logits.detach().float().clone()
+        self.w = w.detach().float().clone()
+
+    def clear(self) -> None:
+        super().clear()
+        self.w = None
+
+    def add_to(self, footprint: Footprint) -> Footprint:
+        """A method's footprint plus the stored images, labels, tasks, logits and weights (bytes)."""
+        return super().add_to(footprint).plus(0 if self.w is None else tensor_bytes([self.w]))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "w": self.w}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        super().load_state_dict(state, device)
+        self.w = None if state["w"] is None else state["w"].to(device)
 
 
 class ImportanceMemory(Memory):

@@ -218,5 +218,10 @@ def test_scenarios_mnist_runs_cclis_in_the_class_scenario_only(monkeypatch, tmp_
 
     calls = []
     monkeypatch.setattr(sm, "run_clrun", lambda args, console: calls.append(args) or 1.0)
-    assert sm.run_protocol("split_mnist", ["cclis"], tmp_path, [], Console(quiet=True)) == 1.0
+    assert sm.run_protocol("split_mnist", ["cclis"], tmp_path, [], [], sm.SCENARIOS, Console(quiet=True)) == 1.0
     assert [call[1:3] for call in calls] == [["experiment=vdv_split_mnist_class", "method=cclis"]]
+    calls.clear()  # at two budgets: one multirun over them
+    assert sm.run_protocol("split_mnist", ["cclis"], tmp_path, [], [200, 500], sm.SCENARIOS, Console(quiet=True))
+    assert [call[1:4] for call in calls] == [
+        ["experiment=vdv_split_mnist_class", "method=cclis", "replay.budget=200,500"]
+    ]

@@ -46,6 +46,7 @@ METHODS = (
     "dark_er_pp",
     "scratch",
     "hn",
+    "partial_hn",
     "pah",
     "icarl",
 )

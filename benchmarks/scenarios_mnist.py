@@ -50,6 +50,7 @@ METHODS = (
     "gcr",
     "scratch",
     "hn",
+    "partial_hn",
     "pah",
     "icarl",
     "cclis",

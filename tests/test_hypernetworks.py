@@ -10,8 +10,9 @@ from conftest import SHARED_DATA, build_method, matrix, needs_shared, run, run_i
 
 from clrun.data.stream import Split
 from clrun.errors import ClrunError
-from clrun.methods.hn import HN, candidate_step
+from clrun.methods.hn import HN
 from clrun.methods.pah import PAH, distillation
+from clrun.methods.parts.hypernet_reg import candidate_step
 from clrun.models.hypernetwork import HyperNetwork
 from clrun.results import count_params
 from clrun.train import accuracy, make_optimizer

@@ -31,6 +31,7 @@ from clrun.config import AT_LEAST_1, NON_NEGATIVE, Rule, checked
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
 from clrun.methods.base import Method, PerTaskMethodConfig
+from clrun.methods.parts.hypernet_reg import Lookahead, output_regulariser
 from clrun.models import build_backbone
 from clrun.models.hypernetwork import HyperNetwork, param_shapes
 from clrun.models.layers import Linear
@@ -59,33 +60,6 @@ class HNConfig(PerTaskMethodConfig):
     # generate the target weights in chunks of this size (0: at once; hypercl: 42000 / 78000)
     chunk_size: int = checked(Rule(NON_NEGATIVE.test, "non-negative (0: no chunking)"), 42000)
     chunk_embedding_dim: int = checked(AT_LEAST_1, 96)  # size of the learned chunk embeddings (hypercl: 96 / 8)
-
-
-def candidate_step(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
-    """The change `optimizer.step()` would make to `param` from its current gradient, without making it
-    (detached; hypercl's utils/optim_step.calc_delta_theta): SGD, Adam and AdamW as clrun configures them."""
-    if param.grad is None:
-        return torch.zeros_like(param)
-    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
-    state = optimizer.state.get(param, {})
-    lr, decay = group["lr"], group["weight_decay"]
-    grad, value = param.grad.detach(), param.detach()
-    if isinstance(optimizer, torch.optim.SGD):
-        grad = grad + decay * value
-        if group["momentum"]:
-            buffer = state.get("momentum_buffer")
-            buffer = grad if buffer is None else group["momentum"] * buffer + (1 - group["dampening"]) * grad
-            grad = grad + group["momentum"] * buffer if group["nesterov"] else buffer
-        return -lr * grad
-    decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
-    if not decoupled:
-        grad = grad + decay * value
-    beta1, beta2 = group["betas"]
-    step = float(state["step"]) + 1 if state else 1.0
-    m = (1 - beta1) * grad + (beta1 * state["exp_avg"] if state else 0)
-    v = (1 - beta2) * grad**2 + (beta2 * state["exp_avg_sq"] if state else 0)
-    update = lr * (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + group["eps"])
-    return -update - lr * decay * value if decoupled else -update
 
 
 class HNModel(nn.Module):
@@ -143,17 +117,11 @@ class HN(Method):
     def _regularise(self, targets: list[torch.Tensor], step, optimizers: list[torch.optim.Optimizer]) -> None:
         """Add the output regulariser's gradient to Theta's, after the task loss's backward pass and before
         the step (hypercl's calc_fix_target_reg; at Theta + the candidate step with `lookahead`)."""
-        optimizer, hypernet = optimizers[0], self.model.hypernet
+        lookahead = Lookahead.optimizer if self.cfg.lookahead else Lookahead.none
+        earlier = list(self.model.embeddings[: len(targets)])
         with torch.enable_grad():
-            params = dict(hypernet.named_parameters())
-            if self.cfg.lookahead:
-                params = {name: p + candidate_step(optimizer, p) for name, p in params.items()}
-            earlier = self.model.embeddings[: len(targets)]
-            reg = sum(
-                ((functional_call(hypernet, params, (e,)) - target) ** 2).sum()
-                for e, target in zip(earlier, targets, strict=True)
-            )
-            (self.cfg.beta / len(targets) * reg).backward()
+            reg = output_regulariser(self.model.hypernet, earlier, targets, optimizers[0], self.cfg.beta, lookahead)
+            reg.backward()
 
     def learn(self, task: Task) -> dict:
         """Train Theta and a new embedding on the task; `train_loss` is the task's cross-entropy alone (the

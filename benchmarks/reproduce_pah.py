@@ -3,9 +3,11 @@
 Runs the `pah_split_cifar100` or `pah_tiny_imagenet_10` preset (the released code's setup: torchvision's
 ImageNet-pretrained ResNet-18, AdamW, batch 64, 15 epochs per task) for each method as one Hydra multirun, then
 prints the paper's final accuracy and forgetting (benchmarks/paper/pah_table.csv) beside the measured ones and
-writes benchmarks/results/pah-<dataset>-<scale>-<date>.csv. The rows with a buffer in the paper's table (Dark
-Experience Replay, A-GEM) run under `pah_buffer200_<dataset>` (the same protocol, `replay.budget: 200`), one
-multirun per preset. PNN's columns cannot tap ResNet-18's skip connections. Finished runs are reused.
+writes benchmarks/results/pah-<dataset>-<scale>-<date>.csv. The replay methods (Dark Experience Replay, GCR,
+CCLIS, A-GEM) run under `pah_buffer200_<dataset>` (the same protocol, `replay.budget: 200`, the table's buffer),
+one multirun per preset; HN-2 and HN-3 (`partial_hn`, which keeps no memory: the table's "200-400" is not
+explained by its code) and SI under the plain preset. PNN's columns cannot tap ResNet-18's skip connections.
+Finished runs are reused.
 
     python benchmarks/reproduce_pah.py [--dataset cifar|tiny] [--scale full|smoke] [--data-root DIR] [--seeds N]
         [KEY=VALUE ...]
@@ -32,8 +34,10 @@ import pandas as pd
 import reproduce_table1 as t1
 from rich.console import Console
 from rich.table import Table
+from scenarios_mnist import replays
 
-METHODS = ("pah", "si", "dark_er", "agem")  # the table's rows clrun can run on ResNet-18 (pnn: a chain backbone)
+# the table's rows clrun can run on ResNet-18 (pnn: a chain backbone), in the table's order
+METHODS = ("gcr", "dark_er", "cclis", "si", "agem", "hn2", "hn3", "pah")
 PRESETS = {"cifar": "split_cifar100", "tiny": "tiny_imagenet_10"}  # conf/experiment/pah[_smoke]_<this>.yaml
 DATA = {"cifar": "cifar-100-python", "tiny": "tiny-imagenet-200"}
 
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         print("reproduce_pah: error: --seeds must be at least 1", file=sys.stderr)
         return 2
-    paper = pd.read_csv(t1.PAPER / "pah_table.csv", dtype={"buffer": str}).set_index("method")
+    paper = pd.read_csv(t1.PAPER / "pah_table.csv").set_index("method")
     smoke = "smoke_" if args.scale == "smoke" else ""
     preset = f"pah_{smoke}{PRESETS[args.dataset]}"
     common = [f"experiment={preset}", f"data.root='{root}'", *args.overrides]
@@ -158,10 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         name = f"pah-ablation-{args.dataset}-{args.scale}-{datetime.date.today().isoformat()}.csv"
         t1.write_table(table, args.out or t1.RESULTS / name, console, {"ablation": seconds}, start)
         return 0
-    presets = {
-        m: preset if paper.loc[m, "buffer"] == "0" else f"pah_{smoke}buffer200_{PRESETS[args.dataset]}"
-        for m in args.methods
-    }
+    buffered = f"pah_{smoke}buffer200_{PRESETS[args.dataset]}"
+    presets = {m: buffered if replays(m) else preset for m in args.methods}
     seconds, rows = {}, {}
     try:
         for name in dict.fromkeys(presets.values()):  # one multirun per preset, in the order of the methods

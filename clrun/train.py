@@ -20,6 +20,7 @@ from torch.utils.flop_counter import flop_registry
 from clrun.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, NULL_OR_AT_LEAST_1, POSITIVE, Rule, checked
 from clrun.data import iterate
 from clrun.data.stream import Pairs, Split, Stream
+from clrun.errors import ClrunError
 from clrun.hardware import Hardware
 from clrun.metrics import verification_accuracy
 
@@ -311,6 +312,7 @@ class Trainer:
         macs_per_image = float("nan")
         for epoch in range(epochs):
             loss_sum = torch.zeros((), device=hw.device)
+            first_bad = torch.full((), -1, device=hw.device)  # the first step whose loss is not finite (no sync)
             seen = 0
             for batch_index, batch in enumerate(iterate(data, recipe.batch_size, shuffle=True, device=hw.device)):
                 if number == total_steps:
@@ -333,6 +335,7 @@ class Trainer:
                 if after_step is not None:
                     after_step(step)
                 loss_sum += value.detach().float() * len(x)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(value.detach()), number - 1, first_bad)
                 seen += len(x)
                 if bar is not None:
                     progress.advance(bar)
@@ -345,6 +348,11 @@ class Trainer:
                 schedule.step()
             images += seen
             mean_loss = loss_sum.item() / seen
+            if not math.isfinite(mean_loss):
+                raise ClrunError(
+                    f"{label}: the training loss is not finite ({mean_loss}) from step {int(first_bad)} of the phase "
+                    f"(epoch {epoch + 1}); tasks finished before it are kept: lower the learning rate and run again"
+                )
             if bar is not None:
                 ips = images / (time.perf_counter() - start)
                 progress.update(bar, epoch=f"{epoch + 1}/{epochs}", loss=mean_loss, ips=ips)

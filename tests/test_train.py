@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_method, compose_config
+from conftest import TINY_STREAM, build_method, clrun, compose_config
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -164,3 +164,23 @@ def test_mac_counter_agrees_with_flop_counter_and_survives_a_gradient_penalty():
         (grad,) = torch.autograd.grad(net(real).sum(), real, create_graph=True)
         (grad.square().sum()).backward()
     assert counter.macs > 0
+
+
+def test_a_loss_that_stops_being_finite_ends_the_phase_with_one_line_naming_the_step():
+    method, stream = make_method(Finetune, "method.train.epochs=3", "method.train.batch_size=16")
+    task, model = stream.tasks[0], method.model
+    model.add_head(len(task.classes))
+    plain = task_loss(model, 0, stream)
+
+    def loss(x, y, step):
+        return plain(x, y, step) * (float("nan") if step.number >= 5 else 1.0)  # 4 batches an epoch: epoch 2
+
+    data = (task.train.x, task.train.y)
+    with pytest.raises(ClrunError, match=r"^task 0: the training loss is not finite \(nan\) from step 5 .*\(epoch 2\)"):
+        method.trainer.fit(model, method.cfg.train, list(model.parameters()), loss, data, "task 0", task=0)
+
+
+def test_a_diverging_run_stops_with_one_line_through_the_cli(tmp_path):
+    done = clrun(tmp_path, *TINY_STREAM, "method.train.optimizer=sgd", "method.train.lr=1e20")
+    assert done.returncode == 2 and done.stderr.startswith("clrun: error: task 0 0-1: the training loss is not finite")
+    assert "Traceback" not in done.stderr

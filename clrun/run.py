@@ -3,6 +3,7 @@
 import fcntl
 import hashlib
 import json
+import pickle
 import time
 from collections.abc import Callable
 from functools import partial
@@ -141,6 +142,7 @@ class Run:
         hw = resolve_hardware(cfg.hardware)
         torch.manual_seed(cfg.seed)
         stream = build_stream(cfg.stream, cfg.data, cfg.seed, hw.device, self.console)
+        self.data_fingerprint = stream.fingerprint()  # in the checkpoint: a resume checks the data is the same
         method = method_class(cfg.method, cfg.backbone, stream, hw)
         verifying = [task.name for task in stream.tasks if task.verification]
         if verifying and not method.scores_verification:
@@ -268,7 +270,12 @@ class Run:
         return rows
 
     def _resume(self, method) -> tuple[list[dict], list[dict]]:
-        """Load the checkpoint into `method` and the RNG; return the result rows so far."""
+        """Load the checkpoint into `method` and the RNG; return the result rows so far. Temporary files of
+        writes that a kill interrupted are removed first."""
+        for folder in (self.run_dir, self.run_dir / CHECKPOINT.parent):
+            for name in (CHECKPOINT.name, results.ACCURACY_FILE, results.TASKS_FILE, results.SUMMARY_FILE):
+                for tmp in folder.glob(f".{name}.*"):  # atomic_write's temporary names
+                    tmp.unlink()
         path = self.run_dir / CHECKPOINT
         if not path.exists():
             return [], []
@@ -277,11 +284,26 @@ class Run:
             for name in (results.ACCURACY_FILE, results.TASKS_FILE, results.SUMMARY_FILE):
                 (self.run_dir / name).unlink(missing_ok=True)
             return [], []
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except PermissionError:
+            raise ClrunError(
+                f"{path} cannot be read (permission denied); give this user access to the run folder"
+            ) from None
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # a truncated or empty file
+            raise ClrunError(
+                f"{path} is damaged ({type(error).__name__}: {' '.join(str(error).split())[:120]}); "
+                "delete it and run again to redo the run from its start, or use resume=false"
+            ) from None
         if state["identity"] != json.dumps(identity(self.cfg), sort_keys=True):
             raise ClrunError(
                 f"{path} belongs to a run with another config; use resume=false to start over "
                 "or hydra.run.dir=<another folder>"
+            )
+        if state.get("data", self.data_fingerprint) != self.data_fingerprint:  # checkpoints before the key: none
+            raise ClrunError(
+                f"{path} was made on other data than data.root={self.cfg.data.root} holds now (images or labels "
+                "differ); point data.root at the data the run started on, or use resume=false to start over"
             )
         method.load_state_dict(state["method"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -299,6 +321,7 @@ class Run:
         results.write_parquet(pd.DataFrame(task_rows), self.run_dir / results.TASKS_FILE)
         state = {
             "identity": json.dumps(identity(self.cfg), sort_keys=True),
+            "data": self.data_fingerprint,
             "method": method.state_dict(),
             "accuracy": accuracy_rows,
             "tasks": task_rows,

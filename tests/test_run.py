@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import CLRUN, SHARED_DATA, clrun, matrix, needs_shared, run, run_interrupted_then_resumed
+from fixtures import write_idx, write_mnist
 
 from clrun import report, results
 from clrun.errors import ClrunError
@@ -250,3 +251,50 @@ def test_survey_metrics_count_every_mac_a_task_spends(tmp_path, capsys):
     assert summaries["packnet"]["bwt_all_steps"] == 0.0
     report.main([str(tmp_path)])
     assert "CE" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path, damage):
+    args = [*TINY, "stream.n_tasks=2", "hydra.run.dir=run"]
+    assert clrun(tmp_path, *args).returncode == 0
+    checkpoint = tmp_path / "run" / CHECKPOINT
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    done = clrun(tmp_path, *args)
+    assert done.returncode == 2 and done.stderr.startswith(f"clrun: error: {checkpoint} is damaged (")
+    assert "resume=false" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert clrun(tmp_path, *args, "resume=false").returncode == 0  # the way out the line names
+
+
+def test_resume_removes_what_a_kill_during_a_write_left_behind(tmp_path):
+    args = [*TINY, "stream.n_tasks=2", "hydra.run.dir=run"]
+    assert clrun(tmp_path, *args).returncode == 0
+    left = [tmp_path / "run" / CHECKPOINT.parent / ".last.pt.x1y2", tmp_path / "run" / ".accuracy.parquet.a1b2.parquet"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    assert clrun(tmp_path, *args).returncode == 0
+    assert not any(path.exists() for path in left)
+
+
+def test_resuming_on_other_data_is_refused(tmp_path):
+    written = write_mnist(tmp_path / "data", 200, 100)
+    args = ["hardware=cpu", "stream=split_mnist", "backbone=mlp", "stream.n_tasks=2", "method.train.epochs=1"]
+    args += [f"data.root={tmp_path / 'data'}", "hydra.run.dir=run"]
+    first = clrun(tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    images = written["train"][0].copy()
+    images[:20] = 255 - images[:20]  # 20 images inverted, every size the same
+    write_idx(tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte", images)
+    done = clrun(tmp_path, *args)
+    assert done.returncode == 2 and "was made on other data than data.root=" in " ".join(done.stderr.split())
+
+
+def test_an_unreadable_checkpoint_says_so_not_damaged(tmp_path, monkeypatch):
+    _, run_dir = run(tmp_path, *TINY, "stream.n_tasks=2")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "load", refuse)  # as root here, a chmod would not stop the read
+    with pytest.raises(ClrunError, match=r"last.pt cannot be read \(permission denied\)"):
+        run(tmp_path, *TINY, "stream.n_tasks=2")

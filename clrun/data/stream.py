@@ -1,5 +1,6 @@
 """Task streams: an ordered list of tasks, each with uint8 images (on the device where they fit)."""
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -81,6 +82,19 @@ class Stream:
         when `train` and the stream augments, otherwise as at test time. `task`: the images' task (an index, or
         one per image; None: unknown, which per-task normalisation refuses)."""
         return prepare(x.to(self.device, non_blocking=True), self.view, train, task)
+
+    def fingerprint(self) -> str:
+        """A hash of the tasks' names, classes and tensors (their shapes and up to 2**16 evenly spaced values of
+        each: cheap for any size, and any altered image or label changes it with near certainty): a resumed run
+        checks it is learning the data it started on."""
+        digest = hashlib.sha1()
+        for task in self.tasks:
+            digest.update(f"{task.name}{task.classes}".encode())
+            for tensor in (*vars(task.train).values(), *vars(task.test).values()):
+                flat = tensor.reshape(-1)
+                sample = flat[:: max(1, len(flat) >> 16)]
+                digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     def class_offset(self, task: int) -> int:
         """Where task `task`'s classes start in the class scenario's one growing head."""

@@ -82,7 +82,7 @@ def _run(cfg: DictConfig) -> float:
     _console_for_logs(console)
     error_line = ""
     try:
-        run = Run(cfg, run_dir, console)
+        run = Run(cfg, run_dir, console, HydraConfig.get().overrides.task)
         accuracy = run.execute()["acc"]
         sweeps.record_job("reused" if run.reused else "finished", run_dir)
         return accuracy

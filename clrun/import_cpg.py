@@ -19,11 +19,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from rich.console import Console
 from torch import nn
 
-from clrun import results
 from clrun.cli import compose, discard_unstarted
 from clrun.config import check_config
 from clrun.errors import ClrunError
@@ -188,14 +186,10 @@ def import_checkpoint(path: Path, overrides=(), out: Path | None = None, console
     run_dir = Path(out) if out else Path("outputs/runs") / run_name(cfg)  # conf/config.yaml's hydra.run.dir
     console = console or Console()
     try:
-        summary = Run(cfg, run_dir, console).execute(adopt=partial(adopt, checkpoint))
+        summary = Run(cfg, run_dir, console, overrides).execute(adopt=partial(adopt, checkpoint))
     finally:
         discard_unstarted(run_dir)
     again = [*overrides, *([f"hydra.run.dir={run_dir}"] if out else [])]
-    results.atomic_write(run_dir / ".hydra" / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp))
-    results.atomic_write(
-        run_dir / ".hydra" / "overrides.yaml", lambda tmp: OmegaConf.save(OmegaConf.create(overrides), tmp)
-    )
     last = summary["n_tasks"] - 1
     console.print(
         f"CPG's checkpoint holds the network after its last task only: row {last} (every task's accuracy after "

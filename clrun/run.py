@@ -99,8 +99,9 @@ def held_elsewhere(run_dir: Path) -> bool:
 class Run:
     """Executes one configured run in `run_dir`, resuming from its checkpoint when there is one."""
 
-    def __init__(self, cfg, run_dir: Path, console: Console | None = None):
+    def __init__(self, cfg, run_dir: Path, console: Console | None = None, overrides: list[str] | tuple = ()):
         self.cfg = cfg
+        self.overrides = list(overrides)  # the command line's, saved with the config in .hydra/
         self.run_dir = Path(run_dir)
         self.console = console or Console()
         self.run_id = self.run_dir.name
@@ -158,6 +159,7 @@ class Run:
         if not task_rows and stream.scenario == "domain" and method.predicts_before_learning:
             accuracy_rows += self._evaluate(method, stream, hw, results.BEFORE_TRAINING)
 
+        self._save_config()
         remaining = stream.tasks[len(task_rows) :]
         self.reused = not remaining and adopt is None
         if task_rows and adopt is None:
@@ -310,6 +312,15 @@ class Run:
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         return state["accuracy"], state["tasks"]
+
+    def _save_config(self) -> None:
+        """Write the run's config and overrides to .hydra/ (Hydra's own copy is off: `hydra.output_subdir: null`),
+        once this process holds the folder and its checkpoint matched: a refused process never overwrites them."""
+        folder = self.run_dir / ".hydra"
+        results.atomic_write(folder / "config.yaml", lambda tmp: OmegaConf.save(self.cfg, tmp))
+        results.atomic_write(
+            folder / "overrides.yaml", lambda tmp: OmegaConf.save(OmegaConf.create(self.overrides), tmp)
+        )
 
     def _checkpoint(self, method, accuracy_rows: list[dict], task_rows: list[dict]) -> None:
         """Refresh the per-task tables, then save method state, results and RNG state.

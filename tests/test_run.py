@@ -298,3 +298,13 @@ def test_an_unreadable_checkpoint_says_so_not_damaged(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)  # as root here, a chmod would not stop the read
     with pytest.raises(ClrunError, match=r"last.pt cannot be read \(permission denied\)"):
         run(tmp_path, *TINY, "stream.n_tasks=2")
+
+
+def test_a_refused_resume_keeps_the_folders_config(tmp_path):
+    args = [*TINY, "stream.n_tasks=2", "hydra.run.dir=run"]
+    assert clrun(tmp_path, *args).returncode == 0
+    saved = (tmp_path / "run" / ".hydra" / "config.yaml").read_text()
+    assert "lr: 0.5" not in saved and (tmp_path / "run" / ".hydra" / "overrides.yaml").exists()
+    refused = clrun(tmp_path, *args, "method.train.lr=0.5")
+    assert refused.returncode == 2 and "belongs to a run with another config" in refused.stderr
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").read_text() == saved

@@ -66,5 +66,5 @@ def test_a_refused_process_leaves_the_running_ones_folder_alone(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process is running in the folder
         done = clrun(tmp_path, f"hydra.run.dir={run_dir}", *TINY)
     assert done.returncode == 2 and "another clrun process is running in" in done.stderr
-    assert (run_dir / LOCK).exists() and (run_dir / ".hydra").is_dir()
+    assert (run_dir / LOCK).exists() and not (run_dir / ".hydra").exists()  # nothing written, nothing removed
     assert (run_dir / "run.log").read_text() == "the first process's log\n"

@@ -111,7 +111,23 @@ def _run(cfg: DictConfig) -> float:
         discard_unstarted(run_dir)
 
 
+def check_folder_overrides(args: list[str]) -> None:
+    """Fail in one line when `hydra.run.dir=` or `hydra.sweep.dir=` names a file or a path below one (Hydra would
+    stop with a traceback creating it)."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
+            for path in (Path(value), *Path(value).parents):
+                if path.exists() and not path.is_dir():
+                    raise ClrunError(f"{key}={value}: {path} is a file, not a folder; choose another {key}")
+
+
 def main() -> None:
     """The `clrun` console script."""
+    try:
+        check_folder_overrides(sys.argv[1:])
+    except ClrunError as error:
+        print(f"clrun: error: {error}", file=sys.stderr)
+        sys.exit(2)
     setup()
     _run()

@@ -68,3 +68,14 @@ def test_a_refused_process_leaves_the_running_ones_folder_alone(tmp_path):
     assert done.returncode == 2 and "another clrun process is running in" in done.stderr
     assert (run_dir / LOCK).exists() and not (run_dir / ".hydra").exists()  # nothing written, nothing removed
     assert (run_dir / "run.log").read_text() == "the first process's log\n"
+
+
+def test_a_run_folder_that_is_a_file_or_below_one_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    for folder in ("afile", "afile/run"):
+        done = clrun(tmp_path, f"hydra.run.dir={folder}", *TINY)
+        assert (
+            done.returncode == 2
+            and done.stderr
+            == f"clrun: error: hydra.run.dir={folder}: afile is a file, not a folder; choose another hydra.run.dir\n"
+        )

@@ -518,3 +518,26 @@ def test_per_task_normalisation_through_the_cli(tmp_path):
     refused = clrun(tmp_path, "method=joint", *tiny)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "stream.normalize=task needs the task of every image" in refused.stderr
+
+
+@needs_shared("MNIST")
+def test_the_official_mnist_passes_its_md5_and_an_altered_copy_is_warned_of_through_the_cli(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="clrun"):
+        read_mnist(SHARED_DATA, True)
+        read_mnist(SHARED_DATA, False)
+    assert "MD5" not in caplog.text  # the genuine .gz files
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in (SHARED_DATA / "MNIST" / "raw").iterdir():
+        content = gzip.decompress(source.read_bytes())
+        if source.name.startswith("train-images"):
+            images = np.frombuffer(content, np.uint8, offset=16).reshape(60000, 28, 28).copy()
+            images[:500] = 255 - images[:500]  # 500 images inverted, the size unchanged
+            content = content[:16] + images.tobytes()
+        (raw / source.name.removesuffix(".gz")).write_bytes(content)  # uncompressed: the content's MD5 is checked
+    args = ["stream=split_mnist", "backbone=mlp", "hardware=cpu", "stream.n_tasks=1", "stream.train_per_task=64"]
+    done = clrun(tmp_path, *args, "method.train.iterations=2", f"data.root={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    output = " ".join((done.stdout + done.stderr).split())
+    assert "train-images-idx3-ubyte: MD5" in output and "the file was altered or damaged" in output
+    assert output.count("not the official file's") == 1  # the labels and the test files are genuine

@@ -8,6 +8,7 @@ warning: results on them are not comparable with papers.
 """
 
 import gzip
+import hashlib
 import inspect
 import logging
 import pickle
@@ -34,6 +35,26 @@ _OFFICIAL_SIZE = {
     "Fashion-MNIST": (60000, 10000),
     "CIFAR-10": (50000, 10000),
     "CIFAR-100": (50000, 10000),
+}
+# MD5 of the official files (torchvision's for the .gz; MNIST's uncompressed ones computed from the official .gz),
+# checked when a file holds the official number of images: a copy altered or damaged in place is warned of
+_OFFICIAL_MD5 = {
+    "MNIST": {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "Fashion-MNIST": {  # the uncompressed files' MD5s are not published
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
 }
 _DOWNLOADER = {"MNIST": "MNIST", "Fashion-MNIST": "FashionMNIST", "CIFAR-10": "CIFAR10", "CIFAR-100": "CIFAR100"}
 
@@ -62,7 +83,22 @@ def _read_idx_dataset(root: str | Path, folder: str, dataset: str, train: bool, 
         raise ClrunError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
     _check_labels(labels_path, labels, len(images), 10)
     _warn_if_partial(images_path, dataset, train, len(images))
+    if len(images) == _OFFICIAL_SIZE[dataset][0 if train else 1]:
+        for path in (images_path, labels_path):
+            _warn_if_altered(path, _OFFICIAL_MD5[dataset].get(path.name))
     return torch.from_numpy(images.reshape(-1, 1, 28, 28).copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def _warn_if_altered(path: Path, official: str | None) -> None:
+    """Warn when a file of the official size does not have the official file's MD5 (None: not known)."""
+    if official is not None and (found := hashlib.md5(path.read_bytes()).hexdigest()) != official:
+        log.warning(
+            "%s: MD5 %s, not the official file's %s: the file was altered or damaged, results are not comparable "
+            "with papers",
+            path,
+            found,
+            official,
+        )
 
 
 def read_cifar10(root: str | Path, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

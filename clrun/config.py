@@ -155,7 +155,8 @@ class HardwareConfig:
     precision: Precision = Precision.auto
     channels_last: Optional[bool] = None  # null: on for CUDA
     cudnn_benchmark: Optional[bool] = None  # null: on for CUDA
-    threads: Optional[int] = checked(NULL_OR_AT_LEAST_1, None)  # CPU threads for torch (null: torch's default)
+    # CPU threads for torch (null: OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK, else the process's CPU affinity)
+    threads: Optional[int] = checked(NULL_OR_AT_LEAST_1, None)
     compile: bool = False  # torch.compile the backbones a method trains
     compile_mode: CompileMode = CompileMode.default  # reduce_overhead: CUDA graphs
     # cap on this process's share of GPU memory (parallel jobs on one GPU)

@@ -1,6 +1,7 @@
 """Where and how a run computes: device, autocast precision, memory format."""
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,16 @@ class Hardware:
                 sub.compile(mode=self.compile_mode, dynamic=False)
 
 
+def default_threads() -> int:
+    """The CPU threads a run may use when `hardware.threads` is null: OMP_NUM_THREADS when set (the parallel
+    launcher's joblib sets each worker's share), else SLURM's CPUs per task, else the cores of the process's CPU
+    affinity (not every core of the machine, which torch would take)."""
+    for variable in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        if os.environ.get(variable, "").isdigit() and int(os.environ[variable]) > 0:
+            return int(os.environ[variable])
+    return len(os.sched_getaffinity(0))
+
+
 def resolve_hardware(cfg) -> Hardware:
     """Turn a `hardware` config (auto, cpu, gpu) into concrete settings."""
     device_name = cfg.device.value
@@ -66,8 +77,7 @@ def resolve_hardware(cfg) -> Hardware:
     channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
     if on_cuda:
         torch.backends.cudnn.benchmark = True if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or default_threads())
     if cfg.memory_fraction is not None and on_cuda:  # several jobs of a multirun sharing one GPU
         torch.cuda.set_per_process_memory_fraction(cfg.memory_fraction)  # the current device ("cuda" has no index)
     compile_mode = cfg.compile_mode.value if cfg.compile else None

@@ -1,5 +1,6 @@
 """The optimised paths (channels_last, torch.compile, bf16 autocast) against plain fp32, and parallel multiruns."""
 
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from conftest import build_method, compose_config, matrix, run, task_inputs
 
 from clrun.config import check_config
 from clrun.errors import ClrunError
+from clrun.hardware import default_threads, resolve_hardware
 
 SMALL = [
     "method.train.epochs=1",
@@ -68,3 +70,20 @@ def test_parallel_launcher_runs_the_jobs_of_a_multirun_as_one_at_a_time(tmp_path
         _, run_dir = run(tmp_path, *TINY, f"seed={seed}", name=f"seed{seed}")
         folder = next(name for name in parallel if f"-seed{seed}-" in name)
         np.testing.assert_array_equal(parallel[folder], matrix(run_dir))
+
+
+def test_null_threads_take_the_process_share_not_every_core(monkeypatch):
+    before = torch.get_num_threads()
+    for variable in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})  # e.g. `taskset -c 0,3,5`
+    assert default_threads() == 3
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    assert default_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the parallel launcher's share of each worker
+    assert default_threads() == 1
+    try:
+        resolve_hardware(compose_config("hardware=cpu", "hardware.threads=null").hardware)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -23,6 +23,7 @@ from rich.table import Table  # noqa: E402
 
 from clrun import metrics  # noqa: E402
 
+CHECKPOINT = Path("checkpoints") / "last.pt"  # in the run folder: the resume state
 ACCURACY_FILE = "accuracy.parquet"
 SUMMARY_FILE = "summary.parquet"
 TASKS_FILE = "tasks.parquet"
@@ -183,18 +184,31 @@ def save_plots(R: np.ndarray, names: list[str], run_dir: Path, title: str) -> No
     atomic_write(run_dir / MATRIX_PLOT, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
+    fig = curves_figure(R, names, title)
+    atomic_write(run_dir / CURVES_PLOT, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
+    plt.close(fig)
+
+
+def colors(n: int) -> list:
+    """`n` colours that stay distinct: matplotlib's tab20 up to 20, a continuous map (turbo) sampled beyond."""
+    if n <= 20:
+        return [plt.get_cmap("tab20" if n > 10 else "tab10")(i) for i in range(n)]
+    return [plt.get_cmap("turbo")(x) for x in np.linspace(0, 1, n)]
+
+
+def curves_figure(R: np.ndarray, names: list[str], title: str):
+    """Each task's accuracy across the stream, one colour per task, the legend beside the axes."""
+    T = len(R)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for j in range(T):
-        ax.plot(range(j, T), R[j:, j] * 100, marker="o", markersize=3, label=f"{j}: {names[j]}")
+    for j, color in zip(range(T), colors(T), strict=True):
+        ax.plot(range(j, T), R[j:, j] * 100, marker="o", markersize=3, color=color, label=f"{j}: {names[j]}")
     ax.set_xlabel("after training task i")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.set_xticks(range(T))
-    if T <= 20:
-        ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=math.ceil(T / 25), loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
-    atomic_write(run_dir / CURVES_PLOT, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    return fig
 
 
 def print_report(console: Console, R: np.ndarray, names: list[str], summary: dict, run_dir: Path) -> None:

@@ -4,6 +4,8 @@ import fcntl
 import hashlib
 import json
 import pickle
+import platform
+import subprocess
 import time
 from collections.abc import Callable
 from functools import partial
@@ -21,11 +23,15 @@ from clrun.data import build_stream
 from clrun.data.stream import Stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
+from clrun.results import CHECKPOINT  # re-exported: where a run folder's checkpoint lies
 from clrun.train import accuracy, agnostic_accuracy, make_progress, recipe_images, verification
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
 LOCK = CHECKPOINT.parent / "lock"  # held (flock) by the process running in the folder
 IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
+# hardware keys that change how fast a run goes, not what it learns (at most floating-point rounding, as threads do):
+# left out of the identity, so the same run on 2 threads or compiled lands in the same folder; precision stays in
+SPEED_KEYS = ("threads", "compile", "compile_mode", "cudnn_benchmark", "channels_last", "memory_fraction")
+RECORDED_KEYS = ("method", "backbone", "stream", "hardware")  # summary.parquet's `cfg.` columns
 
 
 def plain_macs(method_cfg, task_row: dict) -> float:
@@ -38,9 +44,12 @@ def plain_macs(method_cfg, task_row: dict) -> float:
 
 
 def identity(cfg) -> dict:
-    """The part of the config that decides a run's results (not `data.root`, not `resume`), resolved; a null
-    `stream.task_views` left out, so that runs made before the key keep their folders."""
+    """The part of the config that decides a run's results (not `data.root`, not `resume`, not the hardware's
+    `SPEED_KEYS`), resolved; a null `stream.task_views` left out, so that runs made before the key keep their
+    folders."""
     value = {key: _container(cfg[key]) for key in IDENTITY_KEYS}
+    for key in SPEED_KEYS:
+        value["hardware"].pop(key, None)
     if value["stream"].get("task_views", {}) is None:
         del value["stream"]["task_views"]
     budget = OmegaConf.select(cfg, "replay.budget", default=None)
@@ -67,6 +76,48 @@ def _set_budget(method: dict, budget: int) -> None:
 def _container(value):
     """A config value as plain Python, interpolations resolved (in the context of the whole config)."""
     return OmegaConf.to_container(value, resolve=True, enum_to_str=True) if OmegaConf.is_config(value) else value
+
+
+def config_columns(cfg) -> dict:
+    """The method's, backbone's, stream's and hardware's config as flat `cfg.<key path>` columns (resolved; lists and
+    dicts as JSON strings, so that the parquet columns stay plain)."""
+    columns = {}
+
+    def flatten(value, path: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                flatten(item, f"{path}.{key}")
+        else:
+            columns[path] = json.dumps(value) if isinstance(value, (dict, list)) else value
+
+    for key in RECORDED_KEYS:
+        flatten(_container(cfg[key]), f"cfg.{key}")
+    return columns
+
+
+def provenance(device: torch.device) -> dict:
+    """The code and machine a run ran on: git commit and dirty flag of clrun's checkout (None outside one), torch's
+    and CUDA's versions, the device's name."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "device": str(device),
+        "device_name": name,
+    }
 
 
 def _digest(value: dict) -> str:
@@ -198,6 +249,7 @@ class Run:
         key = method_class.budget_key()
         budget = {"replay_budget": None if key is None else OmegaConf.select(cfg.method, key)}  # images in memory
         summary = {**self.labels, "clrun_version": version("clrun"), "precision": precision, **budget, **metrics}
+        summary |= provenance(hw.device) | config_columns(cfg)
         results.write_parquet(pd.DataFrame([summary]), self.run_dir / results.SUMMARY_FILE)
         results.save_plots(R, names, self.run_dir, self.run_id)
         results.print_report(self.console, R, names, metrics, self.run_dir)

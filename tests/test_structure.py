@@ -30,8 +30,9 @@ MAY_IMPORT = {
     | {"clrun.results", "clrun.train"},
     "clrun.run": {"clrun", "clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.results"}
     | {"clrun.train"},
-    "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods"},
-    "clrun.report": {"clrun.results"},
+    "clrun.sweeps": {"clrun.results"},
+    "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods", "clrun.sweeps"},
+    "clrun.report": {"clrun.results", "clrun.sweeps"},
     "clrun.import_cpg": {"clrun", "clrun.errors", "clrun.config", "clrun.models", "clrun.methods", "clrun.results"}
     | {"clrun.run", "clrun.cli"},
 }

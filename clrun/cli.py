@@ -53,7 +53,15 @@ def discard_unstarted(run_dir: Path) -> None:
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (SLURM preemption, `timeout`) stops like Ctrl-C
+    raise KeyboardInterrupt  # SIGTERM (`kill`, `timeout`) stops like Ctrl-C
+
+
+def _stop_on_sigterm() -> None:
+    """Let SIGTERM stop the run like Ctrl-C, unless what started the process handles it: a submitit job (the
+    `slurm`, `submitit_local` launchers) logs SIGTERM and goes on, and on its preemption signal (SIGUSR2) requeues
+    itself and exits, which clrun lets through (the requeued job resumes from the last finished task)."""
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _interrupt):
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _console_for_logs(console: Console) -> None:
@@ -75,7 +83,7 @@ def save_run_log(run_dir: Path, text: str) -> None:
 def _run(cfg: DictConfig) -> float:
     """Run one continual-learning experiment; return its final average accuracy (for sweepers; NaN for a job
     of a multirun that failed, which `clrun.sweeps` records so that the sweep goes on)."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    _stop_on_sigterm()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     console = Console(record=True)  # the terminal, and run.log (the progress bars are not recorded)
@@ -99,6 +107,11 @@ def _run(cfg: DictConfig) -> float:
         error_line = f"clrun: interrupted; {where if kept else 'no task had finished, nothing was kept'}"
         print(error_line, file=sys.stderr)
         sys.exit(130)
+    except SystemExit:  # submitit's preemption handler requeued this job and exits it
+        resumes = "after the last finished task" if (run_dir / CHECKPOINT).exists() else "from the start"
+        error_line = f"clrun: preempted and requeued; it resumes {resumes}"
+        print(error_line, file=sys.stderr)
+        raise
     except Exception as error:  # a bug, or a resource running out (memory): the traceback, then the sweep goes on
         if not in_sweep:
             raise

@@ -80,9 +80,11 @@ def save_run_log(run_dir: Path, text: str) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
-def _run(cfg: DictConfig) -> float:
-    """Run one continual-learning experiment; return its final average accuracy (for sweepers; NaN for a job
-    of a multirun that failed, which `clrun.sweeps` records so that the sweep goes on)."""
+def _run(cfg: DictConfig) -> float | None:
+    """Run one continual-learning experiment; return the objective a sweeper maximises: the final average accuracy
+    on the validation splits (`val_acc`) when `stream.val_fraction` > 0, else on test (`acc`); None for a job of a
+    multirun that failed, which `clrun.sweeps` records so that the sweep goes on (hydra-optuna-sweeper marks the
+    trial failed; a NaN would stop it, as optuna 2 refuses the failed trial's value)."""
     _stop_on_sigterm()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -91,16 +93,16 @@ def _run(cfg: DictConfig) -> float:
     error_line = ""
     try:
         run = Run(cfg, run_dir, console, HydraConfig.get().overrides.task)
-        accuracy = run.execute()["acc"]
+        summary = run.execute()
         sweeps.record_job("reused" if run.reused else "finished", run_dir)
-        return accuracy
+        return summary["val_acc" if cfg.stream.val_fraction else "acc"]
     except ClrunError as error:
         error_line = f"clrun: error: {' '.join(str(error).split())}"  # always one line
         print(error_line, file=sys.stderr)
         if not in_sweep:
             sys.exit(2)
         sweeps.record_job("failed", run_dir, error_line.removeprefix("clrun: error: "))
-        return float("nan")
+        return None
     except KeyboardInterrupt:
         kept = (run_dir / CHECKPOINT).exists()
         where = f"finished tasks are saved in {run_dir}; run the same command again to resume"
@@ -118,7 +120,7 @@ def _run(cfg: DictConfig) -> float:
         error_line = f"{type(error).__name__}: {' '.join(str(error).split())}"
         console.print_exception()
         sweeps.record_job("failed", run_dir, error_line)
-        return float("nan")
+        return None
     finally:
         save_run_log(run_dir, console.export_text() + (error_line + "\n" if error_line else ""))
         discard_unstarted(run_dir)

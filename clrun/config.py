@@ -102,6 +102,9 @@ class StreamConfig:
     max_rotation: float = 180.0  # rotation split: task k rotates by k * max_rotation / n_tasks degrees
     train_per_task: Optional[int] = checked(NULL_OR_AT_LEAST_1, None)  # keep at most this many training images
     test_per_task: Optional[int] = checked(NULL_OR_AT_LEAST_1, None)
+    # share of each task's training images held out as its validation split (drawn per class, never trained on,
+    # evaluated after each task into val_accuracy.parquet; summary `val_acc`); 0: none
+    val_fraction: float = checked(FRACTION, 0.0)
     augment: bool = False  # while training: the random `crop`, a horizontal flip (`flip`) and `cutout`
     # image-file datasets: [H, W] the images are decoded to and cached at (required there; tensor datasets: unused)
     image_size: Optional[list[int]] = None

@@ -27,6 +27,7 @@ CHECKPOINT = Path("checkpoints") / "last.pt"  # in the run folder: the resume st
 ACCURACY_FILE = "accuracy.parquet"
 SUMMARY_FILE = "summary.parquet"
 TASKS_FILE = "tasks.parquet"
+VAL_ACCURACY_FILE = "val_accuracy.parquet"  # accuracy.parquet's rows measured on the validation splits
 MATRIX_PLOT = "accuracy_matrix.png"
 CURVES_PLOT = "accuracy_curves.png"
 
@@ -82,7 +83,7 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 # summary columns that are fractions, shown as percentages
 PERCENT = {"acc", "bwt", "fwt", "forgetting", "acc_all_steps", "fwt_all_steps", "bwt_all_steps", "task_id_acc"}
-PERCENT |= {"task_aware_acc", "task_aware_bwt", "task_aware_forgetting", "transfer_vs_scratch"}
+PERCENT |= {"task_aware_acc", "task_aware_bwt", "task_aware_forgetting", "transfer_vs_scratch", "val_acc"}
 TASK_AWARE = "task_aware"  # eval_mode of rows measured with the task id given
 TASK_AGNOSTIC = "task_agnostic"  # eval_mode of rows measured without it (class and domain scenarios)
 BEFORE_TRAINING = -1  # train_task of the rows measured before the first task (domain scenario: FWT's b_j)
@@ -104,6 +105,11 @@ def accuracy_matrix(accuracy: pd.DataFrame, n_tasks: int, mode: str | None = Non
     R = np.full((n_tasks, n_tasks), np.nan)
     R[rows["train_task"].to_numpy(), rows["eval_task"].to_numpy()] = rows["accuracy"].to_numpy()
     return R
+
+
+def acc_of(accuracy: pd.DataFrame, n_tasks: int) -> float:
+    """The final average accuracy of a table of accuracy rows (its headline matrix), e.g. val_accuracy.parquet's."""
+    return metrics.acc(accuracy_matrix(accuracy, n_tasks))
 
 
 def initial_accuracy(accuracy: pd.DataFrame, n_tasks: int) -> np.ndarray:

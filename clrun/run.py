@@ -45,13 +45,15 @@ def plain_macs(method_cfg, task_row: dict) -> float:
 
 def identity(cfg) -> dict:
     """The part of the config that decides a run's results (not `data.root`, not `resume`, not the hardware's
-    `SPEED_KEYS`), resolved; a null `stream.task_views` left out, so that runs made before the key keep their
-    folders."""
+    `SPEED_KEYS`), resolved; a null `stream.task_views` and a zero `stream.val_fraction` left out, so that runs made
+    before those keys keep their folders."""
     value = {key: _container(cfg[key]) for key in IDENTITY_KEYS}
     for key in SPEED_KEYS:
         value["hardware"].pop(key, None)
     if value["stream"].get("task_views", {}) is None:
         del value["stream"]["task_views"]
+    if value["stream"].get("val_fraction", 1) == 0:
+        del value["stream"]["val_fraction"]
     budget = OmegaConf.select(cfg, "replay.budget", default=None)
     if budget is not None:  # the method's own key: `replay.budget=200` and `method.replay.budget=200` are one run
         _set_budget(value["method"], budget)
@@ -158,6 +160,7 @@ class Run:
         self.run_id = self.run_dir.name
         self.labels: dict = {}  # the columns that identify the run in every table, once the config is checked
         self.reused = False  # whether the folder held the finished run already (nothing was trained)
+        self.val_rows: list[dict] = []  # accuracy rows of the validation splits (stream.val_fraction)
 
     def execute(self, adopt: Callable[[object, Stream], list[dict]] | None = None) -> dict:
         """Learn every remaining task, write the results, return the summary row.
@@ -203,7 +206,7 @@ class Run:
                 "leave it out of the stream (stream.dataset.tasks) or score it by class"
             )
         if adopt is None:
-            accuracy_rows, task_rows = self._resume(method)
+            accuracy_rows, task_rows, self.val_rows = self._resume(method)
         else:
             accuracy_rows, task_rows = self._adopt(method, stream, hw, adopt)
         names = [task.name for task in stream.tasks]
@@ -226,6 +229,7 @@ class Run:
                 start = time.perf_counter()
                 stats = method.learn(task)
                 accuracy_rows += self._evaluate(method, stream, hw, task.index)
+                self.val_rows += self._evaluate(method, stream, hw, task.index, "val")
                 row = self._task_row(task, time.perf_counter() - start, stats, method.footprint())
                 task_rows.append({**row, "plain_macs": plain_macs(method.task_cfg(task), row)})
                 self._checkpoint(method, accuracy_rows, task_rows)
@@ -245,6 +249,8 @@ class Run:
             **results.second_matrix_metrics(accuracy_table, len(stream)),
             **method.summary(),
         }
+        if self.val_rows:  # stream.val_fraction: the final average accuracy on the validation splits
+            metrics["val_acc"] = results.acc_of(pd.DataFrame(self.val_rows), len(stream))
         precision = "fp32" if hw.autocast_dtype is None else str(hw.autocast_dtype).removeprefix("torch.")
         key = method_class.budget_key()
         budget = {"replay_budget": None if key is None else OmegaConf.select(cfg.method, key)}  # images in memory
@@ -277,6 +283,7 @@ class Run:
         last = len(figures) - 1
         self.console.print(f"[bold]{self.run_id}[/]: tasks 0..{last} imported, evaluated as after task {last}")
         accuracy_rows = self._evaluate(method, stream, hw, last)
+        self.val_rows = self._evaluate(method, stream, hw, last, "val")
         footprint = method.footprint()
         task_rows = [
             self._task_row(task, 0.0, row, footprint)
@@ -285,8 +292,9 @@ class Run:
         self._checkpoint(method, accuracy_rows, task_rows)
         return accuracy_rows, task_rows
 
-    def _evaluate(self, method, stream, hw, train_task: int) -> list[dict]:
-        """Accuracy rows after learning tasks 0..train_task (-1: before the first task).
+    def _evaluate(self, method, stream, hw, train_task: int, split: str = "test") -> list[dict]:
+        """Accuracy rows of each task's `split` (`test`, or `val`: none without validation splits) after learning
+        tasks 0..train_task (-1: before the first task).
 
         task scenario: each task seen, task id given. class: each task seen without the task id
         and again with it (`eval_mode`). domain: every task of the stream (future ones too, for FWT),
@@ -298,12 +306,15 @@ class Run:
         evaluated = stream.tasks if stream.scenario == "domain" else stream.tasks[:seen]
         rows = []
         for task in evaluated:
+            images = getattr(task, split)
+            if images is None:
+                continue
             row = {
                 **self.labels,
                 "train_task": train_task,
                 "eval_task": task.index,
                 "eval_task_name": task.name,
-                "n_samples": len(task.test),
+                "n_samples": len(images),
                 "accuracy_std": float("nan"),
             }
             if task.verification:
@@ -314,30 +325,31 @@ class Run:
                 continue
             if stream.scenario != "task":
                 predict = partial(method.predict_agnostic, seen=seen)
-                acc, task_id_acc = agnostic_accuracy(predict, task.test, stream, hw, batch_size, task.index)
+                acc, task_id_acc = agnostic_accuracy(predict, images, stream, hw, batch_size, task.index)
                 rows.append(
                     {**row, "eval_mode": results.TASK_AGNOSTIC, "accuracy": acc, "task_id_accuracy": task_id_acc}
                 )
             if stream.scenario != "domain":
-                acc = accuracy(partial(method.predict, task=task.index), task.test, stream, hw, batch_size, task.index)
+                acc = accuracy(partial(method.predict, task=task.index), images, stream, hw, batch_size, task.index)
                 rows.append({**row, "eval_mode": results.TASK_AWARE, "accuracy": acc, "task_id_accuracy": float("nan")})
         return rows
 
-    def _resume(self, method) -> tuple[list[dict], list[dict]]:
-        """Load the checkpoint into `method` and the RNG; return the result rows so far. Temporary files of
-        writes that a kill interrupted are removed first."""
+    def _resume(self, method) -> tuple[list[dict], list[dict], list[dict]]:
+        """Load the checkpoint into `method` and the RNG; return the result rows so far (test, tasks, validation).
+        Temporary files of writes that a kill interrupted are removed first."""
+        tables = (results.ACCURACY_FILE, results.TASKS_FILE, results.SUMMARY_FILE, results.VAL_ACCURACY_FILE)
         for folder in (self.run_dir, self.run_dir / CHECKPOINT.parent):
-            for name in (CHECKPOINT.name, results.ACCURACY_FILE, results.TASKS_FILE, results.SUMMARY_FILE):
+            for name in (CHECKPOINT.name, *tables):
                 for tmp in folder.glob(f".{name}.*"):  # atomic_write's temporary names
                     tmp.unlink()
         path = self.run_dir / CHECKPOINT
         if not path.exists():
-            return [], []
+            return [], [], []
         if not self.cfg.resume:
             path.unlink()
-            for name in (results.ACCURACY_FILE, results.TASKS_FILE, results.SUMMARY_FILE):
+            for name in tables:
                 (self.run_dir / name).unlink(missing_ok=True)
-            return [], []
+            return [], [], []
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except PermissionError:
@@ -363,7 +375,7 @@ class Run:
         torch.set_rng_state(state["rng"]["cpu"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["accuracy"], state["tasks"]
+        return state["accuracy"], state["tasks"], state.get("val_accuracy", [])
 
     def _save_config(self) -> None:
         """Write the run's config and overrides to .hydra/ (Hydra's own copy is off: `hydra.output_subdir: null`),
@@ -382,12 +394,15 @@ class Run:
         """
         results.write_parquet(pd.DataFrame(accuracy_rows), self.run_dir / results.ACCURACY_FILE)
         results.write_parquet(pd.DataFrame(task_rows), self.run_dir / results.TASKS_FILE)
+        if self.val_rows:
+            results.write_parquet(pd.DataFrame(self.val_rows), self.run_dir / results.VAL_ACCURACY_FILE)
         state = {
             "identity": json.dumps(identity(self.cfg), sort_keys=True),
             "data": self.data_fingerprint,
             "method": method.state_dict(),
             "accuracy": accuracy_rows,
             "tasks": task_rows,
+            "val_accuracy": self.val_rows,
             "rng": {
                 "cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

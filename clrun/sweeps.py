@@ -1,17 +1,20 @@
 """Sweeps that survive their failing jobs: each job's outcome recorded, one status table per sweep.
 
 In a multirun (`clrun -m ...`) a job that fails (an unsupported scenario, a bad value, a NaN loss, out of memory)
-does not stop the sweep: `clrun.cli` records it with its error line and returns NaN to the sweeper. Every job
+does not stop the sweep: `clrun.cli` records it with its error line and returns None to the sweeper. Every job
 writes `job-<num>.json` (its overrides, status `finished` | `reused` | `failed`, error, run folder) into the
 sweep's record folder, `<hydra.sweep.dir>/sweeps/<start time>/`, which `SweepReport` (a Hydra callback, set in
 conf/config.yaml) creates when the multirun starts and passes to the jobs in `CLRUN_SWEEP_RECORDS` (so jobs in
 other processes, e.g. the `parallel` launcher's, find it). When the multirun ends it writes `status.csv` there,
 prints how many jobs finished, failed and were reused, and exits with status 1 if any failed.
+
+An Optuna search (conf/hparams_search/) adds `OptunaBest`, which prints the best trial's `clrun` command.
 """
 
 import datetime
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -77,3 +80,34 @@ class SweepReport(Callback):
         console.print(f"sweep: {len(table)} jobs: {summary}; status table: {folder / STATUS_FILE}")
         if len(failed):
             sys.exit(1)
+
+
+SQLITE = "sqlite:///"
+
+
+class OptunaBest(Callback):
+    """Hydra callback of the Optuna searches: creates the folder of the SQLite study, and at the end prints the
+    study's trial counts and the `clrun` command of its best trial (the search's overrides with the best values)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        storage = str(config.hydra.sweeper.storage)
+        if storage.startswith(SQLITE):
+            Path(storage.removeprefix(SQLITE)).parent.mkdir(parents=True, exist_ok=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        import optuna
+
+        sweeper = config.hydra.sweeper
+        study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
+        states = [trial.state.name.lower() for trial in study.trials]
+        counts = ", ".join(f"{states.count(s)} {s}" for s in ("complete", "fail", "running") if s in states)
+        print(f"optuna: study {study.study_name} in {sweeper.storage}: {len(states)} trials ({counts})")
+        try:
+            best = study.best_trial
+        except ValueError:
+            print("optuna: no trial finished; nothing to suggest")
+            return
+        kept = [o for o in config.hydra.overrides.task if o.split("=", 1)[0] not in best.params]
+        chosen = [f"{name}={value}" for name, value in best.params.items()]
+        print(f"optuna: best trial {best.number}, val_acc {100 * best.value:.2f}%; its run:")
+        print(" ".join(["clrun", *map(shlex.quote, kept + chosen)]))

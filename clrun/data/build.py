@@ -127,6 +127,7 @@ def build_stream(cfg, data, seed: int, device: torch.device | str, console: Cons
             )
         skipped = sum(label in classes for label in loaded.skipped_labels)
         tasks.append(Task(index, name, classes, train, test, skipped))
+    _hold_out(cfg, tasks, stream_seed)
     view = _input_view(cfg, loaded.stats, tuple(x_train.shape[1:]), tasks, loaded.task_cfgs)
     input_shape = (x_train.shape[1], *view.size) if view.size else tuple(x_train.shape[1:])
     return Stream(cfg.name, tasks, input_shape, view, cfg.scenario.value, device)
@@ -142,10 +143,43 @@ def _composed_stream(cfg, kind: SplitRule, data, g: torch.Generator, device: tor
         Task(index, name, classes, *(Split(s.x.to(place), s.y.to(place)) for s in pair))
         for index, (name, classes, *pair) in enumerate(splits)
     ]
+    _hold_out(cfg, tasks, g.initial_seed())
     train = torch.cat([task.train.x.cpu() for task in tasks])
     view = _input_view(cfg, partial(_channel_stats, train), tuple(train.shape[1:]), tasks, {})
     input_shape = (train.shape[1], *view.size) if view.size else tuple(train.shape[1:])
     return Stream(cfg.name, tasks, input_shape, view, cfg.scenario.value, device)
+
+
+def _hold_out(cfg, tasks: list[Task], seed: int) -> None:
+    """Move `stream.val_fraction` of each task's training images, drawn per class (each class keeps at least one
+    training image) by a generator of `seed` of its own, from `train` to `val`; the rest of the stream is as
+    without a validation split."""
+    if not cfg.val_fraction:
+        return
+    g = torch.Generator().manual_seed(seed)
+    for task in tasks:
+        if task.verification:
+            raise ClrunError(
+                f"stream.val_fraction: task {task.name} is scored by verification pairs, which a validation split "
+                "of its training identities cannot give; set stream.val_fraction=0 or leave the task out"
+            )
+        y = task.train.y.cpu()
+        held = []
+        for label in y.unique().tolist():
+            rows = (y == label).nonzero().squeeze(1)
+            n = min(int(cfg.val_fraction * len(rows) + 0.5), len(rows) - 1)
+            held.append(rows[torch.randperm(len(rows), generator=g)[:n]])
+        held = torch.cat(held).sort().values
+        if not len(held):
+            raise ClrunError(
+                f"stream.val_fraction={cfg.val_fraction} holds out no image of task {task.name}'s {len(y)} training "
+                "images; raise it (or stream.train_per_task)"
+            )
+        keep = torch.ones(len(y), dtype=torch.bool)
+        keep[held] = False
+        x, labels = task.train.x, task.train.y
+        task.val = Split(x[held.to(x.device)], labels[held.to(labels.device)])
+        task.train = Split(x[keep.to(x.device)], labels[keep.to(labels.device)])
 
 
 def _input_view(cfg, stats, image_shape: tuple[int, ...], tasks: list[Task], task_cfgs: dict) -> InputView:

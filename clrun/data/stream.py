@@ -42,7 +42,8 @@ class Pairs:
 class Task:
     """One task of a stream: its index, a readable name, the global class ids it covers, and how many of its
     image files were skipped as corrupt (`data.skip_corrupt`). A verification task (face verification) trains on
-    labelled identities and is tested on `Pairs`: `verification` says which."""
+    labelled identities and is tested on `Pairs`: `verification` says which. `val`: the images held out of the
+    training images (`stream.val_fraction`), None without."""
 
     index: int
     name: str
@@ -50,6 +51,7 @@ class Task:
     train: Split
     test: Split | Pairs
     skipped: int = 0
+    val: Split | None = None
 
     @property
     def n_classes(self) -> int:

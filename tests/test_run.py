@@ -69,7 +69,8 @@ def test_tiny_run_writes_results(tmp_path):
     assert (tasks["epochs"] == 1).all() and (tasks["images_per_s"] > 0).all()
     for plot in (results.MATRIX_PLOT, results.CURVES_PLOT):
         assert (run_dir / plot).read_bytes()[:4] == b"\x89PNG"
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".") and p.name != ".hydra"]  # no temporary files
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / ".hydra" / "overrides.yaml").is_file()
 
 
 def test_scratch_never_forgets_and_expands_per_task(tmp_path):

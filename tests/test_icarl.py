@@ -181,7 +181,10 @@ def test_scenarios_mnist_runs_icarl_in_the_class_scenario_only(monkeypatch, tmp_
 
     calls = []
     monkeypatch.setattr(sm, "run_clrun", lambda args, console: calls.append(args) or 1.0)
-    assert sm.run_protocol("split_mnist", ["er", "icarl", "si"], tmp_path, [], Console(quiet=True)) == 2.0
+    assert (
+        sm.run_protocol("split_mnist", ["er", "icarl", "si"], tmp_path, [], [], sm.SCENARIOS, Console(quiet=True))
+        == 2.0
+    )
     assert [call[1:3] for call in calls] == [
         ["experiment=vdv_split_mnist_task,vdv_split_mnist_domain,vdv_split_mnist_class", "method=er,si"],
         ["experiment=vdv_split_mnist_class", "method=icarl"],

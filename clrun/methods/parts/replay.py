@@ -93,11 +93,14 @@ def reservoir_slots(seen: int, budget: int, n: int) -> tuple[int, torch.Tensor, 
 class Memory:
     """At most `budget` stored images with labels `y` (local to their task) and task indices `t`."""
 
+    stored = ("x", "y", "t")  # the tensors it holds: counted in the footprint, saved in the checkpoint
+
     def __init__(self, budget: int, policy: str, n_tasks: int = 1):
         self.budget = budget
         self.policy = policy
         self.per_task = budget // n_tasks  # the slots of each task under the per_task policies
-        self.x = self.y = self.t = None
+        for name in self.stored:
+            setattr(self, name, None)
         self.seen = 0  # training images offered so far (the reservoir's count)
 
     def __len__(self) -> int:
@@ -198,15 +201,23 @@ class Memory:
         return self.batch(torch.randint(len(self), (n,)).to(self.y.device), stream, hw)
 
     def add_to(self, footprint: Footprint) -> Footprint:
-        """A method's footprint plus the stored images, labels and tasks (bytes, not parameters)."""
-        return footprint.plus(tensor_bytes(v for v in (self.x, self.y, self.t) if v is not None))
+        """A method's footprint plus every stored tensor (`stored`: images, labels, tasks, ...; bytes, not
+        parameters)."""
+        return footprint.plus(tensor_bytes(v for v in (getattr(self, n) for n in self.stored) if v is not None))
 
     def state_dict(self) -> dict:
-        return {"x": self.x, "y": self.y, "t": self.t, "seen": self.seen}
+        return {**{name: getattr(self, name) for name in self.stored}, "seen": self.seen}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.seen = state["seen"]
-        self.x, self.y, self.t = (None if v is None else v.to(device) for v in (state["x"], state["y"], state["t"]))
+        for name in self.stored:
+            setattr(self, name, None if state[name] is None else state[name].to(device))
+
+    def clear(self) -> None:
+        """Hold nothing and start the reservoir's count again."""
+        for name in self.stored:
+            setattr(self, name, None)
+        self.seen = 0
 
 
 class LogitMemory(Memory):
@@ -214,9 +225,10 @@ class LogitMemory(Memory):
     with its label, task and the logits the model gave it when it was offered, filled batch by batch during
     training by reservoir sampling (`insert`), read by `draw` (without replacement, as mammoth's `get_data`)."""
 
+    stored = ("x", "y", "t", "logits")
+
     def __init__(self, budget: int):
         super().__init__(budget, "reservoir")
-        self.logits = None
 
     def add(self, task: Task, features=None) -> None:
         raise TypeError("a LogitMemory is filled batch by batch during training: use insert(x, y, t, logits)")
@@ -243,30 +255,12 @@ class LogitMemory(Memory):
         x = hw.to_input(stream.prepare(self.x[index], train=True, task=self.t[index]))
         return x, self.y[index], self.t[index], self.logits[index]
 
-    def add_to(self, footprint: Footprint) -> Footprint:
-        """A method's footprint plus the stored images, labels, tasks and logits (bytes, not parameters)."""
-        return super().add_to(footprint).plus(0 if self.logits is None else tensor_bytes([self.logits]))
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "logits": self.logits}
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        super().load_state_dict(state, device)
-        self.logits = None if state["logits"] is None else state["logits"].to(device)
-
-    def clear(self) -> None:
-        """Hold nothing and start the reservoir's count again (GCR's candidate reservoir after each task)."""
-        self.x = self.y = self.t = self.logits = None
-        self.seen = 0
-
 
 class WeightedLogitMemory(LogitMemory):
     """A `LogitMemory` whose rows also carry a non-negative weight `w` (GCR's weighted coreset), written whole by
     `keep` (a selection), never by reservoir sampling."""
 
-    def __init__(self, budget: int):
-        super().__init__(budget)
-        self.w = None
+    stored = ("x", "y", "t", "logits", "w")
 
     def insert(self, x, y, t, logits) -> None:
         raise TypeError("a WeightedLogitMemory holds a selection: use keep(x, y, t, logits, w)")
@@ -278,29 +272,15 @@ class WeightedLogitMemory(LogitMemory):
         self.x, self.y, self.t, self.logits = x.clone(), y.clone(), t.clone(), logits.detach().float().clone()
         self.w = w.detach().float().clone()
 
-    def clear(self) -> None:
-        super().clear()
-        self.w = None
-
-    def add_to(self, footprint: Footprint) -> Footprint:
-        """A method's footprint plus the stored images, labels, tasks, logits and weights (bytes)."""
-        return super().add_to(footprint).plus(0 if self.w is None else tensor_bytes([self.w]))
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "w": self.w}
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        super().load_state_dict(state, device)
-        self.w = None if state["w"] is None else state["w"].to(device)
-
 
 class ImportanceMemory(Memory):
     """A memory whose images each carry an importance weight `w` (CCLIS: the image's score over the sum of its
     class's scores when it was sampled). The method chooses its contents (`replace`), at most `budget` images."""
 
+    stored = ("x", "y", "t", "w")
+
     def __init__(self, budget: int):
         super().__init__(budget, "importance")
-        self.w = None
 
     def add(self, task: Task, features=None) -> None:
         raise TypeError("an ImportanceMemory is filled by its method's sampling: use replace(x, y, t, w)")
@@ -313,17 +293,6 @@ class ImportanceMemory(Memory):
         self.x = self.y = self.t = None
         self._store(x, y, t)
         self.w = w.detach().float().clone()
-
-    def add_to(self, footprint: Footprint) -> Footprint:
-        """A method's footprint plus the stored images, labels, tasks and weights (bytes, not parameters)."""
-        return super().add_to(footprint).plus(0 if self.w is None else tensor_bytes([self.w]))
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "w": self.w}
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        super().load_state_dict(state, device)
-        self.w = None if state["w"] is None else state["w"].to(device)
 
 
 def with_replay(

@@ -28,8 +28,9 @@ MAY_IMPORT = {
     "clrun.train": {"clrun.errors", "clrun.metrics", "clrun.config", "clrun.data", "clrun.hardware"},
     "clrun.methods.base": {"clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.models"}
     | {"clrun.results", "clrun.train"},
+    "clrun.trackers": {"clrun.errors", "clrun.results", "clrun.train"},
     "clrun.run": {"clrun", "clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.results"}
-    | {"clrun.train"},
+    | {"clrun.train", "clrun.trackers"},
     "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods"},
     "clrun.report": {"clrun.results"},
     "clrun.import_cpg": {"clrun", "clrun.errors", "clrun.config", "clrun.models", "clrun.methods", "clrun.results"}

@@ -115,6 +115,11 @@ def test_config_py_holds_no_methods_schema():
         "LstmConfig",
         "DataConfig",
         "RunReplayConfig",
+        "LoggerConfig",
+        "CsvLoggerConfig",
+        "TensorboardLoggerConfig",
+        "WandbLoggerConfig",
+        "MlflowLoggerConfig",
         "Config",
     }
 

@@ -2,6 +2,7 @@
 files, TensorBoard's EventAccumulator, MLflow's client, W&B's `wandb leet inspect` of the offline run's .wandb log."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,11 @@ def test_a_resumed_run_continues_each_tracker_run_and_logs_no_task_twice(tmp_pat
     logs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 2 and all(log.name == f"run-{state['wandb']['id']}.wandb" for log in logs)  # one W&B run
     assert wandb_history(wandb_records(run_dir), "accuracy/task_0") == [(i, pytest.approx(R[i, 0])) for i in range(3)]
+
+
+def test_a_tracker_whose_package_is_missing_is_one_line_naming_the_extra(tmp_path):
+    (tmp_path / "wandb.py").write_text("raise ImportError('not installed')\n")  # shadows the real package
+    out = clrun(tmp_path, *TINY_STREAM, "logger=[csv,wandb]", env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 2
+    assert out.stderr.strip() == "clrun: error: logger=wandb needs the wandb package: pip install -e '.[trackers]'"
+    assert not (tmp_path / "outputs" / "runs").exists() or not any((tmp_path / "outputs" / "runs").iterdir())

@@ -13,7 +13,7 @@ DATA_ROOT ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,slurm,ray,optuna]'
+	$(BIN)/pip install --quiet -e '.[dev,slurm,ray,optuna,trackers]'
 	touch $(STAMP)
 
 run: $(STAMP)  ## finetune on the embedded synthetic stream (under a minute on 2 CPU cores)

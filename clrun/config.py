@@ -220,6 +220,42 @@ class RunReplayConfig:
 
 
 @dataclass
+class CsvLoggerConfig:
+    dir: str = "logs"  # CSV files (hparams, accuracy, epochs, summary), in the run folder
+
+
+@dataclass
+class TensorboardLoggerConfig:
+    dir: str = "tensorboard"  # the event files, in the run folder
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "clrun"
+    entity: Optional[str] = None  # your W&B user or team (null: your default)
+    mode: str = "offline"  # offline (files in the run folder; `wandb sync` uploads them) | online | disabled
+    dir: str = "."  # below the run folder: wandb writes <dir>/wandb/
+
+
+@dataclass
+class MlflowLoggerConfig:
+    # a local SQLite store beside outputs/, artifacts in mlruns/ (MLflow 3 refuses its plain file store);
+    # or a tracking server: http://host:5000
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "clrun"
+
+
+@dataclass
+class LoggerConfig:
+    """The trackers a run reports to (conf/logger/: one or several, `logger=[csv,tensorboard]`); null: not that one."""
+
+    csv: Optional[CsvLoggerConfig] = None
+    tensorboard: Optional[TensorboardLoggerConfig] = None
+    wandb: Optional[WandbLoggerConfig] = None
+    mlflow: Optional[MlflowLoggerConfig] = None
+
+
+@dataclass
 class Config:
     method: Any = MISSING
     backbone: Any = MISSING
@@ -227,6 +263,7 @@ class Config:
     hardware: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
     replay: RunReplayConfig = field(default_factory=RunReplayConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     resume: bool = True  # continue from the run folder's checkpoint; false: start the run over
 

@@ -24,6 +24,8 @@ from clrun.data.stream import Stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
 from clrun.results import CHECKPOINT  # re-exported: where a run folder's checkpoint lies
+from clrun.trackers import STATE_FILE as TRACKERS_FILE
+from clrun.trackers import Trackers, flat_config
 from clrun.train import accuracy, agnostic_accuracy, make_progress, recipe_images, verification
 
 LOCK = CHECKPOINT.parent / "lock"  # held (flock) by the process running in the folder
@@ -41,6 +43,13 @@ def plain_macs(method_cfg, task_row: dict) -> float:
     if recipe is None:
         return float("nan")
     return recipe_images(recipe, task_row["n_train"]) * task_row.get("macs_per_image", float("nan"))
+
+
+def tracked_row(R, train_task: int) -> dict[str, float]:
+    """Row `train_task` of the accuracy matrix as trackers get it: `accuracy/task_<j>` for each task measured, and
+    `accuracy/mean` over the tasks seen so far."""
+    row = {f"accuracy/task_{j}": float(value) for j, value in enumerate(R[train_task]) if value == value}
+    return {**row, "accuracy/mean": float(R[train_task, : train_task + 1].mean())}
 
 
 def identity(cfg) -> dict:
@@ -209,7 +218,6 @@ class Run:
             accuracy_rows, task_rows, self.val_rows = self._resume(method)
         else:
             accuracy_rows, task_rows = self._adopt(method, stream, hw, adopt)
-        names = [task.name for task in stream.tasks]
         if not task_rows and stream.scenario == "domain" and method.predicts_before_learning:
             accuracy_rows += self._evaluate(method, stream, hw, results.BEFORE_TRAINING)
 
@@ -223,22 +231,36 @@ class Run:
             self.console.print(
                 f"[bold]{self.run_id}[/]: tasks {remaining[0].index}..{len(stream) - 1} of {len(stream)} on {hw.device}"
             )
-        with make_progress() as progress:
-            method.trainer.progress = progress
-            for task in remaining:
-                start = time.perf_counter()
-                stats = method.learn(task)
-                accuracy_rows += self._evaluate(method, stream, hw, task.index)
-                self.val_rows += self._evaluate(method, stream, hw, task.index, "val")
-                row = self._task_row(task, time.perf_counter() - start, stats, method.footprint())
-                task_rows.append({**row, "plain_macs": plain_macs(method.task_cfg(task), row)})
-                self._checkpoint(method, accuracy_rows, task_rows)
-                seen = results.accuracy_matrix(pd.DataFrame(accuracy_rows), len(stream))[task.index, : task.index + 1]
-                self.console.print(
-                    f"{self.run_id}: task {task.index + 1}/{len(stream)} ({task.name}) done in {row['wall_s']:.1f} s; "
-                    f"mean accuracy on the tasks so far {100 * seen.mean():.2f}%"
-                )
+        with Trackers(cfg.logger, self.run_dir, self.run_id) as trackers:
+            matrix = results.accuracy_matrix(pd.DataFrame(accuracy_rows), len(stream)) if task_rows else None
+            trackers.start(flat_config(cfg), [tracked_row(matrix, i) for i in range(len(task_rows))])
+            method.trainer.epoch_callbacks.append(trackers.epoch)
+            with make_progress() as progress:
+                method.trainer.progress = progress
+                for task in remaining:
+                    self._learn(method, stream, hw, task, accuracy_rows, task_rows, trackers)
+            return self._finish(method, method_class, stream, hw, accuracy_rows, task_rows, trackers)
 
+    def _learn(self, method, stream, hw, task, accuracy_rows: list[dict], task_rows: list[dict], trackers) -> None:
+        """Learn `task`, evaluate, checkpoint, report its accuracy row."""
+        start = time.perf_counter()
+        stats = method.learn(task)
+        accuracy_rows += self._evaluate(method, stream, hw, task.index)
+        self.val_rows += self._evaluate(method, stream, hw, task.index, "val")
+        row = self._task_row(task, time.perf_counter() - start, stats, method.footprint())
+        task_rows.append({**row, "plain_macs": plain_macs(method.task_cfg(task), row)})
+        self._checkpoint(method, accuracy_rows, task_rows)
+        tracked = tracked_row(results.accuracy_matrix(pd.DataFrame(accuracy_rows), len(stream)), task.index)
+        trackers.task(task.index, tracked)
+        self.console.print(
+            f"{self.run_id}: task {task.index + 1}/{len(stream)} ({task.name}) done in {row['wall_s']:.1f} s; "
+            f"mean accuracy on the tasks so far {100 * tracked['accuracy/mean']:.2f}%"
+        )
+
+    def _finish(self, method, method_class, stream, hw, accuracy_rows, task_rows, trackers) -> dict:
+        """The summary row, plots and report of the finished run."""
+        cfg = self.cfg
+        names = [task.name for task in stream.tasks]
         accuracy_table = pd.DataFrame(accuracy_rows)
         R = results.accuracy_matrix(accuracy_table, len(stream))
         initial = results.initial_accuracy(accuracy_table, len(stream))
@@ -259,6 +281,8 @@ class Run:
         results.write_parquet(pd.DataFrame([summary]), self.run_dir / results.SUMMARY_FILE)
         results.save_plots(R, names, self.run_dir, self.run_id)
         results.print_report(self.console, R, names, metrics, self.run_dir)
+        plots = [self.run_dir / results.MATRIX_PLOT, self.run_dir / results.CURVES_PLOT]
+        trackers.summary(metrics, plots, len(stream) - 1)
         return summary
 
     def _task_row(self, task, wall_s: float, stats: dict, footprint) -> dict:
@@ -338,6 +362,7 @@ class Run:
         """Load the checkpoint into `method` and the RNG; return the result rows so far (test, tasks, validation).
         Temporary files of writes that a kill interrupted are removed first."""
         tables = (results.ACCURACY_FILE, results.TASKS_FILE, results.SUMMARY_FILE, results.VAL_ACCURACY_FILE)
+        tables += (TRACKERS_FILE,)
         for folder in (self.run_dir, self.run_dir / CHECKPOINT.parent):
             for name in (CHECKPOINT.name, *tables):
                 for tmp in folder.glob(f".{name}.*"):  # atomic_write's temporary names

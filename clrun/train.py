@@ -115,6 +115,17 @@ class Step:
 
 
 @dataclass
+class EpochEnd:
+    """What `Trainer.fit` hands its epoch callbacks after each epoch (the figures it has at hand: no extra sync)."""
+
+    phase: str  # the phase's label, e.g. `task 1 split_mnist-1: retrain`
+    task: int | None  # the task whose images it trains on (None: several)
+    epoch: int  # epochs done in the phase
+    loss: float  # the epoch's mean loss
+    images_per_s: float  # the phase's throughput so far
+
+
+@dataclass
 class FitStats:
     """What one training phase did."""
 
@@ -251,6 +262,7 @@ class Trainer:
         self.stream = stream
         self.hw = hw
         self.progress: Progress | None = None
+        self.epoch_callbacks: list[Callable[[EpochEnd], None]] = []  # called after each epoch (the run's trackers)
 
     def fit(
         self,
@@ -353,10 +365,12 @@ class Trainer:
                     f"{label}: the training loss is not finite ({mean_loss}) from step {int(first_bad)} of the phase "
                     f"(epoch {epoch + 1}); tasks finished before it are kept: lower the learning rate and run again"
                 )
+            ips = images / (time.perf_counter() - start)
             if bar is not None:
-                ips = images / (time.perf_counter() - start)
                 progress.update(bar, epoch=f"{epoch + 1}/{epochs}", loss=mean_loss, ips=ips)
             epochs_done = epoch + 1
+            for callback in self.epoch_callbacks:
+                callback(EpochEnd(label, task, epochs_done, mean_loss, ips))
             if (after_epoch is not None and after_epoch(epochs_done)) or stop:
                 break
         if carry is not None:

@@ -28,8 +28,9 @@ MAY_IMPORT = {
     "clrun.train": {"clrun.errors", "clrun.metrics", "clrun.config", "clrun.data", "clrun.hardware"},
     "clrun.methods.base": {"clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.models"}
     | {"clrun.results", "clrun.train"},
+    "clrun.trackers": {"clrun.errors", "clrun.results", "clrun.train"},
     "clrun.run": {"clrun", "clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.results"}
-    | {"clrun.train"},
+    | {"clrun.train", "clrun.trackers"},
     "clrun.sweeps": {"clrun.results"},
     "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods", "clrun.sweeps"},
     "clrun.report": {"clrun.results", "clrun.sweeps"},
@@ -115,6 +116,11 @@ def test_config_py_holds_no_methods_schema():
         "LstmConfig",
         "DataConfig",
         "RunReplayConfig",
+        "LoggerConfig",
+        "CsvLoggerConfig",
+        "TensorboardLoggerConfig",
+        "WandbLoggerConfig",
+        "MlflowLoggerConfig",
         "Config",
     }
 

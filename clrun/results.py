@@ -22,6 +22,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from clrun import metrics  # noqa: E402
+from clrun.errors import ClrunError  # noqa: E402
 
 CHECKPOINT = Path("checkpoints") / "last.pt"  # in the run folder: the resume state
 ACCURACY_FILE = "accuracy.parquet"
@@ -61,19 +62,28 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` then rename the temporary file onto `path`."""
+    """Call `write(tmp_path)` then rename the temporary file onto `path`. A disk that is full or a folder that
+    cannot be written is a one-line `ClrunError` (`path` keeps its earlier content; no temporary file is left)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
         write(tmp)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save's zip writer reports a full disk as a RuntimeError ("... file write failed")
+        if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write failed" in str(error)):
+            raise ClrunError(
+                f"cannot write {path} ({' '.join(str(error).split())[:160]}): free space on its disk or make its "
+                "folder writable, then run the same command again (the tasks finished before are kept)"
+            ) from None
         raise
 
 

@@ -1,5 +1,6 @@
 """End-to-end runs: result files, resume after SIGKILL, errors, sweeps, real MNIST."""
 
+import errno
 import signal
 import subprocess
 import time
@@ -309,3 +310,35 @@ def test_a_refused_resume_keeps_the_folders_config(tmp_path):
     refused = clrun(tmp_path, *args, "method.train.lr=0.5")
     assert refused.returncode == 2 and "belongs to a run with another config" in refused.stderr
     assert (tmp_path / "run" / ".hydra" / "config.yaml").read_text() == saved
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def save_until_the_disk_is_full(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # torch's zip writer on a full disk
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/7: "
+                "file write failed"
+            )
+        save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(ClrunError, match=r"^cannot write .*last\.pt \(.*file write failed\): free space on its disk"):
+        run(tmp_path, *TINY, "stream.n_tasks=3")
+    run_dir = tmp_path / "run"
+    assert len(torch.load(run_dir / CHECKPOINT, weights_only=True)["tasks"]) == 1  # the task before is kept
+    assert not [p for p in run_dir.rglob(".*") if ".hydra" not in p.parts]  # no temporary file left
+
+
+def test_an_unwritable_or_full_folder_is_one_line_and_the_file_keeps_its_content(tmp_path):
+    target = tmp_path / "table.parquet"
+    target.write_text("earlier")
+
+    def no_space(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ClrunError, match=r"^cannot write .*table\.parquet \(\[Errno 28\] No space left on device\)"):
+        results.atomic_write(target, no_space)
+    assert target.read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["table.parquet"]

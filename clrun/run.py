@@ -237,8 +237,11 @@ class Run:
             method.trainer.epoch_callbacks.append(trackers.epoch)
             with make_progress() as progress:
                 method.trainer.progress = progress
+                done = len(task_rows)
+                run_bar = progress.add_task(self.run_id, total=len(stream), completed=done, info=f"{done} tasks done")
                 for task in remaining:
                     self._learn(method, stream, hw, task, accuracy_rows, task_rows, trackers)
+                    progress.update(run_bar, advance=1, info=f"{task.index + 1}/{len(stream)} tasks done")
             return self._finish(method, method_class, stream, hw, accuracy_rows, task_rows, trackers)
 
     def _learn(self, method, stream, hw, task, accuracy_rows: list[dict], task_rows: list[dict], trackers) -> None:

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Optional
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -164,16 +164,24 @@ class FitStats:
         }
 
 
+PROGRESS_SECONDS = 0.5  # a phase bar's loss and images/s are refreshed at most this often (one device sync each)
+
+
 def make_progress() -> Progress:
-    """The rich progress display: one bar per training phase with epoch, loss and images/s."""
+    """The rich progress display: the run's bar (tasks, ETA) and the running phase's (epoch, loss, images/s, ETA),
+    or a stepless phase's description (`Trainer.status`); each bar's text is its `info` field."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("epoch {task.fields[epoch]}"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[ips]:.0f} img/s"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
         TimeElapsedColumn(),
     )
+
+
+def phase_info(epoch: int, epochs: int, loss: float, images_per_s: float) -> str:
+    """A phase bar's text."""
+    return f"epoch {epoch}/{epochs}" + ("" if math.isnan(loss) else f" loss {loss:.4f} {images_per_s:.0f} img/s")
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, hw: Hardware) -> torch.optim.Optimizer:
@@ -264,6 +272,16 @@ class Trainer:
         self.progress: Progress | None = None
         self.epoch_callbacks: list[Callable[[EpochEnd], None]] = []  # called after each epoch (the run's trackers)
 
+    @contextlib.contextmanager
+    def status(self, label: str, doing: str):
+        """Show a phase without training steps (e.g. a Fisher pass, an accuracy check) while it runs."""
+        bar = None if self.progress is None else self.progress.add_task(label, total=None, info=doing)
+        try:
+            yield
+        finally:
+            if bar is not None:
+                self.progress.remove_task(bar)
+
     def fit(
         self,
         module: torch.nn.Module,
@@ -317,7 +335,8 @@ class Trainer:
         progress = self.progress
         bar = None
         if progress is not None:
-            bar = progress.add_task(label, total=total_steps, epoch=f"0/{epochs}", loss=float("nan"), ips=0.0)
+            bar = progress.add_task(label, total=total_steps, info=phase_info(1, epochs, math.nan, 0.0))
+        shown = time.perf_counter()
         hw.compile(module)
         module.train()
         start, images, mean_loss, number, epochs_done = time.perf_counter(), 0, float("nan"), 0, 0
@@ -351,6 +370,10 @@ class Trainer:
                 seen += len(x)
                 if bar is not None:
                     progress.advance(bar)
+                    if time.perf_counter() - shown > PROGRESS_SECONDS:  # the epoch's loss so far: one sync
+                        shown = time.perf_counter()
+                        info = phase_info(epoch + 1, epochs, loss_sum.item() / seen, (images + seen) / (shown - start))
+                        progress.update(bar, info=info)
             stop = False
             if validate is not None:
                 measured = validate()
@@ -367,12 +390,14 @@ class Trainer:
                 )
             ips = images / (time.perf_counter() - start)
             if bar is not None:
-                progress.update(bar, epoch=f"{epoch + 1}/{epochs}", loss=mean_loss, ips=ips)
+                progress.update(bar, info=phase_info(epoch + 1, epochs, mean_loss, ips))
             epochs_done = epoch + 1
             for callback in self.epoch_callbacks:
                 callback(EpochEnd(label, task, epochs_done, mean_loss, ips))
             if (after_epoch is not None and after_epoch(epochs_done)) or stop:
                 break
+        if bar is not None:
+            progress.remove_task(bar)  # the display keeps the run's bar and the running phase's
         if carry is not None:
             carry.update(optimizers[0].state)
         seconds = time.perf_counter() - start

@@ -184,3 +184,26 @@ def test_a_diverging_run_stops_with_one_line_through_the_cli(tmp_path):
     done = clrun(tmp_path, *TINY_STREAM, "method.train.optimizer=sgd", "method.train.lr=1e20")
     assert done.returncode == 2 and done.stderr.startswith("clrun: error: task 0 0-1: the training loss is not finite")
     assert "Traceback" not in done.stderr
+
+
+def test_the_phase_bar_shows_loss_and_speed_within_an_epoch_and_stepless_phases_say_what_they_do(monkeypatch):
+    from clrun import train
+    from clrun.methods.ewc import EWC
+
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)  # refresh at every step
+    method, stream = make_method(EWC, "method=ewc", "method.train.epochs=1", "method.train.batch_size=16")
+    progress = train.make_progress()
+    shown = []
+    add, update = progress.add_task, progress.update
+    monkeypatch.setattr(
+        progress, "add_task", lambda *a, **k: shown.append(("add", a[0], k.get("info"))) or add(*a, **k)
+    )
+    monkeypatch.setattr(
+        progress, "update", lambda bar, **k: shown.append(("update", bar, k.get("info"))) or update(bar, **k)
+    )
+    method.trainer.progress = progress
+    method.learn(stream.tasks[0])  # 64 images in 4 steps of one epoch
+    infos = [info for kind, _, info in shown if kind == "update" and info]
+    assert sum("loss" in info for info in infos) >= 4  # every step, not once an epoch
+    assert ("add", "task 0 0-1", "computing the parameters' importance") in shown  # the Fisher pass
+    assert not progress.tasks  # finished phases leave the display

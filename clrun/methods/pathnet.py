@@ -104,18 +104,20 @@ class PathNet(Method):
         progress, self.trainer.progress = self.trainer.progress, None  # one bar per task, not per tournament
         label = f"task {task.index} {task.name}: generations"
         if progress is not None:
-            bar = progress.add_task(label, total=cfg.max_generations, epoch="-", loss=float("nan"), ips=0.0)
+            bar = progress.add_task(label, total=cfg.max_generations, info="")
         phases: list[FitStats] = []
         try:
             for _ in range(cfg.max_generations):
                 path, fitness = tournament(population, lambda p: self.train_path(task, p, phases), cfg.modules)
                 if progress is not None:
                     ips = sum(s.images for s in phases) / sum(s.seconds for s in phases)
-                    progress.update(bar, advance=1, loss=phases[-1].loss, ips=ips)
+                    progress.update(bar, advance=1, info=f"loss {phases[-1].loss:.4f} {ips:.0f} img/s")
                 if fitness >= cfg.threshold:
                     break
         finally:
             self.trainer.progress = progress
+            if progress is not None:
+                progress.remove_task(bar)
         self.net.freeze(path)
         self.paths.append(path)
         return {**FitStats.total(phases).row(), "generations": len(phases) // 2, "fitness": fitness}

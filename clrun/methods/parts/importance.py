@@ -104,7 +104,8 @@ class Penalty:
             return value + self.value(model, folded) if self.importance else value
 
         stats: FitStats = method.fit(task, model, params, loss, after_step=self.after_step)
-        self.end(model, task, trained, method.stream, method.hw)
+        with method.trainer.status(f"task {task.index} {task.name}", "computing the parameters' importance"):
+            self.end(model, task, trained, method.stream, method.hw)
         return stats
 
     def fold(self) -> tuple[Tensors, Tensors, float]:

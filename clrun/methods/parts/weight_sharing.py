@@ -210,6 +210,10 @@ class WeightSharingMethod(Method):
     def current_accuracy(self, task: Task, split: Split | Pairs) -> float:
         """Accuracy of the task being learned (live masks), e.g. to compare with its goal; of a verification task's
         pairs, the mean over their folds (CPG's LFW score)."""
+        with self.trainer.status(f"task {task.index} {task.name}", "measuring its accuracy"):
+            return self._current_accuracy(task, split)
+
+    def _current_accuracy(self, task: Task, split: Split | Pairs) -> float:
         self.net.eval()
         if isinstance(split, Pairs):
             embed = lambda x: self.net.embed_current(x, task.index)  # noqa: E731

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.logging import RichHandler
 
-from clrun import methods, sweeps
+from clrun import evaluate, methods, sweeps
 from clrun.config import register_schemas
 from clrun.errors import ClrunError
 from clrun.run import CHECKPOINT, Run, held_elsewhere, run_name
@@ -138,7 +138,9 @@ def check_folder_overrides(args: list[str]) -> None:
 
 
 def main() -> None:
-    """The `clrun` console script."""
+    """The `clrun` console script; `clrun eval RUN_FOLDER ...` evaluates a finished run again (`clrun.evaluate`)."""
+    if sys.argv[1:2] == ["eval"]:
+        return evaluate.main(sys.argv[2:], compose)
     try:
         check_folder_overrides(sys.argv[1:])
     except ClrunError as error:

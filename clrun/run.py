@@ -26,7 +26,7 @@ from clrun.hardware import resolve_hardware
 from clrun.results import CHECKPOINT  # re-exported: where a run folder's checkpoint lies
 from clrun.trackers import STATE_FILE as TRACKERS_FILE
 from clrun.trackers import Trackers, flat_config
-from clrun.train import accuracy, agnostic_accuracy, make_progress, recipe_images, verification
+from clrun.train import accuracy, agnostic_accuracy, eval_batches, make_progress, recipe_images, verification
 
 LOCK = CHECKPOINT.parent / "lock"  # held (flock) by the process running in the folder
 IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
@@ -158,6 +158,43 @@ def held_elsewhere(run_dir: Path) -> bool:
     return False
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A run's checkpoint, on the CPU; one-line errors for an unreadable or damaged file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise ClrunError(
+            f"{path} cannot be read (permission denied); give this user access to the run folder"
+        ) from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # a truncated or empty file
+        raise ClrunError(
+            f"{path} is damaged ({type(error).__name__}: {' '.join(str(error).split())[:120]}); "
+            "delete it and run again to redo the run from its start, or use resume=false"
+        ) from None
+
+
+@torch.inference_mode()
+def confusion_rows(method, stream: Stream, hw, method_cfg) -> list[dict]:
+    """Per task (every task; verification tasks left out), the counts of (true, predicted) labels of the method's
+    headline prediction after the last task: with the task id in the task scenario, without it otherwise."""
+    rows = []
+    for task in (t for t in stream.tasks if not t.verification):
+        true, predicted = [], []
+        known = task.index if stream.scenario == "task" else None  # the task of the images, where it is given
+        for x, y in eval_batches((task.test.x, task.test.y), stream, hw, method_cfg.eval_batch_size, known):
+            with hw.autocast():
+                if stream.scenario == "task":
+                    logits, y = method.predict(x, task=task.index), y
+                else:
+                    logits, y = method.predict_agnostic(x, seen=len(stream))[0], stream.targets(y, task.index)
+            true.append(y.cpu())
+            predicted.append(logits.argmax(1).cpu())
+        pairs = pd.DataFrame({"true": torch.cat(true).numpy(), "predicted": torch.cat(predicted).numpy()})
+        counts = pairs.value_counts().reset_index(name="count")
+        rows += [{"eval_task": task.index, "eval_task_name": task.name, **row} for row in counts.to_dict("records")]
+    return rows
+
+
 class Run:
     """Executes one configured run in `run_dir`, resuming from its checkpoint when there is one."""
 
@@ -179,6 +216,20 @@ class Run:
         as after the last of them and checkpointed like learned ones, then the run goes on (clrun-import-cpg).
         A folder that already holds a checkpoint is refused.
         """
+        method_class = self._check()
+        lock_path = self.run_dir / LOCK
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ClrunError(
+                    f"another clrun process is running in {self.run_dir}; wait for it or stop it"
+                ) from None
+            return self._execute(method_class, adopt)
+
+    def _check(self) -> type:
+        """Check the config (one-line errors), set the labels of every table; return the method class."""
         cfg = self.cfg
         method_class = check_config(cfg)
         self.labels = {
@@ -190,16 +241,33 @@ class Run:
             "seed": cfg.seed,
             "config_id": config_id(cfg),
         }
-        lock_path = self.run_dir / LOCK
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ClrunError(
-                    f"another clrun process is running in {self.run_dir}; wait for it or stop it"
-                ) from None
-            return self._execute(method_class, adopt)
+        return method_class
+
+    def evaluate_saved(self, checkpoint: Path) -> tuple[list[dict], list[dict]]:
+        """The final model a run folder's `checkpoint` holds, evaluated on this config's stream (the run's own, or
+        another with as many tasks of as many classes and the same input shape): the accuracy rows after the
+        last task, and the confusion counts of its headline predictions per task (`eval_task`, `true`,
+        `predicted`, `count`; the task scenario's labels are the task's own, the others' the scenario's)."""
+        method_class = self._check()
+        hw = resolve_hardware(self.cfg.hardware)
+        torch.manual_seed(self.cfg.seed)
+        stream = build_stream(self.cfg.stream, self.cfg.data, self.cfg.seed, hw.device, self.console)
+        method = method_class(self.cfg.method, self.cfg.backbone, stream, hw)
+        state = load_checkpoint(checkpoint)
+        if len(state["tasks"]) != len(stream):
+            raise ClrunError(
+                f"{checkpoint} holds a model after {len(state['tasks'])} tasks and the stream to evaluate has "
+                f"{len(stream)}; evaluate finished runs on streams of as many tasks"
+            )
+        try:
+            method.load_state_dict(state["method"])
+        except (RuntimeError, KeyError, IndexError) as error:
+            raise ClrunError(
+                f"{checkpoint} does not fit this stream ({type(error).__name__}: {' '.join(str(error).split())[:120]});"
+                " its tasks need the run's classes per task and input shape"
+            ) from None
+        last = len(stream) - 1
+        return self._evaluate(method, stream, hw, last), confusion_rows(method, stream, hw, self.cfg.method)
 
     def _execute(self, method_class: type, adopt) -> dict:
         cfg = self.cfg
@@ -378,17 +446,7 @@ class Run:
             for name in tables:
                 (self.run_dir / name).unlink(missing_ok=True)
             return [], [], []
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except PermissionError:
-            raise ClrunError(
-                f"{path} cannot be read (permission denied); give this user access to the run folder"
-            ) from None
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:  # a truncated or empty file
-            raise ClrunError(
-                f"{path} is damaged ({type(error).__name__}: {' '.join(str(error).split())[:120]}); "
-                "delete it and run again to redo the run from its start, or use resume=false"
-            ) from None
+        state = load_checkpoint(path)
         if state["identity"] != json.dumps(identity(self.cfg), sort_keys=True):
             raise ClrunError(
                 f"{path} belongs to a run with another config; use resume=false to start over "

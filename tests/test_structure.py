@@ -32,7 +32,9 @@ MAY_IMPORT = {
     "clrun.run": {"clrun", "clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.results"}
     | {"clrun.train", "clrun.trackers"},
     "clrun.sweeps": {"clrun.results"},
-    "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods", "clrun.sweeps"},
+    "clrun.evaluate": {"clrun", "clrun.errors", "clrun.results", "clrun.run"},
+    "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods", "clrun.sweeps"}
+    | {"clrun.evaluate"},
     "clrun.report": {"clrun.results", "clrun.sweeps"},
     "clrun.import_cpg": {"clrun", "clrun.errors", "clrun.config", "clrun.models", "clrun.methods", "clrun.results"}
     | {"clrun.run", "clrun.cli"},

@@ -44,7 +44,7 @@ def test_smoke_pipeline_end_to_end(tmp_path, capsys):
     assert table["method"].tolist() == ["PAH", "DER (Dark Experience Replay)", "SI"]
     assert table["paper_acc"].tolist() == [74.46, 63.09, 63.58]
     assert table[["acc", "forg", "std_acc", "std_forg"]].notna().all().all() and table["seeds"].tolist() == [2, 2, 2]
-    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    folders = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != "sweeps"]  # sweeps: the status tables
     runs = sorted(p.name.split("-")[0] + p.name.split("-seed")[1][0] for p in folders)
     assert runs == ["dark_er0", "dark_er1", "pah0", "pah1", "si0", "si1"]  # two seeds of each method
     budgets = {p.name.split("-")[0]: pd.read_parquet(p / "summary.parquet")["replay_budget"][0] for p in folders}

@@ -160,7 +160,8 @@ def wait_for_tasks(process: subprocess.Popen, run_dir: Path, n_tasks: int) -> No
 
 
 def test_ctrl_c_saves_finished_tasks_and_exits_cleanly(tmp_path):
-    args = [*TINY, "stream.n_tasks=3", "stream.train_per_task=600", "hydra.run.dir=run"]
+    # 5 tasks: the run must still be going when the test sees task 0's checkpoint, also on a loaded machine
+    args = [*TINY, "stream.n_tasks=5", "stream.train_per_task=600", "hydra.run.dir=run"]
     process = subprocess.Popen([*CLRUN, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_tasks(process, tmp_path / "run", 1)
     process.send_signal(signal.SIGINT)
@@ -173,7 +174,7 @@ def test_ctrl_c_saves_finished_tasks_and_exits_cleanly(tmp_path):
     resumed = clrun(tmp_path, *args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
-    assert len(pd.read_parquet(tmp_path / "run" / results.ACCURACY_FILE)) == 6
+    assert len(pd.read_parquet(tmp_path / "run" / results.ACCURACY_FILE)) == 15  # 1 + 2 + ... + 5 rows
 
 
 @pytest.mark.parametrize(

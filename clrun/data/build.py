@@ -377,7 +377,12 @@ def _skipped(files, decoded) -> list[int]:
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images scaled to [0, 1]."""
     pixels = images.float().div_(255)
-    return tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
+    return tuple(pixels.mean((0, 2, 3)).tolist()), _divisors(pixels.std((0, 2, 3)).tolist())
+
+
+def _divisors(std: list[float]) -> tuple[float, ...]:
+    """The stds normalisation divides by: a constant channel's (std about 0) is 1, so it becomes 0, not NaN."""
+    return tuple(s if s > 1e-4 else 1.0 for s in std)
 
 
 def _measured_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -393,7 +398,7 @@ def _measured_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[floa
     count = max(images.numel() // channels, 2)
     mean = total / count
     std = ((squares - count * mean.square()) / (count - 1)).clamp_min(0).sqrt()
-    return tuple(mean.tolist()), tuple(std.tolist())
+    return tuple(mean.tolist()), _divisors(std.tolist())
 
 
 TaskSpec = tuple[str, list[int], Transform | None, tuple[torch.Tensor | None, torch.Tensor | None]]

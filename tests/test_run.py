@@ -136,7 +136,7 @@ def test_sigkill_during_task_3_then_rerun_equals_uninterrupted(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert len(torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=True)["tasks"]) == 2
+    assert 2 <= len(torch.load(tmp_path / "killed" / CHECKPOINT, weights_only=True)["tasks"]) < 4
     assert not (tmp_path / "killed" / results.SUMMARY_FILE).exists()
 
     resumed = clrun(tmp_path, *args, "hydra.run.dir=killed")
@@ -146,7 +146,8 @@ def test_sigkill_during_task_3_then_rerun_equals_uninterrupted(tmp_path):
 
 
 def wait_for_tasks(process: subprocess.Popen, run_dir: Path, n_tasks: int) -> None:
-    """Poll until the run has checkpointed `n_tasks` tasks (or has exited).
+    """Poll until the run has checkpointed at least `n_tasks` tasks (or has exited): a poll may come after the
+    next task's checkpoint already, on a loaded machine.
 
     The checkpoint, not tasks.parquet: the tables are written just before it, so a
     signal sent when they appear could land before the checkpoint is saved.
@@ -154,7 +155,7 @@ def wait_for_tasks(process: subprocess.Popen, run_dir: Path, n_tasks: int) -> No
     checkpoint = run_dir / CHECKPOINT
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
-        if checkpoint.exists() and len(torch.load(checkpoint, weights_only=True)["tasks"]) == n_tasks:
+        if checkpoint.exists() and len(torch.load(checkpoint, weights_only=True)["tasks"]) >= n_tasks:
             return
         time.sleep(0.02)
 
@@ -168,7 +169,7 @@ def test_ctrl_c_saves_finished_tasks_and_exits_cleanly(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert len(torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["tasks"]) == 1
+    assert 1 <= len(torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["tasks"]) < 5
     assert not [p for p in (tmp_path / "run").rglob(".*") if p.name != ".hydra" and ".hydra" not in p.parts]
 
     resumed = clrun(tmp_path, *args)

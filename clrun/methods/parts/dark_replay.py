@@ -39,8 +39,7 @@ from clrun.config import NON_NEGATIVE, checked
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
 from clrun.methods.base import MethodConfig, SharedModelMethod
-from clrun.methods.parts.replay import LogitMemory, ReplayConfig, ReplayPolicy
-from clrun.results import Footprint
+from clrun.methods.parts.replay import KeepsMemory, LogitMemory, ReplayConfig, ReplayPolicy
 from clrun.train import Optimizer, TrainConfig
 
 
@@ -58,7 +57,7 @@ class DarkReplayConfig(MethodConfig):
     alpha: float = checked(NON_NEGATIVE, 0.2)  # weight of the logit MSE (mammoth seq-MNIST, buffer 200: 0.2)
 
 
-class DarkReplay(SharedModelMethod):
+class DarkReplay(KeepsMemory, SharedModelMethod):
     """A shared model trained with Dark Experience Replay; `buffer_ce_weight` (DER++'s beta) adds the buffer's CE."""
 
     config_class = DarkReplayConfig
@@ -118,13 +117,3 @@ class DarkReplay(SharedModelMethod):
         # the images a second time, as they are stored (uint8, unaugmented): the loss gets them beside the prepared x
         data = (task.train.x, task.train.y, task.train.x)
         return self.fit(task, self.model, list(self.model.parameters()), loss, data=data).row()
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.memory.load_state_dict(state["memory"], self.hw.device)
-
-    def footprint(self) -> Footprint:
-        return self.memory.add_to(super().footprint())

@@ -312,7 +312,22 @@ def with_replay(
     return loss
 
 
-class Replaying(SharedModelMethod):
+class KeepsMemory:
+    """Mixin of a shared-model method with a memory in `self.memory` (a `Memory`): saved in its state and counted in
+    its footprint, after the base class's."""
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.memory.load_state_dict(state["memory"], self.hw.device)
+
+    def footprint(self) -> Footprint:
+        return self.memory.add_to(super().footprint())
+
+
+class Replaying(KeepsMemory, SharedModelMethod):
     """A shared-model method with the `replay` option (its config's `replay: ReplayConfig`): a memory of `budget`
     images (0: none), filled after each task, mixed into the task's loss, kept in the checkpoint and counted in the
     footprint."""
@@ -340,13 +355,3 @@ class Replaying(SharedModelMethod):
         """The backbone's features (eval mode) of uint8 images: what the `herding` policy ranks."""
         self.model.eval()
         return embed(self.model.features, images, self.stream, self.hw, self.cfg.eval_batch_size)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "memory": self.memory.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.memory.load_state_dict(state["memory"], self.hw.device)
-
-    def footprint(self) -> Footprint:
-        return self.memory.add_to(super().footprint())

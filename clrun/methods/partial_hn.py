@@ -38,7 +38,7 @@ from clrun.config import AT_LEAST_1, NON_NEGATIVE, Rule, checked
 from clrun.data.stream import Task
 from clrun.errors import ClrunError
 from clrun.methods.base import Method, PerTaskMethodConfig
-from clrun.methods.parts.hypernet_reg import Lookahead, output_regulariser
+from clrun.methods.parts.hypernet_reg import Lookahead, embeddings_state, load_embeddings_state, output_regulariser
 from clrun.models import build_backbone
 from clrun.models.frozen import FrozenBaseNet
 from clrun.models.hypernetwork import HyperNetwork, param_shapes
@@ -211,14 +211,10 @@ class PartialHN(Method):
         return self._logits(x, task)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "n_tasks": len(self.model.embeddings), "buffers": self.buffers}
+        return embeddings_state(self.model, self.buffers)
 
     def load_state_dict(self, state: dict) -> None:
-        for _ in range(state["n_tasks"]):
-            zeros = torch.zeros(self.cfg.embedding_dim, device=self.hw.device)
-            self.model.embeddings.append(nn.Parameter(zeros))
-        self.model.load_state_dict(state["model"])
-        self.buffers = [{name: b.to(self.hw.device) for name, b in task.items()} for task in state["buffers"]]
+        self.buffers = load_embeddings_state(self.model, state, self.cfg.embedding_dim, self.hw.device, True)
         if state["n_tasks"] > 0:
             self._freeze_base()
 

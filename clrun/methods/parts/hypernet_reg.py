@@ -73,3 +73,18 @@ def output_regulariser(
         for e, target in zip(embeddings, targets, strict=True)
     )
     return beta / len(targets) * reg
+
+
+def embeddings_state(model: nn.Module, buffers: list[dict]) -> dict:
+    """The state of a task-conditioned hypernetwork method: its model (task embeddings included), how many tasks
+    it has embeddings for, and each task's buffers (e.g. batch-norm statistics)."""
+    return {"model": model.state_dict(), "n_tasks": len(model.embeddings), "buffers": buffers}
+
+
+def load_embeddings_state(model: nn.Module, state: dict, dim: int, device, trainable: bool) -> list[dict]:
+    """Re-create `state`'s task embeddings on a freshly built `model` (`trainable`: whether they keep learning),
+    load the model; return the tasks' buffers on `device`."""
+    for _ in range(state["n_tasks"]):
+        model.embeddings.append(nn.Parameter(torch.zeros(dim, device=device), requires_grad=trainable))
+    model.load_state_dict(state["model"])
+    return [{name: b.to(device) for name, b in task.items()} for task in state["buffers"]]

@@ -192,3 +192,19 @@ def run_tables(cwd: Path, pattern: str = "*") -> tuple[pd.DataFrame, pd.DataFram
     """tasks.parquet and accuracy.parquet of the one run under `cwd`/outputs/runs whose folder matches `pattern`."""
     (run_dir,) = (p.parent for p in (cwd / "outputs" / "runs").glob(f"{pattern}/summary.parquet"))
     return pd.read_parquet(run_dir / "tasks.parquet"), pd.read_parquet(run_dir / "accuracy.parquet")
+
+
+def record_insertions(method, stream, memory) -> dict:
+    """Wrap `memory.insert` (a `LogitMemory`'s) so that every batch offered is checked to carry the model's own
+    outputs at that moment and recorded by image bytes; return the record (filled as the method learns)."""
+    at_insertion, insert = {}, memory.insert
+
+    def spy(images, y, t, logits):
+        with torch.no_grad():  # tiny streams do not augment: train and test inputs are the same
+            now = method.outputs(method.hw.to_input(stream.prepare(images, train=False)))
+        torch.testing.assert_close(logits.detach(), now, rtol=0, atol=1e-6)
+        at_insertion.update({image.numpy().tobytes(): row for image, row in zip(images, now, strict=True)})
+        insert(images, y, t, logits)
+
+    memory.insert = spy
+    return at_insertion

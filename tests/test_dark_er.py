@@ -16,6 +16,7 @@ from conftest import (
     matrix,
     needs_shared,
     one_line_error,
+    record_insertions,
     run,
     run_interrupted_then_resumed,
     state_tensors,
@@ -149,17 +150,7 @@ def test_stored_logits_are_the_models_outputs_when_the_image_was_offered(scenari
     method, stream, _ = build_method(
         None, *TINY, "method=dark_er", f"stream.scenario={scenario}", "method.replay.budget=40"
     )
-    at_insertion = {}  # image bytes -> the model's outputs on it when offered, recomputed independently
-    insert = method.memory.insert
-
-    def spy(images, y, t, logits):
-        with torch.no_grad():  # the synthetic stream does not augment: train and test inputs are the same
-            now = method.outputs(method.hw.to_input(stream.prepare(images, train=False)))
-        torch.testing.assert_close(logits.detach(), now, rtol=0, atol=1e-6)
-        at_insertion.update({image.numpy().tobytes(): row for image, row in zip(images, now, strict=True)})
-        insert(images, y, t, logits)
-
-    method.memory.insert = spy
+    at_insertion = record_insertions(method, stream, method.memory)  # image bytes -> outputs when offered
     for task in stream.tasks[:2]:
         method.learn(task)
     memory = method.memory

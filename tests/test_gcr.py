@@ -17,6 +17,7 @@ from conftest import (
     clrun,
     matrix,
     needs_shared,
+    record_insertions,
     run,
 )
 
@@ -114,17 +115,7 @@ def test_a_budget_too_small_for_both_parts_still_trains(budget):
 @pytest.mark.parametrize("scenario", ["class", "domain"])
 def test_stored_logits_are_the_models_outputs_when_the_image_was_offered(scenario):
     method, stream, _ = build_method(None, *TINY, f"stream.scenario={scenario}", "method.replay.budget=40")
-    at_insertion = {}
-    insert = method.pool.insert
-
-    def spy(images, y, t, logits):
-        with torch.no_grad():  # the synthetic stream does not augment: train and test inputs are the same
-            now = method.outputs(method.hw.to_input(stream.prepare(images, train=False)))
-        torch.testing.assert_close(logits.detach(), now, rtol=0, atol=1e-6)
-        at_insertion.update({image.numpy().tobytes(): row for image, row in zip(images, now, strict=True)})
-        insert(images, y, t, logits)
-
-    method.pool.insert = spy
+    at_insertion = record_insertions(method, stream, method.pool)  # image bytes -> outputs when offered
     for task in stream.tasks[:2]:
         method.learn(task)
     coreset = method.memory

@@ -1,6 +1,7 @@
 """The `clrun` command: Hydra composes the config from the package's `clrun.conf`, `Run` executes it."""
 
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -18,7 +19,7 @@ from rich.logging import RichHandler
 from clrun import evaluate, methods, sweeps
 from clrun.config import register_schemas
 from clrun.errors import ClrunError
-from clrun.run import CHECKPOINT, Run, held_elsewhere, run_name
+from clrun.run import CHECKPOINT, MIDTASK, Run, held_elsewhere, run_name
 
 RUN_LOG = "run.log"  # in the run folder: what the run printed, warnings included, appended at each start
 CONFIG_PATH = "pkg://clrun.conf"  # conf/ in the checkout, shipped in the package (pyproject.toml's package-dir)
@@ -42,9 +43,10 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 def discard_unstarted(run_dir: Path) -> None:
-    """Remove a run folder that never got a checkpoint (what Hydra, the lock and run.log left in it), unless
-    another process is running in it."""
-    if not (run_dir / CHECKPOINT).exists() and not held_elsewhere(run_dir):
+    """Remove a run folder that never got a checkpoint, after a task or inside one (what Hydra, the lock and run.log
+    left in it), unless another process is running in it."""
+    saved = (run_dir / CHECKPOINT).exists() or (run_dir / MIDTASK).exists()
+    if not saved and not held_elsewhere(run_dir):
         shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
         shutil.rmtree(run_dir / CHECKPOINT.parent, ignore_errors=True)
         (run_dir / RUN_LOG).unlink(missing_ok=True)
@@ -104,9 +106,9 @@ def _run(cfg: DictConfig) -> float | None:
         sweeps.record_job("failed", run_dir, error_line.removeprefix("clrun: error: "))
         return None
     except KeyboardInterrupt:
-        kept = (run_dir / CHECKPOINT).exists()
-        where = f"finished tasks are saved in {run_dir}; run the same command again to resume"
-        error_line = f"clrun: interrupted; {where if kept else 'no task had finished, nothing was kept'}"
+        kept = (run_dir / CHECKPOINT).exists() or (run_dir / MIDTASK).exists()
+        where = f"what was learned is saved in {run_dir}; run the same command again to resume"
+        error_line = f"clrun: interrupted; {where if kept else 'nothing had been saved yet, nothing was kept'}"
         print(error_line, file=sys.stderr)
         sys.exit(130)
     except SystemExit:  # submitit's preemption handler requeued this job and exits it
@@ -126,15 +128,30 @@ def _run(cfg: DictConfig) -> float | None:
         discard_unstarted(run_dir)
 
 
+DEFAULT_RUNS_DIR = "outputs/runs"  # conf/config.yaml's hydra.run.dir and hydra.sweep.dir lie below it
+
+
 def check_folder_overrides(args: list[str]) -> None:
-    """Fail in one line when `hydra.run.dir=` or `hydra.sweep.dir=` names a file or a path below one (Hydra would
-    stop with a traceback creating it)."""
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in value:
-            for path in (Path(value), *Path(value).parents):
-                if path.exists() and not path.is_dir():
-                    raise ClrunError(f"{key}={value}: {path} is a file, not a folder; choose another {key}")
+    """Fail in one line when the folder runs are written to (`hydra.run.dir=`, `hydra.sweep.dir=`, else
+    outputs/runs/) names a file or a path below one, or cannot be created or written by this user (Hydra would stop
+    with a traceback creating it)."""
+    given = dict(arg.partition("=")[::2] for arg in args if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")))
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        value = given.get(key, DEFAULT_RUNS_DIR)
+        known = value.partition("${")[0]  # the part before the first interpolation
+        if not known:
+            continue
+        named = f"{key}={value}" if key in given else f"the runs folder {value}/"
+        for path in (Path(known), *Path(known).parents):
+            if path.exists() and not path.is_dir():
+                raise ClrunError(f"{named}: {path} is a file, not a folder; choose another {key}")
+            if path.exists():
+                if not os.access(path, os.W_OK | os.X_OK):
+                    raise ClrunError(
+                        f"{named}: this user cannot write in {path.resolve()}; run clrun from a folder you can "
+                        f"write to, or set {key}=<a writable folder>"
+                    )
+                break
 
 
 def main() -> None:

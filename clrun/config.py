@@ -220,6 +220,14 @@ class RunReplayConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # checkpoints inside a task (clrun.midtask), at the end of an epoch of a phase: when this many minutes passed
+    # since the last one, and/or every this many epochs; both null: only after each task. Not in the run's hash.
+    every_minutes: Optional[float] = checked(Rule(lambda v: v > 0, "null or positive"), None)
+    every_epochs: Optional[int] = checked(Rule(lambda v: v >= 1, "null or at least 1"), None)
+
+
+@dataclass
 class CsvLoggerConfig:
     dir: str = "logs"  # CSV files (hparams, accuracy, epochs, summary), in the run folder
 
@@ -264,6 +272,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     replay: RunReplayConfig = field(default_factory=RunReplayConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     resume: bool = True  # continue from the run folder's checkpoint; false: start the run over
 
@@ -315,6 +324,8 @@ def check_config(cfg: DictConfig) -> type:
     cfg.method = _typed(method_class.config_class, cfg.method, "method")
     if OmegaConf.is_missing(cfg.method, "name"):
         raise ClrunError(f"method.name is missing: give the method of {target} a name (`name: ...` in its YAML)")
+    if "checkpoint" in cfg:
+        check_ranges(cfg.checkpoint, "checkpoint")
     budget = cfg.get("replay", {}).get("budget")
     if budget is not None:
         check_ranges(cfg.replay, "replay")

@@ -23,12 +23,14 @@ from clrun.data import build_stream
 from clrun.data.stream import Stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
+from clrun.midtask import MidTaskCheckpoints, rng_state, set_rng_state
 from clrun.results import CHECKPOINT  # re-exported: where a run folder's checkpoint lies
 from clrun.trackers import STATE_FILE as TRACKERS_FILE
 from clrun.trackers import Trackers, flat_config
 from clrun.train import accuracy, agnostic_accuracy, eval_batches, make_progress, recipe_images, verification
 
 LOCK = CHECKPOINT.parent / "lock"  # held (flock) by the process running in the folder
+MIDTASK = CHECKPOINT.parent / "task.pt"  # the state inside the task being learned (`checkpoint.every_*`)
 IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
 # hardware keys that change how fast a run goes, not what it learns (at most floating-point rounding, as threads do):
 # left out of the identity, so the same run on 2 threads or compiled lands in the same folder; precision stays in
@@ -282,6 +284,11 @@ class Run:
                 f"method {cfg.method.name} cannot score the verification task {verifying[0]} (it has no `embed`); "
                 "leave it out of the stream (stream.dataset.tasks) or score it by class"
             )
+        every = cfg.get("checkpoint", {})
+        if every.get("every_minutes") is not None or every.get("every_epochs") is not None:
+            method.trainer.midtask = MidTaskCheckpoints(
+                method, every.every_minutes, every.every_epochs, self._write_midtask
+            )
         if adopt is None:
             accuracy_rows, task_rows, self.val_rows = self._resume(method)
         else:
@@ -313,14 +320,20 @@ class Run:
             return self._finish(method, method_class, stream, hw, accuracy_rows, task_rows, trackers)
 
     def _learn(self, method, stream, hw, task, accuracy_rows: list[dict], task_rows: list[dict], trackers) -> None:
-        """Learn `task`, evaluate, checkpoint, report its accuracy row."""
+        """Learn `task` (from where a checkpoint inside it stopped, if any), evaluate, checkpoint, report its accuracy
+        row."""
         start = time.perf_counter()
+        midtask = method.trainer.midtask
+        if midtask is not None:
+            midtask.begin(task.index, self._saved_midtask(task.index))
+            start -= midtask.elapsed_before
         stats = method.learn(task)
         accuracy_rows += self._evaluate(method, stream, hw, task.index)
         self.val_rows += self._evaluate(method, stream, hw, task.index, "val")
         row = self._task_row(task, time.perf_counter() - start, stats, method.footprint())
         task_rows.append({**row, "plain_macs": plain_macs(method.task_cfg(task), row)})
         self._checkpoint(method, accuracy_rows, task_rows)
+        (self.run_dir / MIDTASK).unlink(missing_ok=True)
         tracked = tracked_row(results.accuracy_matrix(pd.DataFrame(accuracy_rows), len(stream)), task.index)
         trackers.task(task.index, tracked)
         self.console.print(
@@ -435,10 +448,12 @@ class Run:
         tables = (results.ACCURACY_FILE, results.TASKS_FILE, results.SUMMARY_FILE, results.VAL_ACCURACY_FILE)
         tables += (TRACKERS_FILE,)
         for folder in (self.run_dir, self.run_dir / CHECKPOINT.parent):
-            for name in (CHECKPOINT.name, *tables):
+            for name in (CHECKPOINT.name, MIDTASK.name, *tables):
                 for tmp in folder.glob(f".{name}.*"):  # atomic_write's temporary names
                     tmp.unlink()
         path = self.run_dir / CHECKPOINT
+        if not self.cfg.resume:
+            (self.run_dir / MIDTASK).unlink(missing_ok=True)
         if not path.exists():
             return [], [], []
         if not self.cfg.resume:
@@ -447,6 +462,13 @@ class Run:
                 (self.run_dir / name).unlink(missing_ok=True)
             return [], [], []
         state = load_checkpoint(path)
+        self._check_same_run(path, state)
+        method.load_state_dict(state["method"])
+        set_rng_state(state["rng"])
+        return state["accuracy"], state["tasks"], state.get("val_accuracy", [])
+
+    def _check_same_run(self, path: Path, state: dict) -> None:
+        """Refuse a checkpoint of another config or made on other data, in one line."""
         if state["identity"] != json.dumps(identity(self.cfg), sort_keys=True):
             raise ClrunError(
                 f"{path} belongs to a run with another config; use resume=false to start over "
@@ -457,11 +479,24 @@ class Run:
                 f"{path} was made on other data than data.root={self.cfg.data.root} holds now (images or labels "
                 "differ); point data.root at the data the run started on, or use resume=false to start over"
             )
-        method.load_state_dict(state["method"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if torch.cuda.is_available() and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["accuracy"], state["tasks"], state.get("val_accuracy", [])
+
+    def _saved_midtask(self, task: int) -> dict | None:
+        """The state saved inside `task` before a stop (None: none, or one of another task, which is removed)."""
+        path = self.run_dir / MIDTASK
+        if not path.exists():
+            return None
+        state = load_checkpoint(path)
+        self._check_same_run(path, state)
+        if state["task"] != task:  # saved inside a task that then finished: stale
+            path.unlink()
+            return None
+        self.console.print(f"[bold]{self.run_id}[/]: resuming inside task {task} from {MIDTASK}")
+        return state
+
+    def _write_midtask(self, state: dict) -> None:
+        """Save a state inside the task being learned (`MidTaskCheckpoints`' `write`), atomically."""
+        state = {"identity": json.dumps(identity(self.cfg), sort_keys=True), "data": self.data_fingerprint, **state}
+        results.atomic_write(self.run_dir / MIDTASK, lambda tmp: torch.save(state, tmp))
 
     def _save_config(self) -> None:
         """Write the run's config and overrides to .hydra/ (Hydra's own copy is off: `hydra.output_subdir: null`),
@@ -489,9 +524,6 @@ class Run:
             "accuracy": accuracy_rows,
             "tasks": task_rows,
             "val_accuracy": self.val_rows,
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            "rng": rng_state(),
         }
         results.atomic_write(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))

@@ -5,6 +5,7 @@ A method supplies what makes it that method (which parameters train, the loss, h
 """
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -271,6 +272,7 @@ class Trainer:
         self.hw = hw
         self.progress: Progress | None = None
         self.epoch_callbacks: list[Callable[[EpochEnd], None]] = []  # called after each epoch (the run's trackers)
+        self.midtask = None  # a `clrun.midtask.MidTaskCheckpoints` when the run saves inside tasks
 
     @contextlib.contextmanager
     def status(self, label: str, doing: str):
@@ -313,6 +315,10 @@ class Trainer:
         needs it and follows it (a decay after `patience` epochs without a gain; the phase stops one epoch after
         `max_decays` decays).
         """
+        hooks = (loss, after_backward, after_step, after_epoch, validate)
+        midtask = self.midtask
+        if midtask is not None and (replayed := midtask.replay_finished(hooks, carry)) is not None:
+            return FitStats(**replayed)
         hw = self.hw
         n = len(data[0])
         batches = -(-n // recipe.batch_size)
@@ -341,7 +347,21 @@ class Trainer:
         module.train()
         start, images, mean_loss, number, epochs_done = time.perf_counter(), 0, float("nan"), 0, 0
         macs_per_image = float("nan")
-        for epoch in range(epochs):
+        resumed = None if midtask is None else midtask.resume_running(hooks, carry)
+        if resumed is not None:  # the phase was saved at the end of epoch `epochs_done`: go on from there
+            for optimizer, schedule, opt_state, schedule_state in zip(
+                optimizers, schedules, resumed["optimizers"], resumed["schedules"], strict=True
+            ):
+                optimizer.load_state_dict(opt_state)
+                schedule.load_state_dict(schedule_state)
+            if plateau is not None:
+                vars(plateau).update(resumed["plateau"])
+            images, mean_loss, number = resumed["images"], resumed["mean_loss"], resumed["number"]
+            epochs_done, macs_per_image = resumed["epochs_done"], resumed["macs_per_image"]
+            start -= resumed["seconds"]
+            if bar is not None:
+                progress.update(bar, completed=number)
+        for epoch in range(epochs_done, epochs):
             loss_sum = torch.zeros((), device=hw.device)
             first_bad = torch.full((), -1, device=hw.device)  # the first step whose loss is not finite (no sync)
             seen = 0
@@ -396,12 +416,28 @@ class Trainer:
                 callback(EpochEnd(label, task, epochs_done, mean_loss, ips))
             if (after_epoch is not None and after_epoch(epochs_done)) or stop:
                 break
+            if midtask is not None and epochs_done < epochs and midtask.due(epochs_done):
+                loop = {
+                    "optimizers": [optimizer.state_dict() for optimizer in optimizers],
+                    "schedules": [schedule.state_dict() for schedule in schedules],
+                    "plateau": None if plateau is None else dict(vars(plateau)),
+                    "images": images,
+                    "mean_loss": mean_loss,
+                    "number": number,
+                    "epochs_done": epochs_done,
+                    "macs_per_image": macs_per_image,
+                    "seconds": time.perf_counter() - start,
+                }
+                midtask.save_running(hooks, carry, loop)
         if bar is not None:
             progress.remove_task(bar)  # the display keeps the run's bar and the running phase's
         if carry is not None:
             carry.update(optimizers[0].state)
         seconds = time.perf_counter() - start
-        return FitStats(epochs_done, images, seconds, mean_loss, macs_per_image, macs_per_image * images)
+        stats = FitStats(epochs_done, images, seconds, mean_loss, macs_per_image, macs_per_image * images)
+        if midtask is not None:
+            midtask.finished(hooks, carry, dataclasses.asdict(stats))
+        return stats
 
 
 def eval_batches(

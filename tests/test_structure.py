@@ -24,13 +24,14 @@ MAY_IMPORT = {
     "clrun.models": {"clrun.errors", "clrun.models"},
     "clrun.data": {"clrun.errors", "clrun.config", "clrun.data"},
     "clrun.hardware": {"clrun.errors", "clrun.config", "clrun.models"},
+    "clrun.midtask": {"clrun.errors"},
     "clrun.results": {"clrun", "clrun.errors", "clrun.metrics"},
     "clrun.train": {"clrun.errors", "clrun.metrics", "clrun.config", "clrun.data", "clrun.hardware"},
     "clrun.methods.base": {"clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.models"}
     | {"clrun.results", "clrun.train"},
     "clrun.trackers": {"clrun.errors", "clrun.results", "clrun.train"},
     "clrun.run": {"clrun", "clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.results"}
-    | {"clrun.train", "clrun.trackers"},
+    | {"clrun.midtask", "clrun.train", "clrun.trackers"},
     "clrun.sweeps": {"clrun.results"},
     "clrun.evaluate": {"clrun", "clrun.errors", "clrun.results", "clrun.run"},
     "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods", "clrun.sweeps"}

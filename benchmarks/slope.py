@@ -4,11 +4,13 @@ the task index.
 Each method runs in its own process at one thread (`--jobs` at once): permuted MNIST (task scenario; a method
 that refuses it runs in the domain scenario), `--tasks` tasks of `--steps` steps each (every other training
 phase cut to as few; `--train-per-task` images a task, so that importance estimates stay cheap), a 2x400 MLP,
-64 test images a task. A task's per-step time is its `train_s` (the training phases only: no evaluation, no
-importance estimate) x the recipe's batch size / the images it trained on. The slope is the least-squares
-fit of per-step time against task index (seconds per step per extra task); `first_ms`/`last_ms` are the fitted
-line at task 1 and at the last task. Prints a table, writes benchmarks/results/slope-<host>-<date>.json and
-a PNG of per-step time against task index beside it.
+64 test images a task. A task's per-step time is the time of its training phases (`Trainer.fit`: no evaluation,
+no importance estimate) over their steps, both as wall time (the run's `train_s`) and as the training thread's CPU
+time (far less disturbed by other processes on a loaded machine: the headline). The slope is the least-squares
+fit of per-step time against task index (seconds per step per extra task); `first_ms`/`last_ms` are the measured
+ms per step at the first and the last task, `growth` the slope x (tasks - 1) / the first. Prints a table, writes
+benchmarks/results/slope-<host>-<date>.json and a PNG of per-step time against task index beside it. Without
+../shared/data/MNIST the stream is synthetic images permuted the same way (the JSON's `dataset` says which).
 
     python benchmarks/slope.py [--quick] [--tasks 50] [--steps 25] [--methods ewc,si] [--jobs 2]
 """
@@ -120,16 +122,16 @@ def one(method: str, args) -> dict:
 
 
 def fit(per_step: list[float]) -> dict:
-    """Least-squares line of per-step seconds against task index (1-based)."""
+    """Least-squares slope of per-step seconds against task index, the measured ms per step at the first and the
+    last task, and the growth the slope makes over the stream relative to the first task."""
     import numpy as np
 
-    x = np.arange(1, len(per_step) + 1)
-    slope, intercept = np.polyfit(x, per_step, 1)
+    slope = float(np.polyfit(np.arange(1, len(per_step) + 1), per_step, 1)[0])
     return {
-        "slope_s_per_step_per_task": float(slope),
-        "first_ms": float(1000 * (intercept + slope)),
-        "last_ms": float(1000 * (intercept + slope * len(per_step))),
-        "growth": float(slope * (len(per_step) - 1) / (intercept + slope)),  # last / first - 1 on the line
+        "slope_s_per_step_per_task": slope,
+        "first_ms": 1000 * per_step[0],
+        "last_ms": 1000 * per_step[-1],
+        "growth": slope * (len(per_step) - 1) / per_step[0],
     }
 
 
@@ -161,7 +163,8 @@ def plot(found: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     lines = sorted(((m, r) for m, r in found.items() if "cpu" in r), key=lambda mr: -mr[1]["cpu"]["last_ms"])
-    colours = [*plt.cm.tab20.colors, *plt.cm.tab20b.colors, *plt.cm.tab20c.colors]  # 60 distinct colours
+    paired = [*plt.cm.tab20.colors, *plt.cm.tab20b.colors, *plt.cm.tab20c.colors]  # 60 colours, in similar pairs
+    colours = paired[::2] + paired[1::2]  # neighbours in the legend apart
     fig, axes = plt.subplots(1, 2, figsize=(15, 6), sharey=True)
     for ax, key, what in zip(axes, ("cpu_per_step_s", "per_step_s"), ("the thread's CPU", "wall"), strict=True):
         for i, (method, r) in enumerate(lines):
@@ -208,7 +211,7 @@ def main() -> int:
     from rich.table import Table
 
     n = args.tasks
-    table = Table(title=f"per-step train time over {n} tasks of {args.steps} steps (CPU: the thread's; fitted line)")
+    table = Table(title=f"per-step train time over {n} tasks of {args.steps} steps (CPU: the thread's)")
     columns = ("method", "scenario", "CPU ms task 1", f"CPU ms task {n}", "CPU slope us/task", "growth", "wall slope")
     for column in columns:
         table.add_column(column, justify="left" if column in ("method", "scenario") else "right")

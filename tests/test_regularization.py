@@ -127,46 +127,74 @@ def names_of(method, *prefixes: str) -> set[str]:
     return {name for name, _ in method.model.named_parameters() if name.startswith(prefixes)}
 
 
-def test_ewc_keeps_one_fisher_and_anchor_per_task_and_its_penalty_is_as_by_hand():
+def test_ewc_folds_the_tasks_fishers_into_one_term():
     method, stream = make_method(EWC, "method=ewc", "method.ewc_lambda=4", *ITERS)
     for task in stream.tasks:
         method.learn(task)
-    assert len(method.penalty.importance) == len(method.penalty.anchors) == 2
     # task scenario: each task's own head and the backbone (another head's Fisher is zero: no term)
-    assert method.penalty.importance[0].keys() == names_of(method, "backbone", "heads.heads.0")
-    assert method.penalty.importance[1].keys() == names_of(method, "backbone", "heads.heads.1")
+    assert method.penalty.importance.keys() == method.penalty.anchors.keys() == names_of(method, "backbone", "heads")
     params = dict(method.model.named_parameters())
-    for name, anchor in method.penalty.anchors[1].items():
-        assert torch.equal(anchor, params[name])
-    assert not torch.equal(method.penalty.anchors[0]["backbone.layers.1.weight"], params["backbone.layers.1.weight"])
-    stored = sum(t.numel() * 4 for term in method.penalty.importance + method.penalty.anchors for t in term.values())
+    # head 1 has only task 2's term: its anchor is the weights there (0 where the Fisher is 0, as I a / I gives)
+    seen = method.penalty.importance["heads.heads.1.weight"] > 0
+    anchor = method.penalty.anchors["heads.heads.1.weight"]
+    torch.testing.assert_close(anchor[seen], params["heads.heads.1.weight"][seen])
+    assert seen.any() and (anchor[~seen] == 0).all()
+    assert not torch.equal(method.penalty.anchors["backbone.layers.1.weight"], params["backbone.layers.1.weight"])
+    stored = sum(t.numel() * 4 for term in (method.penalty.importance, method.penalty.anchors) for t in term.values())
     assert method.footprint().bytes == module_bytes(method.model) + stored
 
-    # (lambda/2) sum_j sum_i F_j,i (theta_i - theta*_j,i)^2 on the head-1 bias, theta = (1, 2)
-    with torch.no_grad():
-        params["heads.heads.1.bias"].copy_(torch.tensor([1.0, 2.0]))
-    method.penalty.importance = [
-        {"heads.heads.1.bias": torch.tensor([2.0, 3.0])},
-        {"heads.heads.1.bias": torch.ones(2)},
-    ]
-    method.penalty.anchors = [
-        {"heads.heads.1.bias": torch.tensor([0.0, 4.0])},
-        {"heads.heads.1.bias": torch.tensor([0.5, 1.5])},
-    ]
-    # task 1: 2 * 1^2 + 3 * (-2)^2 = 14; task 2: 0.5^2 + 0.5^2 = 0.5; times lambda/2 = 2
-    method.model.zero_grad()
-    penalty = method.penalty.value(method.model)
-    assert penalty.item() == pytest.approx(29.0)
-    penalty.backward()  # lambda/2 * sum_j 2 F_j (theta - theta*_j) = 2 * ((4, -12) + (1, 1))
-    torch.testing.assert_close(params["heads.heads.1.bias"].grad, torch.tensor([10.0, -22.0]))
+
+class Parameters(nn.Module):
+    def __init__(self, **tensors):
+        super().__init__()
+        for name, t in tensors.items():
+            setattr(self, name, nn.Parameter(t.clone()))
+
+
+def test_the_folded_penalty_equals_the_sum_of_per_task_penalties_in_value_and_gradient():
+    """Five tasks' terms on a shared `w` (some importances zero) and each task's own head `h<k>`, folded by `add`:
+    the penalty and its gradient equal the per-task form sum_k weight I_k (theta - a_k)^2 (float64 by hand)."""
+    generator = torch.Generator().manual_seed(0)
+    terms = []
+    for k in range(5):
+        importance = {"w": torch.rand(4, 3, generator=generator) * (torch.rand(4, 3, generator=generator) > 0.3)}
+        importance[f"h{k}"] = torch.rand(2, generator=generator)
+        terms.append((importance, {n: torch.randn(t.shape, generator=generator) for n, t in importance.items()}))
+    model = Parameters(w=torch.randn(4, 3, generator=generator), **{f"h{k}": torch.randn(2) for k in range(5)})
+    penalty = FisherPenalty(ewc_lambda=3.0, online=False, gamma=1.0, samples=None, labels="predicted")
+    for importance, anchor in terms:
+        penalty.add(importance, anchor)
+    assert penalty.importance.keys() == {"w", *(f"h{k}" for k in range(5))}  # one term, however many tasks
+
+    theta = {n: p.detach().double().requires_grad_() for n, p in model.named_parameters()}
+    by_hand = sum(
+        1.5 * (i.double() * (theta[n] - a[n].double()).square()).sum() for t, a in terms for n, i in t.items()
+    )
+    by_hand.backward()
+    folded = penalty.value(penalty.terms(model))
+    folded.backward()
+    assert folded.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), theta[name].grad, rtol=1e-5, atol=1e-6)
+
+    # training `w` and head 4 only: the other heads' terms are one constant, the same value, no gradient for them
+    model.zero_grad()
+    moving, constant = penalty.terms(model, {"w", "h4"})
+    assert [p for p, _, _ in moving] == [model.w, model.h4]
+    penalty.value((moving, constant)).backward()
+    assert penalty.value((moving, constant)).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    torch.testing.assert_close(model.w.grad.double(), theta["w"].grad, rtol=1e-5, atol=1e-6)
+    assert model.h0.grad is None
 
 
 def test_class_scenario_fisher_covers_every_head_seen():
     method, stream = make_method(EWC, "method=ewc", "stream.scenario=class", *ITERS)
-    for task in stream.tasks:
-        method.learn(task)
-    assert method.penalty.importance[1].keys() == names_of(method, "backbone", "heads")
-    assert method.penalty.importance[1]["heads.heads.0.weight"].abs().sum() > 0  # head 0 is part of the output
+    method.learn(stream.tasks[0])
+    head0 = method.penalty.importance["heads.heads.0.weight"].clone()
+    method.learn(stream.tasks[1])
+    assert method.penalty.importance.keys() == names_of(method, "backbone", "heads")
+    # task 2's Fisher on head 0 is not zero: head 0 is part of its output
+    assert method.penalty.importance["heads.heads.0.weight"].sum() > head0.sum()
 
 
 def constant_importance(monkeypatch, penalty_class, attribute: str) -> None:
@@ -183,13 +211,12 @@ def test_online_ewc_keeps_one_running_fisher(monkeypatch):
     method, stream = make_method(EWC, "method=online_ewc", "method.ewc_lambda=3", "method.gamma=0.5", *ITERS)
     for task in stream.tasks:
         method.learn(task)
-    assert len(method.penalty.importance) == len(method.penalty.anchors) == 1
-    fisher = method.penalty.importance[0]
+    fisher = method.penalty.importance
     assert fisher["backbone.layers.1.weight"].unique().tolist() == [0.5 * 1 + 2]  # gamma F_1 + F_2
     assert fisher["heads.heads.0.bias"].unique().tolist() == [0.5 * 1]  # head 0: decayed, nothing added
     assert fisher["heads.heads.1.bias"].unique().tolist() == [2]
     params = dict(method.model.named_parameters())
-    assert all(torch.equal(anchor, params[name]) for name, anchor in method.penalty.anchors[0].items())
+    assert all(torch.equal(anchor, params[name]) for name, anchor in method.penalty.anchors.items())
     assert method.penalty.weight == 3 / 2 * 0.5  # Schwarz et al.: the penalty weighs gamma F too
 
 
@@ -198,12 +225,12 @@ def test_mas_adds_importance_over_tasks(monkeypatch):
     method, stream = make_method(MAS, "method=mas", *ITERS)
     for task in stream.tasks:
         method.learn(task)
-    omega = method.penalty.importance[0]
+    omega = method.penalty.importance
     assert omega["backbone.layers.1.weight"].unique().tolist() == [3]
     assert omega["heads.heads.0.bias"].unique().tolist() == [1]
     assert omega["heads.heads.1.bias"].unique().tolist() == [2]
     params = dict(method.model.named_parameters())
-    assert all(torch.equal(anchor, params[name]) for name, anchor in method.penalty.anchors[0].items())
+    assert all(torch.equal(anchor, params[name]) for name, anchor in method.penalty.anchors.items())
 
 
 def sgd_task(method: SI, theta: nn.Parameter, target: torch.Tensor, steps: int, lr: float) -> tuple:
@@ -211,9 +238,7 @@ def sgd_task(method: SI, theta: nn.Parameter, target: torch.Tensor, steps: int, 
     the total loss's gradient and of the task loss's gradient, summed here step by step."""
     c = method.cfg.si_c
     omega, anchor = (
-        (method.penalty.importance[0]["theta"], method.penalty.anchors[0]["theta"])
-        if method.penalty.importance
-        else (0, 0)
+        (method.penalty.importance["theta"], method.penalty.anchors["theta"]) if method.penalty.importance else (0, 0)
     )
     method.penalty.begin({"theta": theta})
     w_total = w_task = torch.zeros(3)
@@ -241,15 +266,15 @@ def test_si_path_integral_on_a_quadratic(task_gradient):
     r, d0 = 1 - lr, theta0 - a
     w = lr * d0**2 * (1 - r ** (2 * k)) / (1 - r**2)
     omega = w / (((r**k - 1) * d0) ** 2 + 0.1)
-    torch.testing.assert_close(method.penalty.importance[0]["theta"], omega)
+    torch.testing.assert_close(method.penalty.importance["theta"], omega)
     assert omega[2] == 0  # a parameter that never moved has no importance
-    assert torch.equal(method.penalty.anchors[0]["theta"], theta.detach())
+    assert torch.equal(method.penalty.anchors["theta"], theta.detach())
 
     # a second task: the penalty's gradient enters W unless task_gradient; omega adds up
     start = theta.detach().clone()
     w_total, w_task = sgd_task(method, theta, torch.tensor([2.0, 0.0, -1.0]), k, lr)
     added = (w_task if task_gradient else w_total) / ((theta.detach() - start) ** 2 + 0.1)
-    torch.testing.assert_close(method.penalty.importance[0]["theta"], omega + added)
+    torch.testing.assert_close(method.penalty.importance["theta"], omega + added)
     assert not torch.allclose(w_total, w_task)
 
 

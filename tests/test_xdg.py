@@ -74,7 +74,7 @@ def test_silenced_units_do_not_train_and_do_not_count_in_ewc_or_si():
         assert not torch.equal(first.weight[~silenced], before[~silenced])
         if regularizer != "none":
             name = next(n for n, p in method.model.named_parameters() if p is first.weight)
-            importance = method.penalty.importance[0][name]
+            importance = method.penalty.importance[name]
             assert (importance[silenced] == 0).all() and (importance[~silenced] != 0).any()
 
 

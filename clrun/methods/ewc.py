@@ -4,7 +4,10 @@ run them (GMvandeVen/continual-learning), optionally with a replay memory.
 The Fisher and the penalty are `clrun.methods.parts.importance.FisherPenalty` (its docstring has the details):
 the Fisher from the model's own predictions, in eval mode, per sample, for the parameters trained on the task
 (heads included; in the task scenario other heads have zero Fisher anyway). Offline (`online: false`): one
-penalty per earlier task; online: one running Fisher F <- gamma F + F_t anchored at the last task.
+penalty per earlier task, stored folded into one quadratic (sum_j F_j, the F-weighted mean anchor and the minimum),
+so that a step costs the same at task 50 as at task 2: the penalty, its gradient and so the accuracy matrices equal
+those of one term per task within float tolerance, not bit for bit. Online: one running Fisher F <- gamma F + F_t
+anchored at the last task.
 With `replay` (budget > 0) the task's loss is mixed with replayed batches as ER mixes them.
 """
 

@@ -2,9 +2,11 @@
 
 EWC, online EWC, SI and MAS (and XdG with `regularizer: ewc | si`) differ only in how they measure a parameter's
 importance and how many (importance, anchor) terms they keep; the penalty while learning a task is
-`weight * sum_k sum_i importance_k,i (theta_i - anchor_k,i)^2`. Importance and anchors are kept per parameter
-name, for the parameters trained on the task they come from: a head added later has no anchor, and a head left
-untouched (task scenario) has no term.
+`weight * sum_k sum_i importance_k,i (theta_i - anchor_k,i)^2`, kept as one term (I, a, m):
+`weight * (sum_i I_i (theta_i - a_i)^2 + m)`. Importance and anchors are kept per parameter name, for the parameters
+trained on the task they come from: a head added later has no anchor, and a head left untouched (task scenario) has
+no term. While a task trains, the terms of parameters it does not train (earlier tasks' heads) are a constant,
+computed once: a step's cost does not grow with the tasks before it.
 
 - `FisherPenalty` (EWC, Kirkpatrick et al. 2017; online EWC, Schwarz et al. 2018, as van de Ven et al. run them,
   GMvandeVen/continual-learning): the Fisher from the model's own predictions, in eval mode, per sample, on the
@@ -12,7 +14,9 @@ untouched (task scenario) has no term.
   d theta_i)^2 at the predicted class c* (van de Ven's 2019 code, behind the published MNIST tables);
   `expectation`: F_i = mean_x sum_c p(c|x) (d log p(c|x) / d theta_i)^2 (his 2022 code; larger for confident
   models, so lambda does not carry over). He divides the sum by N-1 on a full pass; this takes the mean.
-  Offline: one term (lambda/2) F_j (theta - theta*_j)^2 per earlier task j. Online: one running Fisher
+  Offline: one term (lambda/2) F_j (theta - theta*_j)^2 per earlier task j, kept folded into one quadratic
+  (`Penalty.add`: sum_j F_j, the F-weighted mean anchor and the minimum), so that a step costs the same at task 50
+  as at task 2; equal to the separate terms up to float rounding (not bit for bit). Online: one running Fisher
   F <- gamma F + F_t anchored at the last task, penalty (lambda/2) gamma F (theta - theta*)^2 (Schwarz et al.'s
   published form, which van de Ven's code follows too).
 - `PathIntegralPenalty` (SI, Zenke, Poole & Ganguli 2017, as van de Ven runs it): every step adds
@@ -74,13 +78,33 @@ def sample_images(task: Task, n: int | None) -> torch.Tensor:
 
 
 class Penalty:
-    """`weight` * sum over (importance, anchor) terms of importance * (theta - anchor)^2; a subclass says how a
-    task's importance is measured and joins the terms (`end`)."""
+    """`weight` * (sum_i importance_i (theta_i - anchor_i)^2 + spread): every (importance, anchor) term kept so far
+    folded into one (`add`), so that a step costs the same however many tasks came before; a subclass says how a
+    task's importance is measured and updates the term (`end`)."""
 
     def __init__(self, weight: float):
         self.weight = weight
-        self.importance: list[Tensors] = []
-        self.anchors: list[Tensors] = []
+        self.importance: Tensors = {}
+        self.anchors: Tensors = {}
+        self.spread = 0.0  # the folded terms' minimum over theta (0 for a single term)
+
+    def add(self, importance: Tensors, anchor: Tensors) -> None:
+        """Fold one more term in: sum_k I_k (theta - a_k)^2 = I (theta - a)^2 + m per parameter, with I = sum_k I_k,
+        a = sum_k I_k a_k / I, and m updated as a weighted variance (m += I_old I_k / I (a_k - a_old)^2), so only
+        I, a and m are stored. Equal to the sum of the separate terms up to float rounding (the loss, and for three
+        terms or more the gradient: a is recomputed from I_old a_old rather than kept as sum_k I_k a_k)."""
+        if not self.importance:
+            self.importance, self.anchors = dict(importance), dict(anchor)
+            return
+        for name in self.importance.keys() | importance.keys():
+            old, new = self.importance.get(name, 0), importance.get(name, 0)
+            old_anchor, new_anchor = self.anchors.get(name, 0), anchor.get(name, 0)
+            total = old + new
+            divisor = total.clamp_min(torch.finfo(total.dtype).tiny)
+            if name in self.importance and name in importance:
+                self.spread += (old * new / divisor * (new_anchor - old_anchor).square()).sum().item()
+            self.importance[name] = total
+            self.anchors[name] = (old * old_anchor + new * new_anchor) / divisor
 
     def begin(self, trained: dict[str, torch.nn.Parameter]) -> None:
         """Before training on a task: the parameters it trains (nothing to do by default)."""
@@ -88,61 +112,56 @@ class Penalty:
     after_step: Callable[[Step], None] | None = None  # `fit`'s after-step hook (SI accumulates its path integral)
 
     def end(self, model: torch.nn.Module, task: Task, trained: dict[str, torch.nn.Parameter], stream, hw) -> None:
-        """After training on `task`: update the terms from the `trained` parameters of `model`."""
+        """After training on `task`: update the term from the `trained` parameters of `model`."""
         raise NotImplementedError
 
     def fit(self, method, model: torch.nn.Module, task: Task, params: list[torch.nn.Parameter], data_loss: Loss):
         """Train `params` of `model` on `task` through `method.fit` with `data_loss` plus the penalty, then update
-        the terms; return the `FitStats`."""
+        the term; return the `FitStats`."""
         ids = {id(p) for p in params}
         trained = {name: p for name, p in model.named_parameters() if id(p) in ids}
         self.begin(trained)
-        folded = self.fold()
+        terms = self.terms(model, set(trained))
 
         def loss(x: torch.Tensor, *rest) -> torch.Tensor:
             value = data_loss(x, *rest)
-            return value + self.value(model, folded) if self.importance else value
+            return value + self.value(terms) if self.importance else value
 
         stats: FitStats = method.fit(task, model, params, loss, after_step=self.after_step)
         with method.trainer.status(f"task {task.index} {task.name}", "computing the parameters' importance"):
             self.end(model, task, trained, method.stream, method.hw)
         return stats
 
-    def fold(self) -> tuple[Tensors, Tensors, float]:
-        """The terms as one: sum_k I_k (theta - a_k)^2 = I (theta - a)^2 + m per parameter, with I = sum_k I_k,
-        a = sum_k I_k a_k / I and m = sum_k I_k (a_k - a)^2 (the same penalty and gradient, one term to compute)."""
-        if len(self.importance) <= 1:
-            return (self.importance or [{}])[0], (self.anchors or [{}])[0], 0.0
-        total, weighted = {}, {}
-        for importance, anchor in zip(self.importance, self.anchors, strict=True):
-            for name, value in importance.items():
-                total[name] = total.get(name, 0) + value
-                weighted[name] = weighted.get(name, 0) + value * anchor[name]
-        mean = {name: weighted[name] / total[name].clamp_min(torch.finfo(total[name].dtype).tiny) for name in total}
-        minimum = sum(
-            (value * (anchor[name] - mean[name]).square()).sum().item()
-            for importance, anchor in zip(self.importance, self.anchors, strict=True)
-            for name, value in importance.items()
-        )
-        return total, mean, minimum
-
-    def value(self, model: torch.nn.Module, folded: tuple[Tensors, Tensors, float] | None = None) -> torch.Tensor:
-        """weight * sum over terms and anchored parameters of importance * (theta - anchor)^2 (from `fold()`)."""
-        importance, anchor, minimum = folded or self.fold()
+    def terms(self, model: torch.nn.Module, trained: set[str] | None = None) -> tuple[list, float]:
+        """(parameter, importance, anchor) of the penalised parameters in `trained` (None: every one), and the
+        constant the others add (they do not move while `trained` trains: earlier tasks' heads) plus the spread."""
         params = dict(model.named_parameters())
-        total = sum(Quadratic.apply(params[name], value, anchor[name]) for name, value in importance.items())
-        return self.weight * (total + minimum)
+        moving = [
+            (params[n], i, self.anchors[n]) for n, i in self.importance.items() if trained is None or n in trained
+        ]
+        fixed = sum(
+            Quadratic.apply(params[n].detach(), i, self.anchors[n]).item()
+            for n, i in self.importance.items()
+            if trained is not None and n not in trained
+        )
+        return moving, self.spread + fixed
+
+    def value(self, terms: tuple[list, float]) -> torch.Tensor:
+        """weight * (sum over `terms()`'s parameters of importance * (theta - anchor)^2 + its constant)."""
+        moving, constant = terms
+        return self.weight * (sum(Quadratic.apply(p, i, a) for p, i, a in moving) + constant)
 
     def state_dict(self) -> dict:
-        return {"importance": self.importance, "anchors": self.anchors}
+        return {"importance": self.importance, "anchors": self.anchors, "spread": self.spread}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        self.importance = [{n: t.to(device) for n, t in term.items()} for term in state["importance"]]
-        self.anchors = [{n: t.to(device) for n, t in term.items()} for term in state["anchors"]]
+        self.importance = {n: t.to(device) for n, t in state["importance"].items()}
+        self.anchors = {n: t.to(device) for n, t in state["anchors"].items()}
+        self.spread = state["spread"]
 
     def bytes(self) -> int:
-        """Bytes of every stored importance and anchor tensor."""
-        return sum(tensor_bytes(term.values()) for term in chain(self.importance, self.anchors))
+        """Bytes of the stored importance and anchor tensors."""
+        return tensor_bytes(chain(self.importance.values(), self.anchors.values()))
 
 
 class Penalised:
@@ -167,11 +186,6 @@ class Penalised:
     def footprint(self):
         """The base class's footprint plus every stored importance and anchor tensor (bytes)."""
         return super().footprint().plus(self.penalty.bytes())
-
-
-def _current(penalty: Penalty) -> tuple[Tensors, Tensors]:
-    """The single (importance, anchor) term of a running penalty (empty before the first task)."""
-    return (penalty.importance[0], penalty.anchors[0]) if penalty.importance else ({}, {})
 
 
 def _test_inputs(stream: Stream, hw: Hardware, task: Task) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -218,17 +232,16 @@ class FisherPenalty(Penalty):
 
     def end(self, model, task, trained, stream, hw) -> None:
         fisher = self.fisher(model, task, list(trained), stream, hw)
-        if self.online and self.importance:
-            running = self.importance[0]
+        if self.online:
+            running = self.importance
             fisher = {n: f + self.gamma * running[n] if n in running else f for n, f in fisher.items()}
             fisher |= {n: self.gamma * f for n, f in running.items() if n not in fisher}
         params = dict(model.named_parameters())
         anchor = {n: params[n].detach().clone() for n in fisher}
         if self.online:
-            self.importance, self.anchors = [fisher], [anchor]
+            self.importance, self.anchors = fisher, anchor
         else:
-            self.importance.append(fisher)
-            self.anchors.append(anchor)
+            self.add(fisher, anchor)
 
 
 class PathIntegralPenalty(Penalty):
@@ -250,7 +263,7 @@ class PathIntegralPenalty(Penalty):
 
     def after_step(self, step: Step) -> None:
         """Add this step's contribution -g * (theta - theta before) to the path integral W."""
-        omega, anchor = _current(self)
+        omega, anchor = self.importance, self.anchors
         for name, p in self.trained.items():
             if p.grad is None:
                 continue
@@ -261,12 +274,11 @@ class PathIntegralPenalty(Penalty):
             self.previous[name].copy_(p.detach())
 
     def end(self, model, task, trained, stream, hw) -> None:
-        omega, anchor = _current(self)
+        omega, anchor = self.importance, self.anchors
         for name, p in trained.items():
             added = self.path[name] / ((p.detach() - self.start[name]).square() + self.epsilon)
             omega[name] = omega[name] + added if name in omega else added
             anchor[name] = p.detach().clone()
-        self.importance, self.anchors = [omega], [anchor]
         self.trained, self.start, self.previous, self.path = {}, {}, {}, {}
 
 
@@ -290,11 +302,10 @@ class MASPenalty(Penalty):
         return sample_mean(model, names, images, _test_inputs(stream, hw, task), head, squared_norm, torch.abs)
 
     def end(self, model, task, trained, stream, hw) -> None:
-        omega, anchor = _current(self)
+        omega, anchor = self.importance, self.anchors
         for name, added in self.importance_of(model, task, list(trained), stream, hw).items():
             omega[name] = omega[name] + added if name in omega else added
             anchor[name] = trained[name].detach().clone()
-        self.importance, self.anchors = [omega], [anchor]
 
 
 def sample_mean(

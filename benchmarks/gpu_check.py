@@ -4,8 +4,10 @@ Steps, each a subprocess under its own time limit (a step that fails or runs ove
 still run):
 1. the tests marked `gpu` (fused optimizers, CUDA graphs, memory_fraction, bf16 autocast, channels_last, host
    images streamed in chunks, a resumed GPU run against an uninterrupted one);
-2. `make bench`'s scripts in their quick form: throughput.py, masking.py, images.py, slope.py, and speed.py with a short
-   CPG task of 1,000 images on vgg16_bn projected to Table 1 (speed.py's `table1`);
+2. `make bench`'s scripts in their quick form: throughput.py, masking.py, images.py, slope.py (per-step cost as the
+   stream grows), parallel.py (a sweep of small runs at each n_jobs x threads split, and with
+   hardware.memory_fraction per job), and speed.py with a short CPG task of 1,000 images on vgg16_bn projected to
+   Table 1 (speed.py's `table1`);
 3. speed.py's steps at batch 32 again with `--compile --compile-mode reduce_overhead` (CUDA graphs).
 Then one summary table of the headline figures, and benchmarks/results/gpu-check-<host>-<date>.json: each step's
 command, status and seconds, the figures and the JSON each came from (every step writes its own JSON there too).
@@ -51,6 +53,7 @@ STEPS = [
     Step("masking", ["masking.py", "--quick"], [], ["--backbones", "convnet", "--batch-sizes", "32"], 40),
     Step("images", ["images.py", "--quick"], [], ["--images", "40"], 40),
     Step("slope", ["slope.py", "--quick"], [], ["--tasks", "3", "--methods", "finetune,ewc"], 120),
+    Step("parallel", ["parallel.py", "--quick"], [], ["--runs", "2", "--iterations", "1"], 150),
     Step(
         "speed",
         ["speed.py", "--quick"],
@@ -125,6 +128,15 @@ def figures(path: str) -> list[tuple[str, str]]:
                     f"{t['clrun_s'] / 3600:.2f} h / {t['reference_s'] / 3600:.2f} h = {t['ratio']:.2f}x",
                 )
             )
+    elif name.startswith("parallel-"):
+        for key, label in (("variants", ""), ("memory_fraction", ""), ("loaded", ", loaded")):
+            for r in record[key] or []:
+                rows.append(
+                    (
+                        f"{record['runs']} small runs, n_jobs x threads {r['variant']}{label}",
+                        f"{r['runs_per_min']:.1f} runs/min",
+                    )
+                )
     elif name.startswith("images-"):
         rows.append(
             (

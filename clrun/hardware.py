@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from clrun.errors import ClrunError
 from clrun.models.backbones import BACKBONE_TYPES
@@ -50,13 +52,27 @@ class Hardware:
 
 
 def default_threads() -> int:
-    """The CPU threads a run may use when `hardware.threads` is null: OMP_NUM_THREADS when set (the parallel
-    launcher's joblib sets each worker's share), else SLURM's CPUs per task, else the cores of the process's CPU
-    affinity (not every core of the machine, which torch would take)."""
-    for variable in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
-        if os.environ.get(variable, "").isdigit() and int(os.environ[variable]) > 0:
-            return int(os.environ[variable])
-    return len(os.sched_getaffinity(0))
+    """The CPU threads a run may use when `hardware.threads` is null: OMP_NUM_THREADS when set, else SLURM's CPUs
+    per task, else the cores of the process's CPU affinity (not every core of the machine, which torch would take).
+    In a job of the `parallel` launcher, at most its share: those cores // n_jobs, at least 1 (joblib passes a
+    parent's OMP_NUM_THREADS on to every worker unchanged, which would oversubscribe)."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    cores = int(slurm) if slurm.isdigit() and int(slurm) > 0 else len(os.sched_getaffinity(0))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(omp) if omp.isdigit() and int(omp) > 0 else cores
+    jobs = _parallel_jobs(cores)
+    return threads if jobs == 1 else min(threads, max(1, cores // jobs))
+
+
+def _parallel_jobs(cores: int) -> int:
+    """The jobs the `parallel` (joblib) launcher runs at once when this process is one of them, else 1."""
+    if not HydraConfig.initialized():
+        return 1
+    launcher = HydraConfig.get().launcher
+    if not str(launcher.get("_target_", "")).endswith("JoblibLauncher") or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return 1
+    n_jobs = launcher.get("n_jobs") or 1
+    return n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib's -1: every core, -2: all but one, ...
 
 
 def resolve_hardware(cfg) -> Hardware:

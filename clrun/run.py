@@ -110,7 +110,7 @@ def config_columns(cfg) -> dict:
 
 def provenance(device: torch.device) -> dict:
     """The code and machine a run ran on: git commit and dirty flag of clrun's checkout (None outside one), torch's
-    and CUDA's versions, the device's name."""
+    and CUDA's versions, the device's name, torch's CPU threads (`hardware.threads` resolved)."""
     here = Path(__file__).parent
 
     def git(*args: str) -> str | None:
@@ -130,6 +130,7 @@ def provenance(device: torch.device) -> dict:
         "cuda_version": torch.version.cuda,
         "device": str(device),
         "device_name": name,
+        "threads": torch.get_num_threads(),
     }
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import build_method, compose_config, matrix, run, task_inputs
@@ -70,6 +71,20 @@ def test_parallel_launcher_runs_the_jobs_of_a_multirun_as_one_at_a_time(tmp_path
         _, run_dir = run(tmp_path, *TINY, f"seed={seed}", name=f"seed{seed}")
         folder = next(name for name in parallel if f"-seed{seed}-" in name)
         np.testing.assert_array_equal(parallel[folder], matrix(run_dir))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_parallel_jobs_default_to_their_share_of_the_cores(tmp_path):
+    # two cores, and an OMP_NUM_THREADS=2 that joblib passes on unchanged to both workers of n_jobs=2
+    two_cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CPUS_PER_TASK"} | {"OMP_NUM_THREADS": "2"}
+    command = ["taskset", "-c", two_cores, sys.executable, "-c", "from clrun.cli import main; main()", "-m", "seed=0,1"]
+    overrides = [*TINY, "hardware.threads=null", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
+    result = subprocess.run(command + overrides, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    summaries = {p.parent.name: pd.read_parquet(p) for p in (tmp_path / "outputs" / "runs").glob("*/summary.parquet")}
+    threads = {int(row["seed"].iloc[0]): int(row["threads"].iloc[0]) for row in summaries.values()}
+    assert threads == {0: 1, 1: 1}  # 2 cores // 2 jobs each
 
 
 def test_null_threads_take_the_process_share_not_every_core(monkeypatch):

@@ -187,6 +187,21 @@ def test_the_folded_penalty_equals_the_sum_of_per_task_penalties_in_value_and_gr
     assert model.h0.grad is None
 
 
+def test_a_checkpoint_of_per_task_terms_loads_folded():
+    """Checkpoints from before the fold hold one (importance, anchor) term per task: loading folds them."""
+    terms = [
+        ({"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([2.0, 5.0])}),
+        ({"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([6.0, 1.0])}),
+    ]
+    penalty = FisherPenalty(ewc_lambda=1.0, online=False, gamma=1.0, samples=None, labels="predicted")
+    penalty.load_state_dict(
+        {"importance": [t[0] for t in terms], "anchors": [t[1] for t in terms]}, torch.device("cpu")
+    )
+    torch.testing.assert_close(penalty.importance["w"], torch.tensor([4.0, 1.0]))
+    torch.testing.assert_close(penalty.anchors["w"], torch.tensor([5.0, 1.0]))  # (1*2 + 3*6) / 4; (0*5 + 1*1) / 1
+    assert penalty.spread == pytest.approx(1 * 3 / 4 * (6 - 2) ** 2)  # m = I_1 I_2 / (I_1 + I_2) (a_2 - a_1)^2
+
+
 def test_class_scenario_fisher_covers_every_head_seen():
     method, stream = make_method(EWC, "method=ewc", "stream.scenario=class", *ITERS)
     method.learn(stream.tasks[0])

@@ -155,6 +155,11 @@ class Penalty:
         return {"importance": self.importance, "anchors": self.anchors, "spread": self.spread}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
+        if isinstance(state["importance"], list):  # a checkpoint from before the fold: one term per task, folded now
+            self.importance, self.anchors, self.spread = {}, {}, 0.0
+            for importance, anchor in zip(state["importance"], state["anchors"], strict=True):
+                self.add({n: t.to(device) for n, t in importance.items()}, {n: t.to(device) for n, t in anchor.items()})
+            return
         self.importance = {n: t.to(device) for n, t in state["importance"].items()}
         self.anchors = {n: t.to(device) for n, t in state["anchors"].items()}
         self.spread = state["spread"]

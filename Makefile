@@ -25,9 +25,9 @@ test: $(STAMP)  ## the whole test suite, in parallel workers (pytest-xdist; at m
 lint: $(STAMP)
 	$(BIN)/ruff check clrun tests benchmarks
 
-bench: $(STAMP)  ## throughput, masking overhead, image files (cache, 224 epoch), per-step cost over 50 tasks, many small runs (parallel launcher splits), clrun vs the reference-style path; JSON into benchmarks/results/
+bench: $(STAMP)  ## throughput, masking overhead, image files (cache, 224 epoch), start-up (--help, first step), per-step cost over 50 tasks, many small runs (parallel launcher splits), clrun vs the reference-style path; JSON into benchmarks/results/
 	cd benchmarks && ../$(BIN)/python throughput.py && ../$(BIN)/python masking.py && ../$(BIN)/python images.py \
-		&& ../$(BIN)/python slope.py && ../$(BIN)/python parallel.py && ../$(BIN)/python speed.py $(ARGS)
+		&& ../$(BIN)/python startup.py && ../$(BIN)/python slope.py && ../$(BIN)/python parallel.py && ../$(BIN)/python speed.py $(ARGS)
 
 gpu-check: $(STAMP)  ## everything that needs CUDA in one command (<= 8 min on one H200); ARGS=--dry-run: on a CPU, all but the CUDA calls
 	cd benchmarks && $(abspath $(BIN))/python gpu_check.py $(ARGS)

@@ -16,10 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.logging import RichHandler
 
-from clrun import evaluate, methods, sweeps
+from clrun import methods
 from clrun.config import register_schemas
 from clrun.errors import ClrunError
-from clrun.run import CHECKPOINT, MIDTASK, Run, held_elsewhere, run_name
+from clrun.naming import run_name
+
+# `clrun --help`, `--cfg` and shell completion import no torch: what runs or evaluates (clrun.run, clrun.evaluate,
+# clrun.sweeps, and through them torch) is imported in the functions that do it
 
 RUN_LOG = "run.log"  # in the run folder: what the run printed, warnings included, appended at each start
 CONFIG_PATH = "pkg://clrun.conf"  # conf/ in the checkout, shipped in the package (pyproject.toml's package-dir)
@@ -29,6 +32,10 @@ def setup() -> None:
     """What Hydra needs before it composes: the schemas (run-level and every built-in method's) in the
     ConfigStore, and the resolvers the configs use (`clrun_run_name`, `clrun_methods` for --help)."""
     store = ConfigStore.instance()
+    # Hydra deep-copies its config repository, and with it this process-wide store, each time it lists a group's
+    # options (`--help`: ~100 times, seconds with clrun's schemas); the store is one shared object (its `load`
+    # returns copies), so a copy of it can be itself
+    ConfigStore.__deepcopy__ = lambda self, memo: self
     register_schemas(store)
     methods.register(store)
     OmegaConf.register_new_resolver("clrun_run_name", lambda *, _root_: run_name(_root_), use_cache=False, replace=True)
@@ -45,6 +52,8 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 def discard_unstarted(run_dir: Path) -> None:
     """Remove a run folder that never got a checkpoint, after a task or inside one (what Hydra, the lock and run.log
     left in it), unless another process is running in it."""
+    from clrun.run import CHECKPOINT, MIDTASK, held_elsewhere
+
     saved = (run_dir / CHECKPOINT).exists() or (run_dir / MIDTASK).exists()
     if not saved and not held_elsewhere(run_dir):
         shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
@@ -76,6 +85,8 @@ def _console_for_logs(console: Console) -> None:
 
 def save_run_log(run_dir: Path, text: str) -> None:
     """Append `text` (what the run printed, warnings included) to `run_dir/run.log`, if the folder exists."""
+    from clrun.run import held_elsewhere
+
     if run_dir.is_dir() and not held_elsewhere(run_dir):
         with open(run_dir / RUN_LOG, "a") as log:
             log.write(text)
@@ -87,6 +98,9 @@ def _run(cfg: DictConfig) -> float | None:
     on the validation splits (`val_acc`) when `stream.val_fraction` > 0, else on test (`acc`); None for a job of a
     multirun that failed, which `clrun.sweeps` records so that the sweep goes on (hydra-optuna-sweeper marks the
     trial failed; a NaN would stop it, as optuna 2 refuses the failed trial's value)."""
+    from clrun import sweeps
+    from clrun.run import CHECKPOINT, MIDTASK, Run
+
     _stop_on_sigterm()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -157,6 +171,8 @@ def check_folder_overrides(args: list[str]) -> None:
 def main() -> None:
     """The `clrun` console script; `clrun eval RUN_FOLDER ...` evaluates a finished run again (`clrun.evaluate`)."""
     if sys.argv[1:2] == ["eval"]:
+        from clrun import evaluate
+
         return evaluate.main(sys.argv[2:], compose)
     try:
         check_folder_overrides(sys.argv[1:])

@@ -358,8 +358,9 @@ def _typed(schema: type, node: DictConfig, path: str) -> DictConfig:
     """`node` merged onto `schema`'s defaults; one-line errors for keys outside it and values of the wrong type."""
     if OmegaConf.get_type(node) is schema:
         return node
+    check_known_keys(node, path)  # a built-in method's node is typed by its catalog schema (`clrun.catalog`)
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node, enum_to_str=True))
     except OmegaConfBaseException as error:
         key = f"{path}.{error.full_key}" if getattr(error, "full_key", None) else path
         known = ", ".join(f.name for f in dataclasses.fields(schema))

@@ -9,7 +9,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import matplotlib
 
@@ -17,12 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from clrun import metrics  # noqa: E402
 from clrun.errors import ClrunError  # noqa: E402
+
+if TYPE_CHECKING:  # clrun-report reads results without torch
+    import torch
 
 CHECKPOINT = Path("checkpoints") / "last.pt"  # in the run folder: the resume state
 ACCURACY_FILE = "accuracy.parquet"
@@ -46,17 +48,17 @@ class Footprint:
         return Footprint(self.params, self.bytes + stored_bytes, self.base_params)
 
 
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+def tensor_bytes(tensors: Iterable["torch.Tensor"]) -> int:
     """Bytes of some tensors."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def module_bytes(module: torch.nn.Module) -> int:
+def module_bytes(module: "torch.nn.Module") -> int:
     """Bytes of a module's parameters and buffers."""
     return tensor_bytes([*module.parameters(), *module.buffers()])
 
 
-def count_params(module: torch.nn.Module) -> int:
+def count_params(module: "torch.nn.Module") -> int:
     """Number of parameters of a module."""
     return sum(p.numel() for p in module.parameters())
 

@@ -1,7 +1,6 @@
 """One run: build the stream, method and hardware, learn the tasks in order, evaluate, checkpoint."""
 
 import fcntl
-import hashlib
 import json
 import pickle
 import platform
@@ -18,12 +17,13 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from clrun import results
-from clrun.config import check_config, import_target
+from clrun.config import check_config
 from clrun.data import build_stream
 from clrun.data.stream import Stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
 from clrun.midtask import MidTaskCheckpoints, rng_state, set_rng_state
+from clrun.naming import SPEED_KEYS, config_id, container, identity, run_name  # noqa: F401 (re-exported)
 from clrun.results import CHECKPOINT  # re-exported: where a run folder's checkpoint lies
 from clrun.trackers import STATE_FILE as TRACKERS_FILE
 from clrun.trackers import Trackers, flat_config
@@ -31,10 +31,6 @@ from clrun.train import accuracy, agnostic_accuracy, eval_batches, make_progress
 
 LOCK = CHECKPOINT.parent / "lock"  # held (flock) by the process running in the folder
 MIDTASK = CHECKPOINT.parent / "task.pt"  # the state inside the task being learned (`checkpoint.every_*`)
-IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
-# hardware keys that change how fast a run goes, not what it learns (at most floating-point rounding, as threads do):
-# left out of the identity, so the same run on 2 threads or compiled lands in the same folder; precision stays in
-SPEED_KEYS = ("threads", "compile", "compile_mode", "cudnn_benchmark", "channels_last", "memory_fraction")
 RECORDED_KEYS = ("method", "backbone", "stream", "hardware")  # summary.parquet's `cfg.` columns
 
 
@@ -54,43 +50,6 @@ def tracked_row(R, train_task: int) -> dict[str, float]:
     return {**row, "accuracy/mean": float(R[train_task, : train_task + 1].mean())}
 
 
-def identity(cfg) -> dict:
-    """The part of the config that decides a run's results (not `data.root`, not `resume`, not the hardware's
-    `SPEED_KEYS`), resolved; a null `stream.task_views` and a zero `stream.val_fraction` left out, so that runs made
-    before those keys keep their folders."""
-    value = {key: _container(cfg[key]) for key in IDENTITY_KEYS}
-    for key in SPEED_KEYS:
-        value["hardware"].pop(key, None)
-    if value["stream"].get("task_views", {}) is None:
-        del value["stream"]["task_views"]
-    if value["stream"].get("val_fraction", 1) == 0:
-        del value["stream"]["val_fraction"]
-    budget = OmegaConf.select(cfg, "replay.budget", default=None)
-    if budget is not None:  # the method's own key: `replay.budget=200` and `method.replay.budget=200` are one run
-        _set_budget(value["method"], budget)
-    return value
-
-
-def _set_budget(method: dict, budget: int) -> None:
-    """Write `budget` at the method's `budget_key` in its plain config (nothing for a method without a memory,
-    or one whose class cannot be imported: `check_config` says so)."""
-    try:
-        key = import_target(method.get("_target_"), "method._target_").budget_key()
-    except (ClrunError, AttributeError):
-        return
-    if key is None:
-        return
-    *parents, leaf = key.split(".")
-    for parent in parents:
-        method = method[parent]
-    method[leaf] = budget
-
-
-def _container(value):
-    """A config value as plain Python, interpolations resolved (in the context of the whole config)."""
-    return OmegaConf.to_container(value, resolve=True, enum_to_str=True) if OmegaConf.is_config(value) else value
-
-
 def config_columns(cfg) -> dict:
     """The method's, backbone's, stream's and hardware's config as flat `cfg.<key path>` columns (resolved; lists and
     dicts as JSON strings, so that the parquet columns stay plain)."""
@@ -104,7 +63,7 @@ def config_columns(cfg) -> dict:
             columns[path] = json.dumps(value) if isinstance(value, (dict, list)) else value
 
     for key in RECORDED_KEYS:
-        flatten(_container(cfg[key]), f"cfg.{key}")
+        flatten(container(cfg[key]), f"cfg.{key}")
     return columns
 
 
@@ -132,21 +91,6 @@ def provenance(device: torch.device) -> dict:
         "device_name": name,
         "threads": torch.get_num_threads(),
     }
-
-
-def _digest(value: dict) -> str:
-    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def run_name(cfg) -> str:
-    """The run's folder name and id: method, stream, backbone, seed and a hash of the whole identity."""
-    method = OmegaConf.select(cfg, "method.name", default=None, throw_on_missing=False) or "method"
-    return f"{method}-{cfg.stream.name}-{cfg.backbone.name}-seed{cfg.seed}-{_digest(identity(cfg))}"
-
-
-def config_id(cfg) -> str:
-    """A hash of the identity without the seed: runs that differ only in seed share it."""
-    return _digest({key: value for key, value in identity(cfg).items() if key != "seed"})
 
 
 def held_elsewhere(run_dir: Path) -> bool:

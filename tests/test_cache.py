@@ -7,12 +7,13 @@ import subprocess
 
 import pytest
 import torch
+import torchvision.io
 from PIL import Image
 from rich.console import Console
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg, encode_png, read_file
 from torchvision.transforms.v2 import functional as F
 
-from clrun.data import augment, cache
+from clrun.data import augment
 from clrun.data.cache import decode_images
 from clrun.data.image_files import ImageList
 from clrun.errors import ClrunError
@@ -90,7 +91,7 @@ def test_second_call_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded on a cache hit")
 
-    monkeypatch.setattr(cache, "decode_image", no_decoding)
+    monkeypatch.setattr(torchvision.io, "decode_image", no_decoding)
     second = decode_images(files, SIZE, "short_side", tmp_path / "cache", name="toy", console=console)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert console.export_text() == ""  # no progress bar: nothing built
@@ -152,7 +153,7 @@ def test_an_interrupted_build_leaves_no_folder_and_the_next_build_is_whole(tmp_p
             raise OSError("the disk went away")
         return decode_image(*args, **kwargs)
 
-    monkeypatch.setattr(cache, "decode_image", failing_decode)
+    monkeypatch.setattr(torchvision.io, "decode_image", failing_decode)
     with pytest.raises(OSError, match="disk went away"):
         decode_images(files, SIZE, "stretch", cache_dir, name="toy", console=QUIET)
     assert folders(cache_dir) == []  # neither a final folder nor the temporary one

@@ -21,6 +21,8 @@ MAY_IMPORT = {
     "clrun.errors": set(),
     "clrun.metrics": set(),
     "clrun.config": {"clrun.errors"},
+    "clrun.catalog": set(),
+    "clrun.naming": {"clrun", "clrun.errors", "clrun.config", "clrun.catalog"},
     "clrun.models": {"clrun.errors", "clrun.models"},
     "clrun.data": {"clrun.errors", "clrun.config", "clrun.data"},
     "clrun.hardware": {"clrun.errors", "clrun.config", "clrun.models"},
@@ -31,19 +33,20 @@ MAY_IMPORT = {
     | {"clrun.results", "clrun.train"},
     "clrun.trackers": {"clrun.errors", "clrun.results", "clrun.train"},
     "clrun.run": {"clrun", "clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.results"}
-    | {"clrun.midtask", "clrun.train", "clrun.trackers"},
+    | {"clrun.midtask", "clrun.train", "clrun.trackers", "clrun.naming"},
     "clrun.sweeps": {"clrun.results"},
     "clrun.evaluate": {"clrun", "clrun.errors", "clrun.results", "clrun.run"},
     "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods", "clrun.sweeps"}
-    | {"clrun.evaluate"},
+    | {"clrun.evaluate", "clrun.naming"},
     "clrun.report": {"clrun.results", "clrun.sweeps"},
     "clrun.import_cpg": {"clrun", "clrun.errors", "clrun.config", "clrun.models", "clrun.methods", "clrun.results"}
     | {"clrun.run", "clrun.cli"},
 }
 MAY_IMPORT["clrun.methods.parts"] = MAY_IMPORT["clrun.methods.base"] | {"clrun.methods.base", "clrun.methods.parts"}
-MAY_IMPORT["clrun.methods"] = MAY_IMPORT["clrun.methods.parts"]  # the registry and every method module
+MAY_IMPORT["clrun.methods"] = MAY_IMPORT["clrun.methods.parts"] | {"clrun.catalog"}  # the registry, every method
 # the one place the layers meet: check_config imports the method base class and the dataset readers to check them
 LATE_IMPORTS = {("clrun.config", "clrun.methods.base"), ("clrun.config", "clrun.data.readers")}
+LATE_IMPORTS |= {("clrun.catalog", "clrun.methods")}  # and the catalog builds the methods' facts from their classes
 
 
 def module_name(path: Path) -> str:
@@ -99,7 +102,11 @@ def test_every_method_module_defines_one_method_and_has_a_yaml_starting_from_its
         yaml = OmegaConf.load(CONF / "method" / f"{name}.yaml")
         assert f"/{name}_method_schema@_here_" in yaml.defaults, name
         cfg = compose_config(f"method={name}").method
-        assert OmegaConf.get_type(cfg) is method_class.config_class
+        assert OmegaConf.get_type(cfg).__name__ == method_class.config_class.__name__  # its catalog equivalent
+        typed = clrun.config._typed(method_class.config_class, cfg, "method")  # as check_config types it
+        assert OmegaConf.get_type(typed) is method_class.config_class and OmegaConf.to_yaml(typed) == OmegaConf.to_yaml(
+            cfg
+        )
         assert cfg._target_ == f"clrun.methods.{name}.{method_class.__name__}" and cfg.name == name
         assert method_class.__doc__ or (PACKAGE / "methods" / f"{name}.py").read_text().startswith('"""')
 

@@ -4,7 +4,6 @@ RNG on that device: torchvision's RandomResizedCrop boxes and resizing, centre c
 import math
 
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 ATTEMPTS = 10  # RandomResizedCrop's tries before its fallback
 
@@ -53,6 +52,8 @@ def _fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple
 def resized_crop(x: torch.Tensor, boxes: tuple[torch.Tensor, ...], size: tuple[int, int]) -> torch.Tensor:
     """Each image's box (top, left, h, w) resized to `size` (bilinear, antialiased) by torchvision's `resized_crop`
     per image: its pixels exactly (random boxes almost never share a size, so there is nothing to batch)."""
+    from torchvision.transforms.v2 import functional as TF
+
     out = x.new_empty((len(x), x.shape[1], *size))
     for i, (top, left, h, w) in enumerate(torch.stack(boxes, 1).tolist()):
         out[i] = TF.resized_crop(x[i], top, left, h, w, list(size), antialias=True)
@@ -61,6 +62,8 @@ def resized_crop(x: torch.Tensor, boxes: tuple[torch.Tensor, ...], size: tuple[i
 
 def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """torchvision's `center_crop` of every image to `size`: a view, or zero-padded where the images are smaller."""
+    from torchvision.transforms.v2 import functional as TF
+
     return TF.center_crop(x, list(size))
 
 

@@ -10,7 +10,6 @@ from functools import partial
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from torchvision.transforms.functional import InterpolationMode, rotate
 
 from clrun.config import TASK_VIEW_KEYS, CropRule, Normalization, Scenario, SplitRule, with_changes
 from clrun.data.batches import InputView
@@ -482,6 +481,8 @@ def _permute(perm: torch.Tensor) -> Transform:
 
 def _rotate(degrees: float) -> Transform:
     """Rotate an (N, C, H, W) uint8 batch counter-clockwise, filling the corners with zeros."""
+    from torchvision.transforms.functional import InterpolationMode, rotate
+
     return lambda x: rotate(x, degrees, InterpolationMode.BILINEAR)
 
 

@@ -24,8 +24,6 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2 import functional as F
 
 from clrun.config import ResizeRule
 from clrun.data.image_files import ImageList
@@ -165,6 +163,9 @@ def _write(files: ImageList, size, resize, own, tmp: Path, name: str, skip_corru
 def _decode_into(images: np.ndarray, i: int, files: ImageList, resize: str, size) -> tuple[tuple[int, int], str]:
     """Decode file `i` resized by `resize` to `size` into `images[i]`, centred on zeros where `size` is smaller (at
     torchvision's centre-crop offsets): its original (height, width), and the decoder's message if it failed."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.v2 import functional as F
+
     try:
         image = decode_image(read_file(str(files.paths[i])), mode=ImageReadMode.RGB)
     except RuntimeError as error:

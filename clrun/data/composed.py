@@ -11,7 +11,6 @@ from dataclasses import dataclass, fields
 
 import torch
 from omegaconf import OmegaConf
-from torchvision.transforms.functional import resize
 
 from clrun.data.readers import DATASETS
 from clrun.data.stream import Split
@@ -112,6 +111,8 @@ def per_class(x: torch.Tensor, y: torch.Tensor, classes: list[int], n: int | Non
 def formatted(x: torch.Tensor, channels: int, size: tuple[int, int], background: list[int] | None) -> torch.Tensor:
     """uint8 images with `channels` channels (grey repeated) at `size`, the background recoloured when asked
     (CTrL's `change_background_color`: x + (max - x) * colour)."""
+    from torchvision.transforms.functional import resize
+
     if x.shape[1] != channels:
         x = x.expand(-1, channels, -1, -1)
     if tuple(x.shape[2:]) != size:

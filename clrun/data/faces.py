@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
 from clrun.data.image_files import ImageFiles, ImageList, PairFiles, TaskFiles, class_folders
 from clrun.errors import ClrunError
 
@@ -42,6 +40,8 @@ def read_cpg_faces(
     With `lfw_pairs` (a pairs.txt under `root`; CPG: `face_data/lfw_pairs.txt`) the task `face_verification` is a
     verification task: its test split is LFW's pairs (`read_lfw_pairs`) over the images in `<root>/<lfw_folder>`
     (default: `<folder>/face_verification/val`, where CPG keeps LFW)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
     base = Path(root).expanduser() / folder
     if isinstance(tasks, str) or not tasks or len(set(tasks)) != len(tasks):
         raise ClrunError(f"stream.dataset.tasks={tasks!r} must be a list of distinct task folders under {base}")

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-from torchvision.datasets import Flowers102
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from clrun.data.image_files import ImageFiles, ImageList, TaskFiles, class_folders, not_found
 from clrun.errors import ClrunError
@@ -42,6 +40,8 @@ def read_cpg_fine_grained(
     labels follow those of the datasets before it. ImageNet's `train` folder may be absent (CPG starts from
     torchvision's pretrained ResNet-50): its task then has no training images. `official` is None: Piggyback's release
     publishes no image counts to check a copy against."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
     if not datasets or len(set(datasets)) != len(datasets):
         raise ClrunError(
             f"datasets={list(datasets)} must name each of CPG's dataset folders once, e.g. {CPG_FINE_GRAINED}"
@@ -125,6 +125,8 @@ def read_flowers102(
     """Oxford 102 Flowers in torchvision's `Flowers102` layout `<root>/flowers-102/`: training images from the
     official `train_splits` (train and val, 1020 each), the official test split (6149), each in `setid.mat`'s
     order; labels 0..101 are `imagelabels.mat`'s 1..102, named as torchvision's Flowers102 names them."""
+    from torchvision.datasets import Flowers102
+
     if not train_splits or not set(train_splits) <= {"train", "val"} or len(set(train_splits)) != len(train_splits):
         raise ClrunError(f"train_splits={list(train_splits)} must name train and/or val (once each), Flowers-102's")
     base = _base(root, folder)

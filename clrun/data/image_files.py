@@ -6,8 +6,6 @@ the decoded images into tasks."""
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.datasets.folder import find_classes
-
 from clrun.errors import ClrunError
 
 
@@ -77,6 +75,8 @@ def not_found(path: Path, layout: str, folder: str | Path) -> ClrunError:
 def class_folders(directory: Path, layout: str, folder: str | Path) -> list[str]:
     """The sorted class folder names in `directory` (torchvision's ImageFolder class order); `layout` and
     `folder` as for `not_found`."""
+    from torchvision.datasets.folder import find_classes
+
     if not directory.is_dir():
         raise not_found(directory, layout, folder)
     try:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from omegaconf import DictConfig, OmegaConf
 
 from clrun.config import import_target
@@ -149,6 +148,8 @@ def _ensure(missing: list, dataset: str, root: Path, download: bool) -> None:
             f"{dataset} file not found: {missing[0]}; put the official files there, "
             "or set data.root=... to the folder that holds them, or set data.download=true"
         )
+    import torchvision.datasets  # here: torchvision imports its models and operators, which a run needs not
+
     try:
         getattr(torchvision.datasets, _DOWNLOADER[dataset])(str(root), download=True)
     except Exception as e:  # network, disk or checksum problems all end the run the same way

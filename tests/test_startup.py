@@ -1,0 +1,77 @@
+"""Start-up: the commands that only print (`clrun --help`, `--cfg job`, shell completion, `clrun-report --help`)
+import neither torch nor torchvision, a small run imports no torchvision model or operator, and the method catalog
+they read holds what the method classes say."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY_STREAM
+
+from clrun import catalog
+
+# runs an entry point with the given arguments, then prints (to stderr) which heavy modules the process imported
+PROBE = """
+import json, sys
+sys.argv = [{prog!r}, *{args!r}]
+try:
+    from {module} import main
+    main()
+except SystemExit:
+    pass
+finally:
+    heavy = ("torch", "torchvision", "torchvision.models", "torchvision.ops", "torch._inductor")
+    print("IMPORTED " + json.dumps([m for m in heavy if m in sys.modules]), file=sys.stderr)
+"""
+
+
+def imported(tmp_path, module: str, prog: str, *args: str, env: dict | None = None) -> list[str]:
+    """The heavy modules `prog args` imports, run as a user runs it (a fresh interpreter)."""
+    code = PROBE.format(module=module, prog=prog, args=list(args))
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
+    line = [x for x in done.stderr.splitlines() if x.startswith("IMPORTED ")]
+    assert line, done.stderr[-2000:]
+    return json.loads(line[-1].removeprefix("IMPORTED "))
+
+
+@pytest.fixture(scope="module")
+def warm_catalog():
+    catalog.catalog()  # the first command after a change to the sources builds it (and imports torch)
+
+
+@pytest.mark.parametrize(
+    "module, prog, args",
+    [
+        ("clrun.cli", "clrun", ["--help"]),
+        ("clrun.cli", "clrun", ["--cfg", "job", "method=ewc", "replay.budget=200", "stream=split_mnist"]),
+        ("clrun.report", "clrun-report", ["--help"]),
+    ],
+)
+def test_printing_commands_import_no_torch(tmp_path, warm_catalog, module, prog, args):
+    assert imported(tmp_path, module, prog, *args) == []
+
+
+def test_shell_completion_imports_no_torch(tmp_path, warm_catalog):
+    env = {**os.environ, "COMP_LINE": "clrun method=e", "COMP_POINT": "16"}
+    assert imported(tmp_path, "clrun.cli", "clrun", "-sc", "query=bash", env=env) == []
+
+
+def test_a_small_run_imports_no_torchvision_model_or_operator(tmp_path, warm_catalog):
+    args = [*TINY_STREAM, "backbone=mlp", "method.train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    found = imported(tmp_path, "clrun.cli", "clrun", *args)
+    assert "torch" in found and (tmp_path / "run" / "summary.parquet").exists()  # it did run
+    assert not {"torchvision", "torchvision.models", "torchvision.ops"} & set(found)
+
+
+def test_the_catalog_holds_what_the_method_classes_say():
+    facts = catalog.build()
+    assert catalog.catalog() == json.loads(json.dumps(facts))  # the cached file is current
+    for name, method in facts.items():
+        rebuilt = catalog.rebuild(method["schema"])
+        assert catalog.describe_value(rebuilt, type(rebuilt)) == method["schema"], name  # rebuilt as described
+    assert facts["ewc"]["budget_key"] == "replay.budget" and facts["rps_net"]["budget_key"] == "memory"
+    assert "[class]" in facts["dgmw"]["help"] and "[task; class, domain with task_id]" in facts["cpg"]["help"]

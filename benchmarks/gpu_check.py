@@ -4,10 +4,10 @@ Steps, each a subprocess under its own time limit (a step that fails or runs ove
 still run):
 1. the tests marked `gpu` (fused optimizers, CUDA graphs, memory_fraction, bf16 autocast, channels_last, host
    images streamed in chunks, a resumed GPU run against an uninterrupted one);
-2. `make bench`'s scripts in their quick form: throughput.py, masking.py, images.py, slope.py (per-step cost as the
-   stream grows), parallel.py (a sweep of small runs at each n_jobs x threads split, and with
-   hardware.memory_fraction per job), and speed.py with a short CPG task of 1,000 images on vgg16_bn projected to
-   Table 1 (speed.py's `table1`);
+2. `make bench`'s scripts in their quick form: throughput.py, masking.py, images.py, startup.py, slope.py
+   (per-step cost as the stream grows), parallel.py (a sweep of small runs at each n_jobs x threads split, and
+   with hardware.memory_fraction per job), and speed.py with a short CPG task of 1,000 images on vgg16_bn
+   projected to Table 1 (speed.py's `table1`);
 3. speed.py's steps at batch 32 again with `--compile --compile-mode reduce_overhead` (CUDA graphs).
 Then one summary table of the headline figures, and benchmarks/results/gpu-check-<host>-<date>.json: each step's
 command, status and seconds, the figures and the JSON each came from (every step writes its own JSON there too).
@@ -52,8 +52,9 @@ STEPS = [
     Step("throughput", ["throughput.py", "--quick"], [], ["--backbones", "mlp", "convnet"], 45),
     Step("masking", ["masking.py", "--quick"], [], ["--backbones", "convnet", "--batch-sizes", "32"], 40),
     Step("images", ["images.py", "--quick"], [], ["--images", "40"], 40),
-    Step("slope", ["slope.py", "--quick"], [], ["--tasks", "3", "--methods", "finetune,ewc"], 120),
-    Step("parallel", ["parallel.py", "--quick"], [], ["--runs", "2", "--iterations", "1"], 150),
+    Step("startup", ["startup.py", "--quick"], [], ["--repeats", "1"], 45),
+    Step("slope", ["slope.py", "--quick"], [], ["--tasks", "3", "--methods", "finetune,ewc"], 90),
+    Step("parallel", ["parallel.py", "--quick"], [], ["--runs", "2", "--iterations", "1"], 120),
     Step(
         "speed",
         ["speed.py", "--quick"],
@@ -149,6 +150,8 @@ def figures(path: str) -> list[tuple[str, str]]:
         rows.append(("decoded-image cache build", f"{record['cache_build_images_per_s']:,.0f} img/s"))
         if record.get("resnet50_train_images_per_s"):  # measured on CUDA only
             rows.append(("resnet50 train at 224", f"{record['resnet50_train_images_per_s']:,.0f} img/s"))
+    elif name.startswith("startup-"):
+        rows += [(f"start-up: {command}", f"{seconds:.2f} s") for command, seconds in record["median_s"].items()]
     elif name.startswith("slope-"):
         for method, r in record["methods"].items():
             if "cpu" in r:

@@ -10,9 +10,13 @@ CIFAR-shaped random data) are timed side by side in one process:
 - cpg: the same with `picking=True`: a binarised picking mask over the old weights, its straight-through
   gradient, and the masks under a second optimizer (Adam), as CPG trains.
 
-Steps of the three kinds alternate in a shuffled order and each kind's fastest step counts (the median is
+Each kind runs as clrun trains now (`MaskedWeight`, the picking mask over earlier tasks' weights only,
+`optimizer_kernels`) and as it trained before issue 18 (`*_before`: the masked weight as plain autograd
+expressions, a picking mask and its Adam state over every weight, single-tensor optimizers).
+Steps of the six kinds alternate in a shuffled order and each kind's fastest step counts (the median is
 recorded too), so load from other processes on a shared machine biases no kind.
-Prints the ratio masked/dense (target: at most 1.2x) and writes benchmarks/results/masking-<host>-<date>.json.
+Prints the ratios masked/dense (targets on the CPU at batch 32: PackNet 1.1x, CPG 1.3x) and writes
+benchmarks/results/masking-<host>-<date>.json.
 
     python benchmarks/masking.py [--quick] [--backbones vgg16_bn convnet] [--batch-sizes 32 128]
 """
@@ -33,13 +37,14 @@ from throughput import auto_hardware, host_kind, write_record
 
 from clrun.config import BackboneConfig
 from clrun.models import TaskModel, build_backbone
-from clrun.models.shared_net import SharedNet
+from clrun.models.shared_net import SharedNet, shared_layers
+from clrun.train import optimizer_kernels
 
 SHAPE = (3, 32, 32)
 N_CLASSES = 5
 WEIGHT_DECAY = 4e-5  # CPG's CIFAR recipe
-KINDS = ("dense", "packnet", "cpg")
-TARGET = 1.2
+KINDS = ("dense", "packnet", "cpg", "dense_before", "packnet_before", "cpg_before")
+TARGETS = {"packnet": 1.1, "cpg": 1.3}  # masked / dense on the CPU at batch 32
 
 
 def backbone_builder(name: str):
@@ -53,12 +58,30 @@ def backbone_builder(name: str):
 
 
 def fused(hw, reference: bool) -> dict:
-    """Optimizer options as clrun sets them (fused kernels on CUDA) or as the reference code does (not fused)."""
-    return {"fused": True} if hw.device.type == "cuda" and not reference else {}
+    """Optimizer options as clrun sets them (`optimizer_kernels`) or as the reference code does (single-tensor)."""
+    return {} if reference else optimizer_kernels(hw.device)
+
+
+def unfused_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The masked weight as plain autograd expressions, the picking mask over every weight (before issue 18)."""
+    old = layer.weight.detach() * layer.old_mask
+    if layer.pick is not None:
+        old = old * ((layer.pick > layer.threshold).to(layer.pick.dtype) + layer.pick - layer.pick.detach())
+    return layer.weight * layer.own_mask + old
+
+
+def unfuse(net: SharedNet, tag: int, picks: bool = True) -> None:
+    """Route `net`'s current task through `unfused_weight`, with new full-size picking masks (`picks`)."""
+    for layer in shared_layers(net.backbone).values():
+        layer.old_mask = ((layer.owner >= 1) & (layer.owner < tag)).to(layer.weight.dtype)
+        if layer.pick is not None and picks:
+            layer.pick = torch.nn.Parameter(torch.full_like(layer.weight, net.mask_init))
+        layer.weight_fn = unfused_weight
 
 
 def dense_step(name: str, hw, reference: bool = False):
-    """Plain layers: a `TaskModel` with one head, all parameters under SGD (weight decay in the gradient)."""
+    """Plain layers: a `TaskModel` with one head, all parameters under SGD (weight decay in the gradient).
+    `reference`: single-tensor optimizer steps."""
     model = hw.prepare_model(TaskModel(backbone_builder(name)(1.0)))
     model.add_head(N_CLASSES)
     model.to(hw.device)
@@ -78,10 +101,11 @@ def dense_step(name: str, hw, reference: bool = False):
     return step
 
 
-def shared_step(name: str, hw, picking: bool, reference: bool = False):
+def shared_step(name: str, hw, picking: bool, reference: bool = False, recompute: bool = False):
     """A `SharedNet` mid-way through task 2 (task 1 pruned to 60% free and ended), trained as the methods do:
     shared weights, private tensors and head under SGD (weight decay on own weights only), picks under Adam.
-    `reference`: the masks are recomputed from the owner map at every step, as the reference code does."""
+    `reference`: the masked weight as before issue 18 (`unfuse`), single-tensor optimizer steps, and with
+    `recompute` the masks recomputed from the owner map at every step, as the reference code does."""
     net = SharedNet(backbone_builder(name))
     net = hw.prepare_model(net)
     net.heads.add(net.backbone.out_features, N_CLASSES)
@@ -90,6 +114,8 @@ def shared_step(name: str, hw, picking: bool, reference: bool = False):
     net.prune(1, 0.6)
     net.end_task(1)
     net.begin_task(2, picking=picking)
+    if reference:
+        unfuse(net, 2)
     head = net.heads.add(net.backbone.out_features, N_CLASSES)
     net.heads.heads[head].to(net.device)
     hw.compile(net)
@@ -100,8 +126,9 @@ def shared_step(name: str, hw, picking: bool, reference: bool = False):
     net.train()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        if reference:
+        if recompute:
             net.refresh_masks(2)
+            unfuse(net, 2, picks=False)
         with hw.autocast():
             loss = F.cross_entropy(net.forward_current(x, head), y)
         for optimizer in optimizers:
@@ -115,12 +142,16 @@ def shared_step(name: str, hw, picking: bool, reference: bool = False):
 
 
 def measure(name: str, batch_size: int, hw, seconds: float, min_steps: int) -> dict:
-    """Images/s of each kind's train step: steps of the three kinds alternate (in a shuffled order each round)
+    """Images/s of each kind's train step: steps of the six kinds alternate (in a shuffled order each round)
     for about `seconds` in all, at least `min_steps` each; each kind's fastest step counts."""
     x = hw.to_input(torch.randn(batch_size, *SHAPE, device=hw.device))
     y = torch.randint(0, N_CLASSES, (batch_size,), device=hw.device)
     torch.manual_seed(0)
-    steps = {"dense": dense_step(name, hw), "packnet": shared_step(name, hw, False), "cpg": shared_step(name, hw, True)}
+    steps = {}
+    for suffix, reference in (("", False), ("_before", True)):
+        steps[f"dense{suffix}"] = dense_step(name, hw, reference)
+        steps[f"packnet{suffix}"] = shared_step(name, hw, False, reference)
+        steps[f"cpg{suffix}"] = shared_step(name, hw, True, reference)
     sync = torch.cuda.synchronize if hw.device.type == "cuda" else (lambda: None)
     for step in steps.values():  # warm-up: allocations, optimizer state, kernel selection
         step(x, y)
@@ -143,8 +174,8 @@ def measure(name: str, batch_size: int, hw, seconds: float, min_steps: int) -> d
         "steps": len(times["dense"]),
         **{f"{kind}_images_per_s": batch_size / best[kind] for kind in KINDS},
         **{f"{kind}_median_step_s": statistics.median(times[kind]) for kind in KINDS},
-        "packnet_ratio": best["packnet"] / best["dense"],
-        "cpg_ratio": best["cpg"] / best["dense"],
+        **{f"{kind}_ratio": best[kind] / best["dense"] for kind in TARGETS},
+        **{f"{kind}_ratio_before": best[f"{kind}_before"] / best["dense_before"] for kind in TARGETS},
     }
 
 
@@ -154,7 +185,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="*", default=["vgg16_bn", "convnet"], choices=["vgg16_bn", "convnet"])
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=[32, 128])
     args = parser.parse_args()
-    seconds, min_steps = (2.0, 2) if args.quick else (10.0, 3)  # per backbone and batch size, the three kinds together
+    seconds, min_steps = (2.0, 2) if args.quick else (30.0, 5)  # per backbone and batch size, the six kinds together
 
     hw = auto_hardware()
     console = Console(width=None if sys.stdout.isatty() else 120)  # logs get the table unsqueezed
@@ -167,21 +198,28 @@ def main() -> None:
             row = rows[-1]
             console.print(
                 f"  {name} batch {batch_size}: dense {row['dense_images_per_s']:.1f} img/s, "
-                f"packnet x{row['packnet_ratio']:.2f}, cpg x{row['cpg_ratio']:.2f}"
+                f"packnet x{row['packnet_ratio']:.2f} (before x{row['packnet_ratio_before']:.2f}), "
+                f"cpg x{row['cpg_ratio']:.2f} (before x{row['cpg_ratio_before']:.2f})"
             )
 
-    table = Table(title=f"train step with masks vs plain dense layers on {hw.device} (time ratio, target <= {TARGET}x)")
-    for column in ("backbone", "batch", "dense img/s", "packnet img/s", "cpg img/s", "packnet/dense", "cpg/dense"):
+    targets = ", ".join(f"{kind} <= {target}x" for kind, target in TARGETS.items())
+    table = Table(title=f"train step with masks vs plain dense layers on {hw.device} (time ratio; {targets})")
+    columns = ["backbone", "batch", "dense img/s", "packnet img/s", "cpg img/s"]
+    columns += ["packnet/dense", "before", "cpg/dense", "before"]
+    for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
         ratios = []
-        for kind in ("packnet", "cpg"):
+        for kind, target in TARGETS.items():
             ratio = row[f"{kind}_ratio"]
-            ratios.append(f"[{'green' if ratio <= TARGET else 'red'}]{ratio:.2f}x[/]")
+            ratios += [
+                f"[{'green' if ratio <= target else 'red'}]{ratio:.2f}x[/]",
+                f"{row[f'{kind}_ratio_before']:.2f}x",
+            ]
         table.add_row(
             row["backbone"],
             str(row["batch_size"]),
-            *(f"{row[f'{kind}_images_per_s']:.1f}" for kind in KINDS),
+            *(f"{row[f'{kind}_images_per_s']:.1f}" for kind in ("dense", "packnet", "cpg")),
             *ratios,
         )
     console.print(table)
@@ -189,7 +227,7 @@ def main() -> None:
     fields = {
         "load_average": os.getloadavg(),  # other processes' load (1, 5, 15 min) when the timings ended
         "quick": args.quick,
-        "target_ratio": TARGET,
+        "target_ratios": TARGETS,
         "rows": rows,
     }
     out = write_record("masking-", hw, fields)

@@ -56,7 +56,7 @@ def make_step(kind: str, hw, reference: bool):
     """The train step `step(x, y)` of a kind on the backbone."""
     if kind == "plain":
         return dense_step(BACKBONE, hw, reference)
-    return shared_step(BACKBONE, hw, picking=kind == "cpg", reference=reference)
+    return shared_step(BACKBONE, hw, picking=kind == "cpg", reference=reference, recompute=reference)
 
 
 def clrun_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, hw):

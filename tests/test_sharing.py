@@ -7,7 +7,7 @@ import torch
 from conftest import build_method, task_inputs
 
 from clrun.methods.parts.weight_sharing import WeightSharingMethod
-from clrun.models.shared_net import binarize, shared_layers
+from clrun.models.shared_net import MaskedWeight, shared_layers
 
 TINY = [
     "hardware=cpu",
@@ -79,12 +79,75 @@ def test_prune_releases_the_target_share_of_the_pool_per_layer():
         assert layer.weight.detach().abs()[released].max() <= layer.weight.detach().abs()[~released].min()
 
 
-def test_binarize_thresholds_forward_and_passes_gradient_straight_through():
-    mask = torch.tensor([0.004, 0.006, 0.01], requires_grad=True)
-    out = binarize(mask, 5e-3)
-    assert out.tolist() == [0.0, 1.0, 1.0]
-    out.sum().backward()
-    assert mask.grad.tolist() == [1.0, 1.0, 1.0]
+def unfused(weight, own_mask, old_mask, pick, threshold):
+    """The masked weight as plain autograd expressions (the code before `MaskedWeight`), `pick` over every weight."""
+    old = weight.detach() * old_mask
+    if pick is not None:
+        old = old * ((pick > threshold).to(pick.dtype) + pick - pick.detach())
+    return weight * own_mask + old
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int32)  # signed zeros and every rounding bit compared
+
+
+@pytest.mark.parametrize("picking", [True, False])
+def test_fused_masked_weight_equals_the_unfused_expression_bit_for_bit(picking):
+    torch.manual_seed(0)
+    threshold, shape, tag = 5e-3, (64, 32, 3, 3), 3
+    owner = torch.randint(0, 4, shape)  # 0 free, 1-2 earlier tasks, 3 the task being learned
+    own, old = owner == tag, (owner >= 1) & (owner < tag)
+    index = old.flatten().nonzero().squeeze(1)
+    weight = torch.randn(shape)
+    weight[0, 0] = 0.0  # signed zeros keep their sign through both
+    weight[0, 1] = -0.0
+    full = torch.rand(shape) * 0.02 + 0.0001
+    edge = torch.tensor([threshold, torch.nextafter(torch.tensor(threshold), torch.tensor(1.0)).item(), 1.0, -1.0])
+    full.view(-1)[index[: 4 * 64]] = edge.repeat(64)  # exactly at, just above, far above and below the threshold
+    full.view(-1)[index[-1]] = torch.nextafter(torch.tensor(threshold), torch.tensor(0.0))
+    upstream = torch.randn(shape)
+
+    w1 = weight.clone().requires_grad_()
+    p1 = full.clone().requires_grad_() if picking else None
+    expected = unfused(w1, own.float(), old.float(), p1, threshold)
+    expected.backward(upstream)
+
+    w2 = weight.clone().requires_grad_()
+    p2 = full.flatten()[index].clone().requires_grad_() if picking else None
+    fused = MaskedWeight.apply(w2, own.float(), (own | old).float(), index if picking else None, p2, threshold)
+    fused.backward(upstream)
+
+    assert torch.equal(bits(fused), bits(expected))
+    assert torch.equal(bits(w2.grad), bits(w1.grad))
+    if picking:
+        assert torch.equal(bits(p2.grad), bits(p1.grad.flatten()[index]))
+        assert (p1.grad.flatten()[~old.flatten()] == 0).all()  # the entries the compact mask leaves out: no gradient
+        assert (fused.flatten()[index[: 4 * 64]].view(64, 4)[:, 0] == 0).all()  # at the threshold: not picked
+        assert not torch.equal(fused, unfused(w1, own.float(), old.float(), None, threshold))  # picking matters
+
+
+def test_picking_mask_and_its_adam_state_cover_only_earlier_tasks_weights():
+    method, stream, _ = make()
+    net = method.net
+    net.begin_task(1, picking=False)
+    net.prune(1, 0.6)
+    net.end_task(1)
+    net.begin_task(2, picking=True)
+    layers = shared_layers(net.backbone).values()
+    earlier = sum(int((layer.owner == 1).sum()) for layer in layers)
+    weights = sum(layer.weight.numel() for layer in layers)
+    assert 0 < earlier < 0.5 * weights
+    optimizer = torch.optim.Adam(net.picks(), lr=1e-2)
+    net.heads.add(net.backbone.out_features, 2)
+    x = torch.randn(8, *stream.input_shape)
+    net.forward_current(x, 0).sum().backward()
+    optimizer.step()
+    state = [t for s in optimizer.state.values() for t in s.values() if t.dim() > 0]
+    assert sum(t.numel() for t in state) == 2 * earlier  # Adam's two moments, one entry per pickable weight
+    record = net.end_task(2)
+    assert sum(int(p.sum()) for p in record["pick"].values()) <= earlier
+    for name, layer in shared_layers(net.backbone).items():
+        assert not (record["pick"][name] & (layer.owner != 1)).any()  # picks only among task 1's weights
 
 
 def test_storage_counts_weights_owner_map_picks_private_tensors_and_heads():

@@ -76,6 +76,35 @@ def test_multistep_and_cosine_schedules():
     assert (seen[49], seen[50], seen[69], seen[70]) == pytest.approx((5e-4, 1e-4, 1e-4, 0.0))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.train.optimizer=sgd", "method.train.nesterov=true"],
+        ["method.train.optimizer=adam"],
+        ["method.train.optimizer=adamw"],
+    ],
+)
+def test_cpu_optimizers_use_foreach_kernels_that_step_bit_for_bit_as_the_single_tensor_loop(overrides):
+    hw = resolve_hardware(compose_config("hardware=cpu").hardware)
+    cfg = train_config(*overrides, "method.train.weight_decay=1e-3", "method.train.lr=0.01")
+    torch.manual_seed(0)
+    start = [torch.randn(300, 70), torch.randn(70), torch.randn(5, 3, 3, 3)]
+    fast_params, slow_params = [[torch.nn.Parameter(t.clone()) for t in start] for _ in range(2)]
+    fast = make_optimizer(fast_params, cfg, hw)
+    assert fast.defaults["foreach"] is True
+    slow = make_optimizer(slow_params, cfg, hw)
+    for group in slow.param_groups:
+        group["foreach"] = False  # the single-tensor loop, as before
+    for _ in range(4):
+        grads = [torch.randn_like(t) for t in start]
+        for params, optimizer in ((fast_params, fast), (slow_params, slow)):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+    for got, want, first in zip(fast_params, slow_params, start, strict=True):
+        assert torch.equal(got, want) and not torch.equal(got, first)
+
+
 def make_method(method_class, *overrides):
     return build_method(method_class, *TINY, *overrides)[:2]
 

@@ -28,18 +28,36 @@ def shared_layers(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if isinstance(m, (Conv2d, Linear))}
 
 
-def binarize(mask: torch.Tensor, threshold: float) -> torch.Tensor:
-    """1 where `mask` > `threshold` else 0, with a straight-through gradient (d out / d mask = 1)."""
-    hard = (mask > threshold).to(mask.dtype)
-    return hard + mask - mask.detach()
+class MaskedWeight(torch.autograd.Function):
+    """The current task's weight in one function: `weight * keep` (own and earlier tasks' weights; a weight times 0
+    elsewhere), and with a picking mask `pick` (one entry per flat index `old` of an earlier task's weight) the
+    earlier weights times binarize(pick): 1 where `pick` > `threshold` else 0, as `(hard + pick) - pick`.
+    Backward: the gradient times `own` to the weight (earlier weights never move), the gradient times the earlier
+    weights to `pick` (straight through the threshold). Bit-identical to the unfused expression
+    `weight * own + weight.detach() * old_mask * (hard + pick - pick.detach())`."""
+
+    @staticmethod
+    def forward(ctx, weight, own, keep, old, pick, threshold):
+        out = weight * keep
+        old_weights = None
+        if pick is not None:
+            old_weights = torch.take(weight, old)
+            hard = (pick > threshold).to(pick.dtype)
+            out.put_(old, old_weights * hard.add_(pick).sub_(pick))
+        ctx.save_for_backward(own, old, old_weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        own, old, old_weights = ctx.saved_tensors
+        grad_weight = grad * own if ctx.needs_input_grad[0] else None
+        grad_pick = torch.take(grad, old) * old_weights if ctx.needs_input_grad[4] else None
+        return grad_weight, None, None, None, grad_pick, None
 
 
 def _masked_weight(layer: nn.Module) -> torch.Tensor:
     """The current task's weight: its own weights trained, earlier tasks' weights frozen and (optionally) picked."""
-    old = layer.weight.detach() * layer.old_mask
-    if layer.pick is not None:
-        old = old * binarize(layer.pick, layer.threshold)
-    return layer.weight * layer.own_mask + old
+    return MaskedWeight.apply(layer.weight, layer.own_mask, layer.keep_mask, layer.old, layer.pick, layer.threshold)
 
 
 def _slice(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -70,6 +88,7 @@ class SharedNet(nn.Module):
         self.records: list[dict] = []  # per learned task: multiplier, private tensors, picks
         self.base_params = sum(p.numel() for p in self.backbone.parameters())
         self._view: tuple[int, nn.Module] | None = None  # (task index, backbone view) cached for predict
+        self.picking = False  # whether the task being learned picks among earlier tasks' weights
 
     @staticmethod
     def _with_owners(backbone: nn.Module) -> nn.Module:
@@ -77,7 +96,7 @@ class SharedNet(nn.Module):
             raise ClrunError("backbone.name=lstm: weight sharing masks conv and linear layers' weights, not an LSTM's")
         for layer in shared_layers(backbone).values():
             layer.register_buffer("owner", torch.zeros_like(layer.weight, dtype=torch.uint8))
-            layer.pick = None
+            layer.pick = layer.old = None
         return backbone
 
     def _shared_keys(self) -> set[str]:
@@ -104,20 +123,25 @@ class SharedNet(nn.Module):
         With `picking`, the task learns a real-valued mask over earlier tasks' weights, initialised to
         `mask_init` (above `threshold`, so every old weight starts picked) and binarised at `threshold`.
         """
-        self.mask_init = mask_init
+        self.mask_init, self.picking = mask_init, picking
         for layer in shared_layers(self.backbone).values():
             layer.owner[layer.owner == 0] = tag
-            layer.pick = nn.Parameter(torch.full_like(layer.weight, mask_init)) if picking else None
             layer.threshold = threshold
             layer.weight_fn = _masked_weight
         self.refresh_masks(tag)
+        for layer in shared_layers(self.backbone).values():  # one entry per pickable weight: Adam's state as small
+            layer.pick = nn.Parameter(layer.weight.new_full(layer.old.shape, mask_init)) if picking else None
         self._view = None
 
     def refresh_masks(self, tag: int) -> None:
-        """Recompute the precomputed own/old mask tensors after the owner map changed."""
+        """Recompute the precomputed masks after the owner map changed: own weights, own and earlier ones, and
+        (picking) the flat indices of the earlier ones, which the picking mask covers."""
         for layer in shared_layers(self.backbone).values():
-            layer.own_mask = (layer.owner == tag).to(layer.weight.dtype)
-            layer.old_mask = ((layer.owner >= 1) & (layer.owner < tag)).to(layer.weight.dtype)
+            own = layer.owner == tag
+            old = (layer.owner >= 1) & (layer.owner < tag)
+            layer.own_mask = own.to(layer.weight.dtype)
+            layer.keep_mask = (own | old).to(layer.weight.dtype)
+            layer.old = old.flatten().nonzero().squeeze(1) if self.picking else None
 
     def picks(self) -> list[nn.Parameter]:
         return [layer.pick for layer in shared_layers(self.backbone).values() if layer.pick is not None]
@@ -155,8 +179,9 @@ class SharedNet(nn.Module):
             for name, layer in shared_layers(self.backbone).items():
                 layer.weight[layer.owner == 0] = 0.0  # released weights restart from 0 (CPG, PackNet)
                 if layer.pick is not None:
-                    record["pick"][name] = (layer.pick.detach() > layer.threshold) & (layer.old_mask > 0)
-                layer.pick = None
+                    picked = torch.zeros_like(layer.owner, dtype=torch.bool)
+                    record["pick"][name] = picked.put_(layer.old, layer.pick.detach() > layer.threshold)
+                layer.pick = layer.old = None
                 layer.weight_fn = None
         self.records.append(record)
         self._view = None

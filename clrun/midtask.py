@@ -22,11 +22,14 @@ import pickle
 import time
 import types
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+from clrun import results
 from clrun.errors import ClrunError
 
+PHASE_FILE = "task-phase-{}.pt"  # in the run's checkpoints/: a finished phase's end state (`MidTaskCheckpoints`)
 _UNSAVED = ("stream", "trainer", "hw", "cfg", "backbone_cfg")  # rebuilt by a resume, never in a snapshot
 
 
@@ -142,25 +145,46 @@ def _values(container):
 class MidTaskCheckpoints:
     """The phases of the task being learned, and when to save inside it; `Trainer.fit` reports to it.
 
-    `write(state)` stores a mid-task state (the run writes it atomically to its folder); `saved` is one loaded
-    from there for this task (None: the task starts afresh)."""
+    Each finished phase's end state goes to its own file in `folder` (`phase_path`), written once; `write(state)`
+    stores the state of the running phase with the number of finished ones (the run writes it atomically as
+    checkpoints/task.pt); `read(path)` loads a file written here. `saved` in `begin`: a task.pt state of this task
+    (None: the task starts afresh)."""
 
-    def __init__(self, method, every_minutes: float | None, every_epochs: int | None, write: Callable[[dict], None]):
+    def __init__(
+        self,
+        method,
+        every_minutes: float | None,
+        every_epochs: int | None,
+        folder: Path,
+        write: Callable[[dict], None],
+        read: Callable[[Path], dict],
+    ):
         self.method = method
         self.every_seconds = None if every_minutes is None else 60 * every_minutes
         self.every_epochs = every_epochs
+        self.folder = folder
         self.write = write
+        self.read = read
         self.task = -1
+
+    def phase_path(self, ordinal: int) -> Path:
+        """The file of the end state of the task's phase `ordinal`."""
+        return self.folder / PHASE_FILE.format(ordinal)
 
     def begin(self, task: int, saved: dict | None) -> None:
         """A task starts: from its beginning, or replaying `saved` (a state this class wrote for it)."""
         self.task = task
-        self.fits: list[dict] = [] if saved is None else saved["fits"]  # finished phases: figures and snapshot
+        self.finished_phases = 0 if saved is None else saved["finished_phases"]  # their states: `phase_path`
         self.running = None if saved is None else saved["running"]  # the phase that was running when saved
         self.elapsed_before = 0.0 if saved is None else saved["elapsed"]  # the task's seconds before the stop
         self.started = time.perf_counter()
         self.last_save = time.monotonic()
         self.ordinal = -1  # the phase being trained, counted from 0 in the task
+
+    def end(self) -> None:
+        """The task is learned and checkpointed: remove its phases' files."""
+        for path in self.folder.glob(PHASE_FILE.format("*")):
+            path.unlink()
 
     def _external(self) -> dict:
         """What a snapshot refers to by name instead of saving it: the method itself and what a resume rebuilds
@@ -214,12 +238,15 @@ class MidTaskCheckpoints:
         """At a phase's start: when it had finished before the stop, restore the state it ended with and return
         its figures as `finished` was given them (the caller then skips training); else None."""
         self.ordinal += 1
-        if self.ordinal >= len(self.fits):
+        if self.ordinal >= self.finished_phases:
             return None
-        fit = self.fits[self.ordinal]
-        self._restore(fit["snapshot"], hooks, carry)
-        set_rng_state(fit["rng"])
-        return fit["stats"]
+        path = self.phase_path(self.ordinal)
+        phase = self.read(path)
+        if phase["task"] != self.task:
+            raise ClrunError(f"{path} belongs to another task than {self.folder / 'task.pt'}; use resume=false")
+        self._restore(phase["snapshot"], hooks, carry)
+        set_rng_state(phase["rng"])
+        return phase["stats"]
 
     def resume_running(self, hooks, carry) -> dict | None:
         """When this phase was running at the stop: restore the state it was saved in and return its saved
@@ -247,12 +274,15 @@ class MidTaskCheckpoints:
         )
 
     def finished(self, hooks, carry, stats: dict) -> None:
-        """A phase ended with `stats` (its figures): remember the state it ended with, for a replay."""
-        self.fits.append({"stats": stats, "snapshot": self._snapshot(hooks, carry), "rng": rng_state()})
+        """A phase ended with `stats` (its figures): save the state it ended with, for a replay."""
+        state = {"task": self.task, "stats": stats, "snapshot": self._snapshot(hooks, carry), "rng": rng_state()}
+        results.atomic_write(self.phase_path(self.ordinal), lambda tmp: torch.save(state, tmp))
+        self.finished_phases = self.ordinal + 1
 
     def _save(self, running: dict) -> None:
         elapsed = self.elapsed_before + time.perf_counter() - self.started
-        self.write({"task": self.task, "fits": self.fits, "running": running, "elapsed": elapsed})
+        state = {"task": self.task, "finished_phases": self.finished_phases, "running": running, "elapsed": elapsed}
+        self.write(state)
         self.last_save = time.monotonic()
 
 

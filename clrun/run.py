@@ -22,7 +22,7 @@ from clrun.data import build_stream
 from clrun.data.stream import Stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
-from clrun.midtask import MidTaskCheckpoints, rng_state, set_rng_state
+from clrun.midtask import PHASE_FILE, MidTaskCheckpoints, rng_state, set_rng_state
 from clrun.naming import SPEED_KEYS, config_id, container, identity, run_name  # noqa: F401 (re-exported)
 from clrun.results import CHECKPOINT  # re-exported: where a run folder's checkpoint lies
 from clrun.trackers import STATE_FILE as TRACKERS_FILE
@@ -232,7 +232,12 @@ class Run:
         every = cfg.get("checkpoint", {})
         if every.get("every_minutes") is not None or every.get("every_epochs") is not None:
             method.trainer.midtask = MidTaskCheckpoints(
-                method, every.every_minutes, every.every_epochs, self._write_midtask
+                method,
+                every.every_minutes,
+                every.every_epochs,
+                self.run_dir / MIDTASK.parent,
+                self._write_midtask,
+                load_checkpoint,
             )
         if adopt is None:
             accuracy_rows, task_rows, self.val_rows = self._resume(method)
@@ -278,7 +283,9 @@ class Run:
         row = self._task_row(task, time.perf_counter() - start, stats, method.footprint())
         task_rows.append({**row, "plain_macs": plain_macs(method.task_cfg(task), row)})
         self._checkpoint(method, accuracy_rows, task_rows)
-        (self.run_dir / MIDTASK).unlink(missing_ok=True)
+        if midtask is not None:
+            (self.run_dir / MIDTASK).unlink(missing_ok=True)
+            midtask.end()
         tracked = tracked_row(results.accuracy_matrix(pd.DataFrame(accuracy_rows), len(stream)), task.index)
         trackers.task(task.index, tracked)
         self.console.print(
@@ -393,12 +400,14 @@ class Run:
         tables = (results.ACCURACY_FILE, results.TASKS_FILE, results.SUMMARY_FILE, results.VAL_ACCURACY_FILE)
         tables += (TRACKERS_FILE,)
         for folder in (self.run_dir, self.run_dir / CHECKPOINT.parent):
-            for name in (CHECKPOINT.name, MIDTASK.name, *tables):
+            for name in (CHECKPOINT.name, MIDTASK.name, PHASE_FILE.format("*"), *tables):
                 for tmp in folder.glob(f".{name}.*"):  # atomic_write's temporary names
                     tmp.unlink()
         path = self.run_dir / CHECKPOINT
         if not self.cfg.resume:
             (self.run_dir / MIDTASK).unlink(missing_ok=True)
+            for phase in (self.run_dir / MIDTASK.parent).glob(PHASE_FILE.format("*")):
+                phase.unlink()
         if not path.exists():
             return [], [], []
         if not self.cfg.resume:

@@ -76,7 +76,8 @@ def test_stopped_inside_a_task_resumes_there_to_the_uninterrupted_matrix(tmp_pat
     (_, resumed), after = epochs_counted(lambda: run(tmp_path, *overrides, name="resumed"))
     assert before + after == all_epochs  # no epoch trained twice: the task went on from where it stopped
     np.testing.assert_array_equal(matrix(resumed), matrix(straight))
-    assert not (resumed / MIDTASK).exists()  # removed once the task finished
+    assert not (resumed / MIDTASK).exists()  # removed once the task finished, with its phases' files
+    assert not list((resumed / MIDTASK.parent).glob("task-phase-*"))
 
 
 def test_a_save_of_a_task_that_then_finished_is_ignored_and_resume_false_removes_it(tmp_path):

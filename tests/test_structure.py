@@ -26,7 +26,7 @@ MAY_IMPORT = {
     "clrun.models": {"clrun.errors", "clrun.models"},
     "clrun.data": {"clrun.errors", "clrun.config", "clrun.data"},
     "clrun.hardware": {"clrun.errors", "clrun.config", "clrun.models"},
-    "clrun.midtask": {"clrun.errors"},
+    "clrun.midtask": {"clrun.errors", "clrun.results"},
     "clrun.results": {"clrun", "clrun.errors", "clrun.metrics"},
     "clrun.train": {"clrun.errors", "clrun.metrics", "clrun.config", "clrun.data", "clrun.hardware"},
     "clrun.methods.base": {"clrun.errors", "clrun.config", "clrun.data", "clrun.hardware", "clrun.models"}

@@ -10,6 +10,7 @@ config exactly as with the method's own `config_class`; `check_config` then merg
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -76,7 +77,7 @@ def build() -> dict[str, dict]:
 
 def describe_type(hint) -> Any:
     """A field's type as JSON: "int", "float", "bool", "str", "any", ["optional", t], ["list", t], ["dict", k, v],
-    ["enum", name, [[member, value], ...]] or ["dataclass", name, [[field, t], ...]]."""
+    ["enum", name, [[member, value], ...], "module:qualname"] or ["dataclass", name, [[field, t], ...]]."""
     if hint in PLAIN.values():
         return next(key for key, value in PLAIN.items() if value is hint)
     origin, args = get_origin(hint), get_args(hint)
@@ -87,7 +88,7 @@ def describe_type(hint) -> Any:
     if origin is dict:
         return ["dict", describe_type(args[0]), describe_type(args[1])]
     if isinstance(hint, type) and issubclass(hint, Enum):
-        return ["enum", hint.__name__, [[m.name, m.value] for m in hint]]
+        return ["enum", hint.__name__, [[m.name, m.value] for m in hint], f"{hint.__module__}:{hint.__qualname__}"]
     if dataclasses.is_dataclass(hint):
         hints = get_type_hints(hint)
         return ["dataclass", hint.__name__, [[f.name, describe_type(hints[f.name])] for f in dataclasses.fields(hint)]]
@@ -129,12 +130,16 @@ def _type(desc):
     if kind == "dict":
         return dict[_type(rest[0]), _type(rest[1])]
     if kind == "enum":
+        module, _, qualname = rest[2].partition(":")
+        if module in sys.modules:  # its method module is imported already: the real enum, which its code compares to
+            return functools.reduce(getattr, qualname.split("."), sys.modules[module])
         return _enum(rest[0], tuple(tuple(member) for member in rest[1]))
     raise TypeError(f"a dataclass type is rebuilt with its values: {desc!r}")
 
 
 @cache
 def _enum(name: str, members: tuple) -> type[Enum]:
+    """A stand-in for an enum whose module is not imported (it would import torch): same name, members, values."""
     return Enum(name, list(members))
 
 

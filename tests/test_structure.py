@@ -126,6 +126,7 @@ def test_config_py_holds_no_methods_schema():
         "LstmConfig",
         "DataConfig",
         "RunReplayConfig",
+        "CheckpointConfig",
         "LoggerConfig",
         "CsvLoggerConfig",
         "TensorboardLoggerConfig",

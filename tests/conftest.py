@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+# the suite runs in parallel workers (pytest-xdist): each worker, and each `clrun` it starts, takes one thread
+# (`hardware.threads: null` reads OMP_NUM_THREADS), so that workers do not oversubscribe the cores
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pandas as pd
 import pytest

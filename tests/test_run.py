@@ -161,11 +161,12 @@ def wait_for_tasks(process: subprocess.Popen, run_dir: Path, n_tasks: int) -> No
 
 
 def test_ctrl_c_saves_finished_tasks_and_exits_cleanly(tmp_path):
-    # 10 tasks: the run must still be going when the test sees task 0's checkpoint, on a loaded machine (where the
-    # poll may wait seconds) and on a quiet one (about a second a task)
-    args = [*TINY, "stream.n_tasks=10", "stream.train_per_task=600", "hydra.run.dir=run"]
+    # 10 tasks of 5 epochs: the run must still be going when the test sees task 0's checkpoint, also when the
+    # polling worker waits seconds for a core (at 1 epoch a quiet machine ran the 9 tasks after it in 4 s)
+    args = [*TINY, "stream.n_tasks=10", "stream.train_per_task=600", "method.train.epochs=5", "hydra.run.dir=run"]
     process = subprocess.Popen([*CLRUN, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_tasks(process, tmp_path / "run", 1)
+    assert process.poll() is None, "the run finished before the test saw its first checkpoint"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

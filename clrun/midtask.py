@@ -138,6 +138,12 @@ def transplant(live, saved, memo: dict, deferred: list):
     return live
 
 
+def remove_phase_files(folder: Path) -> None:
+    """Remove the finished phases' files (`PHASE_FILE`) of a task from a run's checkpoints/ folder."""
+    for path in folder.glob(PHASE_FILE.format("*")):
+        path.unlink()
+
+
 def _values(container):
     return container.values() if isinstance(container, dict) else container
 
@@ -183,8 +189,7 @@ class MidTaskCheckpoints:
 
     def end(self) -> None:
         """The task is learned and checkpointed: remove its phases' files."""
-        for path in self.folder.glob(PHASE_FILE.format("*")):
-            path.unlink()
+        remove_phase_files(self.folder)
 
     def _external(self) -> dict:
         """What a snapshot refers to by name instead of saving it: the method itself and what a resume rebuilds

@@ -22,7 +22,7 @@ from clrun.data import build_stream
 from clrun.data.stream import Stream
 from clrun.errors import ClrunError
 from clrun.hardware import resolve_hardware
-from clrun.midtask import PHASE_FILE, MidTaskCheckpoints, rng_state, set_rng_state
+from clrun.midtask import PHASE_FILE, MidTaskCheckpoints, remove_phase_files, rng_state, set_rng_state
 from clrun.naming import SPEED_KEYS, config_id, container, identity, run_name  # noqa: F401 (re-exported)
 from clrun.results import CHECKPOINT  # re-exported: where a run folder's checkpoint lies
 from clrun.trackers import STATE_FILE as TRACKERS_FILE
@@ -404,16 +404,12 @@ class Run:
                 for tmp in folder.glob(f".{name}.*"):  # atomic_write's temporary names
                     tmp.unlink()
         path = self.run_dir / CHECKPOINT
-        if not self.cfg.resume:
-            (self.run_dir / MIDTASK).unlink(missing_ok=True)
-            for phase in (self.run_dir / MIDTASK.parent).glob(PHASE_FILE.format("*")):
-                phase.unlink()
-        if not path.exists():
-            return [], [], []
-        if not self.cfg.resume:
-            path.unlink()
-            for name in tables:
+        if not self.cfg.resume:  # start over: whatever an earlier start saved goes
+            for name in (CHECKPOINT, MIDTASK, *tables):
                 (self.run_dir / name).unlink(missing_ok=True)
+            remove_phase_files(self.run_dir / CHECKPOINT.parent)
+            return [], [], []
+        if not path.exists():
             return [], [], []
         state = load_checkpoint(path)
         self._check_same_run(path, state)

@@ -194,15 +194,15 @@ def optimizer_kernels(device: torch.device) -> dict:
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg, hw: Hardware) -> torch.optim.Optimizer:
     """The optimizer an `OptimizerConfig` names (`optimizer_kernels`)."""
     params = list(params)
-    fused = optimizer_kernels(hw.device)
+    kernels = optimizer_kernels(hw.device)
     name = cfg.optimizer.value
     if name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fused
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **kernels
         )
     if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernels)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernels)
 
 
 def _resume_state(optimizer: torch.optim.Optimizer, carry: dict) -> None:

@@ -138,6 +138,18 @@ def transplant(live, saved, memo: dict, deferred: list):
     return live
 
 
+def transplant_deferred(deferred: list, memo: dict) -> None:
+    """Restore the tensor-keyed dicts `transplant` deferred, once every tensor has its live counterpart in `memo`:
+    each key becomes the live counterpart of the saved tensor."""
+    for live, saved in deferred:
+        restored = {
+            memo.get(id(key), key): transplant(live.get(memo.get(id(key), key)), value, memo, [])
+            for key, value in saved.items()
+        }
+        live.clear()
+        live.update(restored)
+
+
 def remove_phase_files(folder: Path) -> None:
     """Remove the finished phases' files (`PHASE_FILE`) of a task from a run's checkpoints/ folder."""
     for path in folder.glob(PHASE_FILE.format("*")):
@@ -231,13 +243,7 @@ class MidTaskCheckpoints:
             cell.cell_contents = transplant(cell.cell_contents, value, memo, deferred)
         for live, value in zip(_held(hooks, carry), held, strict=True):
             transplant(live, value, memo, deferred)
-        for live, saved in deferred:  # tensor-keyed dicts: keys are the live counterparts of saved tensors
-            restored = {
-                memo.get(id(key), key): transplant(live.get(memo.get(id(key), key)), value, memo, [])
-                for key, value in saved.items()
-            }
-            live.clear()
-            live.update(restored)
+        transplant_deferred(deferred, memo)
 
     def replay_finished(self, hooks, carry):
         """At a phase's start: when it had finished before the stop, restore the state it ended with and return

@@ -14,7 +14,7 @@ import torch
 from conftest import CLRUN, TINY_STREAM, clrun, matrix, run
 
 from clrun import trackers
-from clrun.midtask import transplant
+from clrun.midtask import transplant, transplant_deferred
 from clrun.run import CHECKPOINT, MIDTASK, Run
 
 EVERY_EPOCH = [*TINY_STREAM, "backbone=mlp", "checkpoint.every_epochs=1"]
@@ -101,9 +101,7 @@ def test_transplant_copies_values_into_the_live_objects():
     saved.weight, saved.state, saved.steps, saved.names = saved_weight, {saved_weight: torch.full((3,), 2.0)}, 5, ["b"]
     memo, deferred = {}, []
     assert transplant(live, saved, memo, deferred) is live
-    for held, value in deferred:  # as MidTaskCheckpoints restores tensor-keyed dicts, once every tensor is known
-        held.clear()
-        held.update({memo[id(key)]: item for key, item in value.items()})
+    transplant_deferred(deferred, memo)
     assert live.weight is weight and torch.equal(weight, torch.ones(3))  # the same object, the saved values
     assert list(live.state) == [weight] and torch.equal(live.state[weight], torch.full((3,), 2.0))
     assert live.steps == 5 and live.names == ["b"]

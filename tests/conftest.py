@@ -139,6 +139,17 @@ def learn_and_score(method, stream) -> dict[tuple[int, int], float]:
     return accuracy
 
 
+def step_with_the_same_gradients(pairs, steps: int) -> None:
+    """Step each (parameters, optimizer) of `pairs` `steps` times, every pair with the same random gradients."""
+    first = pairs[0][0]
+    for _ in range(steps):
+        grads = [torch.randn_like(p) for p in first]
+        for params, optimizer in pairs:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+
+
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every tensor of `module`'s state."""
     return {k: v.clone() for k, v in module.state_dict().items()}

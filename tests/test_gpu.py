@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config, matrix, run, run_interrupted_then_resumed
+from conftest import compose_config, matrix, run, run_interrupted_then_resumed, step_with_the_same_gradients
 
 from clrun.hardware import resolve_hardware
 from clrun.models.backbones import build_backbone
@@ -86,12 +86,7 @@ def test_fused_optimizers_step_as_the_unfused_ones(name):
     assert fast.defaults.get("fused") == (True if ON_CUDA else None)  # fused kernels exactly on CUDA
     slow = make_optimizer(reference, cfg, replace(hw, device=torch.device("cpu")))  # the CPU's choice: unfused
     assert not slow.defaults.get("fused")
-    for _ in range(5):
-        grads = [torch.randn_like(t) for t in start]
-        for group, optimizer in ((params, fast), (reference, slow)):
-            for p, g in zip(group, grads, strict=True):
-                p.grad = g.clone()
-            optimizer.step()
+    step_with_the_same_gradients([(params, fast), (reference, slow)], steps=5)
     for got, want in zip(params, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert not torch.equal(got, start[0] if got.dim() == 2 else start[1])  # the optimizers moved them

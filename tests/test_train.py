@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_STREAM, build_method, clrun, compose_config
+from conftest import TINY_STREAM, build_method, clrun, compose_config, step_with_the_same_gradients
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -95,12 +95,7 @@ def test_cpu_optimizers_use_foreach_kernels_that_step_bit_for_bit_as_the_single_
     slow = make_optimizer(slow_params, cfg, hw)
     for group in slow.param_groups:
         group["foreach"] = False  # the single-tensor loop, as before
-    for _ in range(4):
-        grads = [torch.randn_like(t) for t in start]
-        for params, optimizer in ((fast_params, fast), (slow_params, slow)):
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g.clone()
-            optimizer.step()
+    step_with_the_same_gradients([(fast_params, fast), (slow_params, slow)], steps=4)
     for got, want, first in zip(fast_params, slow_params, start, strict=True):
         assert torch.equal(got, want) and not torch.equal(got, first)
 

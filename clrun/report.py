@@ -14,10 +14,8 @@ import math
 import warnings
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
 
@@ -31,6 +29,7 @@ from clrun.results import (
     atomic_write,
     colors,
     matrix_rows,
+    pyplot,
     write_parquet,
 )
 from clrun.sweeps import STATUS_FILE
@@ -276,13 +275,16 @@ def save_figure(fig, folder: Path, name: str) -> None:
         atomic_write(
             folder / f"{name}.{fmt}", lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
         )
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def save_plots(table: pd.DataFrame, matrices: list[np.ndarray], labels: list[str], tasks: list[int], folder: Path):
     """Comparison plots in `folder`: `task_accuracy` (each of `tasks`' accuracy after each later task, a line per
     group: CPG's Fig. 2), `accuracy_vs_size` (final ACC against the stored model's MB) and `accuracy_matrices`
     (a heat map per group); PNG and PDF each."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
     palette = colors(len(labels))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks) + 2, 3.5), squeeze=False)
     for ax, j in zip(axes[0], tasks, strict=True):

@@ -4,6 +4,8 @@ Every file is written to a temporary name in the same folder and renamed, so a
 crash never leaves a half-written result.
 """
 
+from __future__ import annotations
+
 import math
 import os
 import tempfile
@@ -11,19 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-import matplotlib
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from clrun import metrics
+from clrun.errors import ClrunError
 
-from clrun import metrics  # noqa: E402
-from clrun.errors import ClrunError  # noqa: E402
-
-if TYPE_CHECKING:  # clrun-report reads results without torch
+if TYPE_CHECKING:  # clrun-report reads results without torch; a run reaches its first step without pandas, matplotlib
+    import pandas as pd
     import torch
 
 CHECKPOINT = Path("checkpoints") / "last.pt"  # in the run folder: the resume state
@@ -89,8 +87,15 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+def frame(rows: list[dict] | dict) -> pd.DataFrame:
+    """A table of `rows` (pandas is imported here, at a run's first table: its start does not wait for it)."""
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def write_parquet(table: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
 
 
 # summary columns that are fractions, shown as percentages
@@ -141,6 +146,8 @@ def summarize(
 ) -> dict:
     """The summary metrics of a finished run (definitions in `clrun.metrics`); `initial` holds FWT's b_j; `tasks`
     (tasks.parquet's rows: `model_mb` after each task, `plain_macs`, `train_macs`) gives MS and CE."""
+    import pandas as pd
+
     initial = np.full(len(R), np.nan) if initial is None else initial
     nan = pd.Series(np.nan, index=tasks.index)
     return {
@@ -180,8 +187,19 @@ def second_matrix_metrics(accuracy: pd.DataFrame, n_tasks: int) -> dict:
     return extra
 
 
+def pyplot():
+    """matplotlib.pyplot drawing into files (the Agg backend), imported at the first plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_plots(R: np.ndarray, names: list[str], run_dir: Path, title: str) -> None:
     """The accuracy matrix as a heat map and each task's accuracy across the stream."""
+    plt = pyplot()
     T = len(R)
     size = max(4.0, 0.45 * T + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
@@ -209,6 +227,7 @@ def save_plots(R: np.ndarray, names: list[str], run_dir: Path, title: str) -> No
 
 def colors(n: int) -> list:
     """`n` colours that stay distinct: matplotlib's tab20 up to 20, a continuous map (turbo) sampled beyond."""
+    plt = pyplot()
     if n <= 20:
         return [plt.get_cmap("tab20" if n > 10 else "tab10")(i) for i in range(n)]
     return [plt.get_cmap("turbo")(x) for x in np.linspace(0, 1, n)]
@@ -217,7 +236,7 @@ def colors(n: int) -> list:
 def curves_figure(R: np.ndarray, names: list[str], title: str):
     """Each task's accuracy across the stream, one colour per task, the legend beside the axes."""
     T = len(R)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for j, color in zip(range(T), colors(T), strict=True):
         ax.plot(range(j, T), R[j:, j] * 100, marker="o", markersize=3, color=color, label=f"{j}: {names[j]}")
     ax.set_xlabel("after training task i")

@@ -11,7 +11,6 @@ from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
-import pandas as pd
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
@@ -136,7 +135,7 @@ def confusion_rows(method, stream: Stream, hw, method_cfg) -> list[dict]:
                     logits, y = method.predict_agnostic(x, seen=len(stream))[0], stream.targets(y, task.index)
             true.append(y.cpu())
             predicted.append(logits.argmax(1).cpu())
-        pairs = pd.DataFrame({"true": torch.cat(true).numpy(), "predicted": torch.cat(predicted).numpy()})
+        pairs = results.frame({"true": torch.cat(true).numpy(), "predicted": torch.cat(predicted).numpy()})
         counts = pairs.value_counts().reset_index(name="count")
         rows += [{"eval_task": task.index, "eval_task_name": task.name, **row} for row in counts.to_dict("records")]
     return rows
@@ -257,7 +256,7 @@ class Run:
                 f"[bold]{self.run_id}[/]: tasks {remaining[0].index}..{len(stream) - 1} of {len(stream)} on {hw.device}"
             )
         with Trackers(cfg.logger, self.run_dir, self.run_id) as trackers:
-            matrix = results.accuracy_matrix(pd.DataFrame(accuracy_rows), len(stream)) if task_rows else None
+            matrix = results.accuracy_matrix(results.frame(accuracy_rows), len(stream)) if task_rows else None
             trackers.start(flat_config(cfg), [tracked_row(matrix, i) for i in range(len(task_rows))])
             method.trainer.epoch_callbacks.append(trackers.epoch)
             with make_progress() as progress:
@@ -286,7 +285,7 @@ class Run:
         if midtask is not None:
             (self.run_dir / MIDTASK).unlink(missing_ok=True)
             midtask.end()
-        tracked = tracked_row(results.accuracy_matrix(pd.DataFrame(accuracy_rows), len(stream)), task.index)
+        tracked = tracked_row(results.accuracy_matrix(results.frame(accuracy_rows), len(stream)), task.index)
         trackers.task(task.index, tracked)
         self.console.print(
             f"{self.run_id}: task {task.index + 1}/{len(stream)} ({task.name}) done in {row['wall_s']:.1f} s; "
@@ -297,24 +296,24 @@ class Run:
         """The summary row, plots and report of the finished run."""
         cfg = self.cfg
         names = [task.name for task in stream.tasks]
-        accuracy_table = pd.DataFrame(accuracy_rows)
+        accuracy_table = results.frame(accuracy_rows)
         R = results.accuracy_matrix(accuracy_table, len(stream))
         initial = results.initial_accuracy(accuracy_table, len(stream))
         wall_s = sum(row["wall_s"] for row in task_rows)
         metrics = {
             "n_tasks": len(stream),
-            **results.summarize(R, method.footprint(), pd.DataFrame(task_rows), wall_s, initial),
+            **results.summarize(R, method.footprint(), results.frame(task_rows), wall_s, initial),
             **results.second_matrix_metrics(accuracy_table, len(stream)),
             **method.summary(),
         }
         if self.val_rows:  # stream.val_fraction: the final average accuracy on the validation splits
-            metrics["val_acc"] = results.acc_of(pd.DataFrame(self.val_rows), len(stream))
+            metrics["val_acc"] = results.acc_of(results.frame(self.val_rows), len(stream))
         precision = "fp32" if hw.autocast_dtype is None else str(hw.autocast_dtype).removeprefix("torch.")
         key = method_class.budget_key()
         budget = {"replay_budget": None if key is None else OmegaConf.select(cfg.method, key)}  # images in memory
         summary = {**self.labels, "clrun_version": version("clrun"), "precision": precision, **budget, **metrics}
         summary |= provenance(hw.device) | config_columns(cfg)
-        results.write_parquet(pd.DataFrame([summary]), self.run_dir / results.SUMMARY_FILE)
+        results.write_parquet(results.frame([summary]), self.run_dir / results.SUMMARY_FILE)
         results.save_plots(R, names, self.run_dir, self.run_id)
         results.print_report(self.console, R, names, metrics, self.run_dir)
         plots = [self.run_dir / results.MATRIX_PLOT, self.run_dir / results.CURVES_PLOT]
@@ -463,10 +462,10 @@ class Run:
         Tables first: a crash in between leaves them one task ahead of the checkpoint,
         and resuming redoes that task and rewrites them.
         """
-        results.write_parquet(pd.DataFrame(accuracy_rows), self.run_dir / results.ACCURACY_FILE)
-        results.write_parquet(pd.DataFrame(task_rows), self.run_dir / results.TASKS_FILE)
+        results.write_parquet(results.frame(accuracy_rows), self.run_dir / results.ACCURACY_FILE)
+        results.write_parquet(results.frame(task_rows), self.run_dir / results.TASKS_FILE)
         if self.val_rows:
-            results.write_parquet(pd.DataFrame(self.val_rows), self.run_dir / results.VAL_ACCURACY_FILE)
+            results.write_parquet(results.frame(self.val_rows), self.run_dir / results.VAL_ACCURACY_FILE)
         state = {
             "identity": json.dumps(identity(self.cfg), sort_keys=True),
             "data": self.data_fingerprint,

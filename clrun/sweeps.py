@@ -11,19 +11,24 @@ prints how many jobs finished, failed and were reused, and exits with status 1 i
 An Optuna search (conf/hparams_search/) adds `OptunaBest`, which prints the best trial's `clrun` command.
 """
 
+from __future__ import annotations
+
 import datetime
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:  # pandas is imported where it is used: a run reaches its first step without it
+    import pandas as pd
 
 RECORDS = "CLRUN_SWEEP_RECORDS"  # the environment variable naming the running sweep's record folder
 STATUS_FILE = "status.csv"
@@ -48,6 +53,8 @@ def record_job(status: str, run_dir: Path, error: str = "") -> None:
 
 def status_table(folder: Path) -> pd.DataFrame:
     """The recorded jobs of one sweep, in job order."""
+    import pandas as pd
+
     rows = [json.loads(path.read_text()) for path in folder.glob("job-*.json")]
     columns = ["job", "overrides", "status", "error", "run_dir"]
     return pd.DataFrame(rows, columns=columns).sort_values("job", ignore_index=True)

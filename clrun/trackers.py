@@ -7,20 +7,25 @@ and how many task rows and epochs it has logged, so that a resumed run continues
 and logs no task twice. The trackers' packages are the `trackers` extra (`pip install -e '.[trackers]'`).
 """
 
+from __future__ import annotations
+
 import importlib
 import json
 import math
 import numbers
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import yaml
 from omegaconf import OmegaConf
 
 from clrun.errors import ClrunError
-from clrun.results import atomic_write
+from clrun.results import atomic_write, frame
 from clrun.train import EpochEnd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STATE_FILE = "trackers.json"
 PACKAGES = {"csv": "pandas", "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -94,17 +99,19 @@ class CsvTracker(Tracker):
     def _append(self, name: str, row: dict) -> None:
         path = self.directory / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame([row]).to_csv(path, mode="a", header=not path.exists(), index=False)
+        frame([row]).to_csv(path, mode="a", header=not path.exists(), index=False)
 
     def _write(self, name: str, table: pd.DataFrame) -> None:
         atomic_write(self.directory / name, lambda tmp: table.to_csv(tmp, index=False))
 
     def hparams(self, flat):
-        self._write("hparams.csv", pd.DataFrame({"key": list(flat), "value": list(flat.values())}))
+        self._write("hparams.csv", frame({"key": list(flat), "value": list(flat.values())}))
 
     def task(self, train_task, row):
+        import pandas as pd
+
         path = self.directory / "accuracy.csv"  # rewritten whole: each row has one task more (columns task_<j>)
-        new = pd.DataFrame([{"train_task": train_task, **{k.removeprefix("accuracy/"): v for k, v in row.items()}}])
+        new = frame([{"train_task": train_task, **{k.removeprefix("accuracy/"): v for k, v in row.items()}}])
         table = pd.concat([pd.read_csv(path), new]) if path.exists() else new
         tasks = sorted(set(table) - {"train_task", "mean"}, key=_task_number)
         self._write("accuracy.csv", table[["train_task", *tasks, "mean"]])
@@ -113,7 +120,7 @@ class CsvTracker(Tracker):
         self._append("epochs.csv", {"step": step, **vars(end)})
 
     def summary(self, metrics, plots, step):
-        self._write("summary.csv", pd.DataFrame([metrics]))
+        self._write("summary.csv", frame([metrics]))
 
 
 class TensorboardTracker(Tracker):

@@ -1,6 +1,6 @@
 """Start-up: the commands that only print (`clrun --help`, `--cfg job`, shell completion, `clrun-report --help`)
-import neither torch nor torchvision, a small run imports no torchvision model or operator, and the method catalog
-they read holds what the method classes say."""
+import neither torch nor torchvision, a small run imports no torchvision model or operator and reaches its first step
+without pandas or matplotlib, and the method catalog they read holds what the method classes say."""
 
 import json
 import os
@@ -24,6 +24,21 @@ except SystemExit:
 finally:
     heavy = ("torch", "torchvision", "torchvision.models", "torchvision.ops", "torch._inductor")
     print("IMPORTED " + json.dumps([m for m in heavy if m in sys.modules]), file=sys.stderr)
+"""
+
+# runs clrun with the given arguments; prints which table and plot modules were imported when the first step was taken
+AT_FIRST_STEP = """
+import json, sys
+import torch.optim.optimizer as optimizer
+seen = []
+def first_step(opt, args, kwargs):
+    if not seen:
+        seen.append([m for m in ("pandas", "matplotlib") if m in sys.modules])
+optimizer.register_optimizer_step_post_hook(first_step)
+sys.argv = ["clrun", *{args!r}]
+from clrun.cli import main
+main()
+print("AT FIRST STEP " + json.dumps(seen[0]), file=sys.stderr)
 """
 
 
@@ -75,3 +90,12 @@ def test_the_catalog_holds_what_the_method_classes_say():
         assert catalog.describe_value(rebuilt, type(rebuilt)) == method["schema"], name  # rebuilt as described
     assert facts["ewc"]["budget_key"] == "replay.budget" and facts["rps_net"]["budget_key"] == "memory"
     assert "[class]" in facts["dgmw"]["help"] and "[task; class, domain with task_id]" in facts["cpg"]["help"]
+
+
+def test_a_small_run_takes_its_first_step_before_importing_pandas_or_matplotlib(tmp_path, warm_catalog):
+    args = [*TINY_STREAM, "backbone=mlp", "method.train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    code = AT_FIRST_STEP.format(args=args)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    line = [x for x in done.stderr.splitlines() if x.startswith("AT FIRST STEP ")]
+    assert line and (tmp_path / "run" / "summary.parquet").exists(), done.stderr[-2000:]  # it ran to its end
+    assert json.loads(line[-1].removeprefix("AT FIRST STEP ")) == []

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
@@ -157,6 +156,8 @@ def _write(files: ImageList, size, resize, own, tmp: Path, name: str, skip_corru
         os.replace(tmp / "kept.npy", tmp / "images.npy")
     index = {"path": [os.path.abspath(p) for p in files.paths], "label": np.asarray(files.labels, dtype=np.int64)}
     index |= {"orig_height": shapes[:, 0], "orig_width": shapes[:, 1], "kept": kept, "error": errors}
+    import pandas as pd  # here, not at the top: a run of an array dataset (MNIST, CIFAR) starts without pandas
+
     pd.DataFrame(index).to_parquet(tmp / "index.parquet", index=False)
 
 
@@ -194,6 +195,8 @@ def _corrupt(path: Path, message: str) -> ClrunError:
 
 def _load(files: ImageList, folder: Path, skip_corrupt: bool) -> DecodedImages:
     """The images of a complete cache folder, memory-mapped (copy on write, so torch may take them as writable)."""
+    import pandas as pd
+
     index = pd.read_parquet(folder / "index.parquet")
     kept = index["kept"].to_numpy()
     skipped = np.flatnonzero(~kept)

@@ -79,6 +79,13 @@ def unfuse(net: SharedNet, tag: int, picks: bool = True) -> None:
         layer.weight_fn = unfused_weight
 
 
+def decay_by_hand(net: SharedNet, weight_decay: float) -> None:
+    """Weight decay added to the own weights' gradients after the backward pass, as before issue 18."""
+    for layer in shared_layers(net.backbone).values():
+        if layer.weight.grad is not None:
+            layer.weight.grad.add_(layer.weight.detach() * layer.own_mask, alpha=weight_decay)
+
+
 def dense_step(name: str, hw, reference: bool = False):
     """Plain layers: a `TaskModel` with one head, all parameters under SGD (weight decay in the gradient).
     `reference`: single-tensor optimizer steps."""
@@ -118,6 +125,8 @@ def shared_step(name: str, hw, picking: bool, reference: bool = False, recompute
         unfuse(net, 2)
     head = net.heads.add(net.backbone.out_features, N_CLASSES)
     net.heads.heads[head].to(net.device)
+    if not reference:
+        net.own_weight_decay(WEIGHT_DECAY)  # in the masked weights' backward pass
     hw.compile(net)
     params = net.private_parameters() + list(net.heads.heads[head].parameters()) + net.shared_weights()
     optimizers = [torch.optim.SGD(params, lr=0.01, momentum=0.9, **fused(hw, reference))]
@@ -134,7 +143,8 @@ def shared_step(name: str, hw, picking: bool, reference: bool = False, recompute
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        net.decay_own_weights(WEIGHT_DECAY)
+        if reference:
+            decay_by_hand(net, WEIGHT_DECAY)
         for optimizer in optimizers:
             optimizer.step()
 

@@ -132,8 +132,7 @@ def test_stopped_inside_the_first_task_the_cli_keeps_it_and_resumes_there(tmp_pa
     assert not (tmp_path / "stopped" / CHECKPOINT).exists()  # stopped inside task 0: only the save inside it
     assert midtask.exists()
     assert stderr.decode().splitlines()[-1] == (
-        f"clrun: interrupted; what was learned is saved in {tmp_path / 'stopped'}; run the same command again to "
-        "resume"
+        f"clrun: interrupted; what was learned is saved in {tmp_path / 'stopped'}; run the same command again to resume"
     )
     resumed = clrun(tmp_path, *args, "hydra.run.dir=stopped")
     assert resumed.returncode == 0, resumed.stderr

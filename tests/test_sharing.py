@@ -92,10 +92,14 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("picking", [True, False])
-def test_fused_masked_weight_equals_the_unfused_expression_bit_for_bit(picking):
+@pytest.mark.parametrize("decay", [0.0, 4e-5])
+@pytest.mark.parametrize("free", [True, False])
+def test_fused_masked_weight_equals_the_unfused_expression_bit_for_bit(picking, decay, free):
+    """`free`: some weights belong to no task (keep mask given), else every weight is own or earlier (keep None).
+    `decay`: weight decay in the fused backward against decay added to the own weights' gradient after it."""
     torch.manual_seed(0)
     threshold, shape, tag = 5e-3, (64, 32, 3, 3), 3
-    owner = torch.randint(0, 4, shape)  # 0 free, 1-2 earlier tasks, 3 the task being learned
+    owner = torch.randint(0 if free else 1, 4, shape)  # 0 free, 1-2 earlier tasks, 3 the task being learned
     own, old = owner == tag, (owner >= 1) & (owner < tag)
     index = old.flatten().nonzero().squeeze(1)
     weight = torch.randn(shape)
@@ -111,19 +115,26 @@ def test_fused_masked_weight_equals_the_unfused_expression_bit_for_bit(picking):
     p1 = full.clone().requires_grad_() if picking else None
     expected = unfused(w1, own.float(), old.float(), p1, threshold)
     expected.backward(upstream)
+    w1.grad.add_(w1.detach() * own.float(), alpha=decay)  # the decay as it was added before
 
     w2 = weight.clone().requires_grad_()
     p2 = full.flatten()[index].clone().requires_grad_() if picking else None
-    fused = MaskedWeight.apply(w2, own.float(), (own | old).float(), index if picking else None, p2, threshold)
+    keep = (own | old).float() if free else None
+    old_weights = weight.flatten()[index] if picking else None
+    fused = MaskedWeight.apply(w2, own.float(), keep, index if picking else None, old_weights, p2, threshold, decay)
     fused.backward(upstream)
 
     assert torch.equal(bits(fused), bits(expected))
-    assert torch.equal(bits(w2.grad), bits(w1.grad))
+    assert torch.equal(bits(w2.grad[own]), bits(w1.grad[own])) and (w2.grad[~own] == 0).all()  # zeros' signs may differ
+    if decay:
+        assert not torch.equal(w2.grad[own], (upstream * own)[own])  # the decay is there
     if picking:
         assert torch.equal(bits(p2.grad), bits(p1.grad.flatten()[index]))
         assert (p1.grad.flatten()[~old.flatten()] == 0).all()  # the entries the compact mask leaves out: no gradient
         assert (fused.flatten()[index[: 4 * 64]].view(64, 4)[:, 0] == 0).all()  # at the threshold: not picked
         assert not torch.equal(fused, unfused(w1, own.float(), old.float(), None, threshold))  # picking matters
+    if not free and not picking:
+        assert fused._base is w2  # the weight as it is: no copy, no multiplication
 
 
 def test_picking_mask_and_its_adam_state_cover_only_earlier_tasks_weights():
@@ -135,15 +146,24 @@ def test_picking_mask_and_its_adam_state_cover_only_earlier_tasks_weights():
     net.begin_task(2, picking=True)
     layers = shared_layers(net.backbone).values()
     earlier = sum(int((layer.owner == 1).sum()) for layer in layers)
-    weights = sum(layer.weight.numel() for layer in layers)
-    assert 0 < earlier < 0.5 * weights
+    assert 0 < earlier < 0.5 * sum(layer.weight.numel() for layer in layers)
+    own_start = [layer.weight.detach()[layer.owner == 2].clone() for layer in layers]
     optimizer = torch.optim.Adam(net.picks(), lr=1e-2)
+    weights = torch.optim.SGD(net.shared_weights(), lr=0.1, momentum=0.9)
+    net.own_weight_decay(0.01)
     net.heads.add(net.backbone.out_features, 2)
     x = torch.randn(8, *stream.input_shape)
-    net.forward_current(x, 0).sum().backward()
-    optimizer.step()
+    for _ in range(3):
+        optimizer.zero_grad()
+        weights.zero_grad()
+        net.forward_current(x, 0).sum().backward()
+        optimizer.step()
+        weights.step()
     state = [t for s in optimizer.state.values() for t in s.values() if t.dim() > 0]
     assert sum(t.numel() for t in state) == 2 * earlier  # Adam's two moments, one entry per pickable weight
+    for layer, start in zip(layers, own_start, strict=True):  # earlier weights did not move (own weights did):
+        assert not torch.equal(layer.weight.detach()[layer.owner == 2], start)  # the values gathered at the task's
+        assert torch.equal(bits(torch.take(layer.weight.detach(), layer.old)), bits(layer.old_weights))  # start hold
     record = net.end_task(2)
     assert sum(int(p.sum()) for p in record["pick"].values()) <= earlier
     for name, layer in shared_layers(net.backbone).items():

@@ -7,7 +7,7 @@ tasks <= k, restricted to those its picking mask picked among earlier tasks'
 weights, at its own width, with its own batch norm, biases, PReLU and head.
 The weights of earlier tasks never move: the forward pass detaches them, so
 their gradients are exactly zero (no momentum or Adam moment can build up), and
-weight decay is added by hand to the current task's weights only.
+weight decay is added to the current task's weights only (`own_weight_decay`).
 """
 
 import math
@@ -30,34 +30,51 @@ def shared_layers(module: nn.Module) -> dict[str, nn.Module]:
 
 class MaskedWeight(torch.autograd.Function):
     """The current task's weight in one function: `weight * keep` (own and earlier tasks' weights; a weight times 0
-    elsewhere), and with a picking mask `pick` (one entry per flat index `old` of an earlier task's weight) the
-    earlier weights times binarize(pick): 1 where `pick` > `threshold` else 0, as `(hard + pick) - pick`.
-    Backward: the gradient times `own` to the weight (earlier weights never move), the gradient times the earlier
-    weights to `pick` (straight through the threshold). Bit-identical to the unfused expression
-    `weight * own + weight.detach() * old_mask * (hard + pick - pick.detach())`."""
+    elsewhere; `keep` None where no weight is either, so the weight is used as it is), and with a picking mask `pick`
+    (one entry per flat index `old` of an earlier task's weight, whose values are `old_weights`: gathered once per
+    task, as earlier weights never move) the earlier weights times binarize(pick): 1 where `pick` > `threshold` else
+    0, as `(hard + pick) - pick`.
+    Backward: the gradient plus `decay` times the weight (L2 weight decay), times `own`, to the weight (earlier
+    weights never move), the gradient times the earlier weights to `pick` (straight through the threshold).
+    Bit-identical to the unfused expression `weight * own + weight.detach() * old_mask * (hard + pick -
+    pick.detach())` with `decay * weight * own` added to the weight's gradient after the backward pass (zeros may
+    differ in sign where `own` is 0, which no optimizer step turns into a change of weight)."""
 
     @staticmethod
-    def forward(ctx, weight, own, keep, old, pick, threshold):
-        out = weight * keep
-        old_weights = None
+    def forward(ctx, weight, own, keep, old, old_weights, pick, threshold, decay):
+        if keep is not None:
+            out = weight * keep
+        else:  # as it is; a copy where picking writes into it
+            out = weight if pick is None else weight.clone()
         if pick is not None:
-            old_weights = torch.take(weight, old)
             hard = (pick > threshold).to(pick.dtype)
-            out.put_(old, old_weights * hard.add_(pick).sub_(pick))
-        ctx.save_for_backward(own, old, old_weights)
+            out.put_(old, hard.add_(pick).sub_(pick).mul_(old_weights))
+        ctx.decay = decay
+        ctx.save_for_backward(own, old, old_weights, weight if decay else None)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        own, old, old_weights = ctx.saved_tensors
-        grad_weight = grad * own if ctx.needs_input_grad[0] else None
-        grad_pick = torch.take(grad, old) * old_weights if ctx.needs_input_grad[4] else None
-        return grad_weight, None, None, None, grad_pick, None
+        own, old, old_weights, weight = ctx.saved_tensors
+        grad_pick = torch.take(grad, old).mul_(old_weights) if ctx.needs_input_grad[5] else None
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = torch.add(grad, weight, alpha=ctx.decay).mul_(own) if ctx.decay else grad * own
+        return grad_weight, None, None, None, None, grad_pick, None, None
 
 
 def _masked_weight(layer: nn.Module) -> torch.Tensor:
     """The current task's weight: its own weights trained, earlier tasks' weights frozen and (optionally) picked."""
-    return MaskedWeight.apply(layer.weight, layer.own_mask, layer.keep_mask, layer.old, layer.pick, layer.threshold)
+    return MaskedWeight.apply(
+        layer.weight,
+        layer.own_mask,
+        layer.keep_mask,
+        layer.old,
+        layer.old_weights,
+        layer.pick,
+        layer.threshold,
+        layer.decay,
+    )
 
 
 def _slice(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -96,7 +113,8 @@ class SharedNet(nn.Module):
             raise ClrunError("backbone.name=lstm: weight sharing masks conv and linear layers' weights, not an LSTM's")
         for layer in shared_layers(backbone).values():
             layer.register_buffer("owner", torch.zeros_like(layer.weight, dtype=torch.uint8))
-            layer.pick = layer.old = None
+            layer.pick = layer.old = layer.old_weights = None
+            layer.decay = 0.0
         return backbone
 
     def _shared_keys(self) -> set[str]:
@@ -135,13 +153,16 @@ class SharedNet(nn.Module):
 
     def refresh_masks(self, tag: int) -> None:
         """Recompute the precomputed masks after the owner map changed: own weights, own and earlier ones, and
-        (picking) the flat indices of the earlier ones, which the picking mask covers."""
+        (picking) the flat indices of the earlier ones, which the picking mask covers, and their values (fixed for
+        the task: earlier tasks' weights never move)."""
         for layer in shared_layers(self.backbone).values():
             own = layer.owner == tag
             old = (layer.owner >= 1) & (layer.owner < tag)
             layer.own_mask = own.to(layer.weight.dtype)
-            layer.keep_mask = (own | old).to(layer.weight.dtype)
+            keep = own | old
+            layer.keep_mask = None if bool(keep.all()) else keep.to(layer.weight.dtype)  # None: nothing masked out
             layer.old = old.flatten().nonzero().squeeze(1) if self.picking else None
+            layer.old_weights = None if layer.old is None else torch.take(layer.weight.detach(), layer.old)
 
     def picks(self) -> list[nn.Parameter]:
         return [layer.pick for layer in shared_layers(self.backbone).values() if layer.pick is not None]
@@ -152,12 +173,11 @@ class SharedNet(nn.Module):
             for pick in self.picks():
                 pick.fill_(self.mask_init)
 
-    def decay_own_weights(self, weight_decay: float) -> None:
-        """Add L2 weight decay to the gradients of the current task's own weights only (CPG)."""
-        if weight_decay:
-            for layer in shared_layers(self.backbone).values():
-                if layer.weight.grad is not None:
-                    layer.weight.grad.add_(layer.weight.detach() * layer.own_mask, alpha=weight_decay)
+    def own_weight_decay(self, weight_decay: float) -> None:
+        """From now on, the backward pass adds L2 weight decay to the gradients of the current task's own weights
+        only (CPG), in the pass that masks them."""
+        for layer in shared_layers(self.backbone).values():
+            layer.decay = weight_decay
 
     def prune(self, tag: int, sparsity: float) -> None:
         """Release, per layer, the smallest-magnitude weights of task `tag` so that a fraction `sparsity`
@@ -181,7 +201,7 @@ class SharedNet(nn.Module):
                 if layer.pick is not None:
                     picked = torch.zeros_like(layer.owner, dtype=torch.bool)
                     record["pick"][name] = picked.put_(layer.old, layer.pick.detach() > layer.threshold)
-                layer.pick = layer.old = None
+                layer.pick = layer.old = layer.old_weights = None
                 layer.weight_fn = None
         self.records.append(record)
         self._view = None

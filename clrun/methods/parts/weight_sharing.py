@@ -165,19 +165,22 @@ class WeightSharingMethod(Method):
             tally["seen"] += len(y)
             return value
 
-        stats = self.fit(
-            task,
-            FrozenBatchNorm(net) if freeze_bn else net,
-            params,
-            loss,
-            OmegaConf.merge(cfg, {"weight_decay": 0.0}),
-            label,
-            groups=groups,
-            after_backward=lambda step, optimizers: net.decay_own_weights(cfg.weight_decay if train_weights else 0.0),
-            after_step=after_step,
-            after_epoch=after_epoch,
-            validate=validate or (validate_live if cfg.schedule.value == "plateau" else None),
-        )
+        net.own_weight_decay(cfg.weight_decay if train_weights else 0.0)  # in the masked weights' backward pass
+        try:
+            stats = self.fit(
+                task,
+                FrozenBatchNorm(net) if freeze_bn else net,
+                params,
+                loss,
+                OmegaConf.merge(cfg, {"weight_decay": 0.0}),
+                label,
+                groups=groups,
+                after_step=after_step,
+                after_epoch=after_epoch,
+                validate=validate or (validate_live if cfg.schedule.value == "plateau" else None),
+            )
+        finally:
+            net.own_weight_decay(0.0)
         return stats, tally["correct"].item() / tally["seen"]
 
     def criterion(self, task: Task):

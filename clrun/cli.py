@@ -19,7 +19,7 @@ from rich.logging import RichHandler
 from clrun import methods
 from clrun.config import register_schemas
 from clrun.errors import ClrunError
-from clrun.naming import run_name
+from clrun.naming import RUNS_DIR, run_name
 
 # `clrun --help`, `--cfg` and shell completion import no torch: what runs or evaluates (clrun.run, clrun.evaluate,
 # clrun.sweeps, and through them torch) is imported in the functions that do it
@@ -142,16 +142,13 @@ def _run(cfg: DictConfig) -> float | None:
         discard_unstarted(run_dir)
 
 
-DEFAULT_RUNS_DIR = "outputs/runs"  # conf/config.yaml's hydra.run.dir and hydra.sweep.dir lie below it
-
-
 def check_folder_overrides(args: list[str]) -> None:
     """Fail in one line when the folder runs are written to (`hydra.run.dir=`, `hydra.sweep.dir=`, else
     outputs/runs/) names a file or a path below one, or cannot be created or written by this user (Hydra would stop
     with a traceback creating it)."""
     given = dict(arg.partition("=")[::2] for arg in args if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")))
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
-        value = given.get(key, DEFAULT_RUNS_DIR)
+        value = given.get(key, RUNS_DIR)
         known = value.partition("${")[0]  # the part before the first interpolation
         if not known:
             continue

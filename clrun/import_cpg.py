@@ -27,7 +27,8 @@ from clrun.config import check_config
 from clrun.errors import ClrunError
 from clrun.methods.cpg import CPG
 from clrun.models.shared_net import shared_layers
-from clrun.run import Run, run_name
+from clrun.naming import RUNS_DIR, run_name
+from clrun.run import Run
 
 CPG_KEYS = ("model_state_dict", "dataset_history", "dataset2num_classes", "masks", "shared_layer_info")
 THRESHOLD = 5e-3  # CPG's forward uses a weight where its piggymask is above this (models/layers.py)
@@ -183,7 +184,7 @@ def import_checkpoint(path: Path, overrides=(), out: Path | None = None, console
             "CPG's CIFAR-100 checkpoints need method=cpg and backbone=vgg16_bn, "
             f"not method={cfg.method.name} backbone={cfg.backbone.name}"
         )
-    run_dir = Path(out) if out else Path("outputs/runs") / run_name(cfg)  # conf/config.yaml's hydra.run.dir
+    run_dir = Path(out) if out else Path(RUNS_DIR) / run_name(cfg)
     console = console or Console()
     try:
         summary = Run(cfg, run_dir, console, overrides).execute(adopt=partial(adopt, checkpoint))

@@ -10,6 +10,7 @@ from clrun import catalog
 from clrun.config import import_target
 from clrun.errors import ClrunError
 
+RUNS_DIR = "outputs/runs"  # where runs go (conf/config.yaml writes it too: hydra.run.dir and hydra.sweep.dir)
 IDENTITY_KEYS = ("method", "backbone", "stream", "hardware", "seed")
 # hardware keys that change how fast a run goes, not what it learns (at most floating-point rounding, as threads do):
 # left out of the identity, so the same run on 2 threads or compiled lands in the same folder; precision stays in

@@ -19,6 +19,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from clrun.naming import RUNS_DIR
 from clrun.results import (
     ACCURACY_FILE,
     CHECKPOINT,
@@ -348,7 +349,7 @@ def print_unfinished(console: Console, unfinished: list[Path], failed: pd.DataFr
 def main(argv: list[str] | None = None) -> None:
     """The `clrun-report` command."""
     parser = argparse.ArgumentParser(prog="clrun-report", description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="*", type=Path, default=[Path("outputs/runs")])
+    parser.add_argument("folders", nargs="*", type=Path, default=[Path(RUNS_DIR)])
     parser.add_argument("--where", default="", help="only the runs whose columns hold these values: method=cpg,seed=0")
     parser.add_argument("--group-by", default=",".join(GROUP), help=f"columns to average within (default {GROUP})")
     parser.add_argument("--out", type=Path, help="also write the per-run table (with transfer) to this parquet file")

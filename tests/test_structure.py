@@ -38,9 +38,9 @@ MAY_IMPORT = {
     "clrun.evaluate": {"clrun", "clrun.errors", "clrun.results", "clrun.run"},
     "clrun.cli": {"clrun", "clrun.errors", "clrun.config", "clrun.run", "clrun.methods", "clrun.sweeps"}
     | {"clrun.evaluate", "clrun.naming"},
-    "clrun.report": {"clrun.results", "clrun.sweeps"},
+    "clrun.report": {"clrun.results", "clrun.sweeps", "clrun.naming"},
     "clrun.import_cpg": {"clrun", "clrun.errors", "clrun.config", "clrun.models", "clrun.methods", "clrun.results"}
-    | {"clrun.run", "clrun.cli"},
+    | {"clrun.run", "clrun.cli", "clrun.naming"},
 }
 MAY_IMPORT["clrun.methods.parts"] = MAY_IMPORT["clrun.methods.base"] | {"clrun.methods.base", "clrun.methods.parts"}
 MAY_IMPORT["clrun.methods"] = MAY_IMPORT["clrun.methods.parts"] | {"clrun.catalog"}  # the registry, every method

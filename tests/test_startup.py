@@ -99,3 +99,23 @@ def test_a_small_run_takes_its_first_step_before_importing_pandas_or_matplotlib(
     line = [x for x in done.stderr.splitlines() if x.startswith("AT FIRST STEP ")]
     assert line and (tmp_path / "run" / "summary.parquet").exists(), done.stderr[-2000:]  # it ran to its end
     assert json.loads(line[-1].removeprefix("AT FIRST STEP ")) == []
+
+
+def test_the_config_store_its_copies_share_still_hands_out_copies():
+    """`cli.setup` makes Hydra's deep copies of the ConfigStore the store itself (they cost `--help` seconds); that
+    is safe only while `ConfigStore.load` copies what it returns: a change to a loaded node must not reach the next
+    load, nor the next composed config (a Hydra upgrade that stops copying fails here)."""
+    import copy
+
+    from hydra.core.config_store import ConfigStore
+
+    from clrun.cli import compose, setup
+
+    setup()
+    store = ConfigStore.instance()
+    assert copy.deepcopy(store) is store
+    store.load("config_schema.yaml").node.seed = 123
+    assert store.load("config_schema.yaml").node.seed == 0
+    changed = compose(["seed=5"])
+    changed.resume = False
+    assert compose().seed == 0 and compose().resume is True

@@ -78,6 +78,7 @@ def one(method: str, args) -> dict:
     import tempfile
 
     import pandas as pd
+    import torch
     from rich.console import Console
 
     from clrun.cli import compose
@@ -85,6 +86,9 @@ def one(method: str, args) -> dict:
     from clrun.run import Run
     from clrun.train import Trainer
 
+    # what torch imports on first use is start-up, not per-step cost: torch.optim's constructor imports torch._dynamo
+    # (about 0.9 s of CPU, which would count as 45 ms a step in the first task's 20 steps)
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     per_task = []  # [CPU seconds, steps] of each task's training phases
     fit, learn = Trainer.fit, Run._learn
 

@@ -2,8 +2,8 @@
 the task index.
 
 Each method runs in its own process at one thread (`--jobs` at once): permuted MNIST (task scenario; a method
-that refuses it runs in the domain scenario), `--tasks` tasks of `--steps` steps each (every other training
-phase cut to as few; `--train-per-task` images a task, so that importance estimates stay cheap), a 2x400 MLP,
+that refuses it in the domain scenario, else the class one), `--tasks` tasks of `--steps` steps each (every other
+training phase cut to as few; `--train-per-task` images a task, so that importance estimates stay cheap), a 2x400 MLP,
 64 test images a task. A task's per-step time is the time of its training phases (`Trainer.fit`: no evaluation,
 no importance estimate) over their steps, both as wall time (the run's `train_s`) and as the training thread's CPU
 time (far less disturbed by other processes on a loaded machine: the headline). The slope is the least-squares
@@ -72,9 +72,9 @@ def overrides(method: str, scenario: str, args) -> list[str]:
 
 
 def one(method: str, args) -> dict:
-    """Run `method` (task scenario, else domain) in this process: per task, the wall seconds per training step
-    (the run's `train_s` over the steps of its training phases) and the thread's CPU seconds per step (less
-    disturbed by other processes on a loaded machine)."""
+    """Run `method` (task scenario, else domain, else class) in this process: per task, the wall seconds per
+    training step (the run's `train_s` over the steps of its training phases) and the thread's CPU seconds per step
+    (less disturbed by other processes on a loaded machine)."""
     import tempfile
 
     import pandas as pd
@@ -105,7 +105,7 @@ def one(method: str, args) -> dict:
 
     Trainer.fit, Run._learn = counted_fit, counted_learn
     refusals = []
-    for scenario in ("task", "domain"):
+    for scenario in ("task", "domain", "class"):
         per_task.clear()
         with tempfile.TemporaryDirectory() as folder:
             try:

@@ -68,6 +68,7 @@ def overrides(method: str, scenario: str, args) -> list[str]:
         "stream.test_per_task=64",
         f"method={method}",
         *phases(method, args.steps),
+        *([f"method.nz={10 * args.tasks + 100}"] if method == "dgmw" else []),  # its noise holds a one-hot per class
     ]
 
 

@@ -109,8 +109,8 @@ def transplant(live, saved, memo: dict, deferred: list):
             return live
         memo[id(saved)] = saved
         return saved
-    if type(live) is not type(saved):
-        return saved
+    if type(live) is not type(saved) or (not isinstance(saved, (dict, list, tuple)) and not _has_state(saved)):
+        return saved  # a value (a number, a string, None) is not memoised: equal small ints are one object
     memo[id(saved)] = live
     if isinstance(saved, (dict, list)) and saved and all(v is KEEP for v in _values(saved)):
         return live  # functions only (e.g. a module's hooks): the replayed code registered them anew
@@ -130,11 +130,9 @@ def transplant(live, saved, memo: dict, deferred: list):
         if type(saved) is not tuple or len(live) != len(saved):
             return saved
         return tuple(transplant(a, b, memo, deferred) for a, b in zip(live, saved, strict=True))
-    elif hasattr(saved, "__dict__") and not isinstance(saved, type):
+    else:
         transplant(vars(live), vars(saved), memo, deferred)
         memo[id(vars(saved))] = vars(live)
-    else:
-        return saved
     return live
 
 
@@ -154,6 +152,11 @@ def remove_phase_files(folder: Path) -> None:
     """Remove the finished phases' files (`PHASE_FILE`) of a task from a run's checkpoints/ folder."""
     for path in folder.glob(PHASE_FILE.format("*")):
         path.unlink()
+
+
+def _has_state(value) -> bool:
+    """Whether `value` is an object whose attributes `transplant` restores (not a class, not a plain value)."""
+    return hasattr(value, "__dict__") and not isinstance(value, type)
 
 
 def _values(container):

@@ -26,7 +26,10 @@ CASES = {
     "er": ["method=er", "method.train.epochs=2"],  # memory sampling from the RNG
     # train, prune and retrain phases; retrain's after_epoch keeps its best state in closure variables
     "cpg": ["method=cpg", "method.train.epochs=2", "method.prune_train.epochs=2", "method.retrain.epochs=2"],
+    # a gate and a module per task, LSTMs among them; stopped inside its second task (values restored in place)
+    "gim": ["method=gim", "method.train.iterations=6", "method.gate_train.iterations=6", "method.gate_hidden=32"],
 }
+STOP_AFTER_SAVES = {"cpg": 4, "gim": 5}  # cpg: inside task 0's pruning, past its training phase; gim: in task 1
 
 
 def epochs_counted(function):
@@ -70,7 +73,7 @@ def stopped_inside_task(tmp_path: Path, overrides: list[str], after_saves: int) 
 def test_stopped_inside_a_task_resumes_there_to_the_uninterrupted_matrix(tmp_path, method):
     overrides = [*EVERY_EPOCH, *CASES[method]]
     (_, straight), all_epochs = epochs_counted(lambda: run(tmp_path, *overrides, name="straight"))
-    after_saves = 4 if method == "cpg" else 2  # cpg: inside task 0's pruning, past its training phase
+    after_saves = STOP_AFTER_SAVES.get(method, 2)
     before = stopped_inside_task(tmp_path, overrides, after_saves)
     assert (tmp_path / "resumed" / MIDTASK).exists()
     (_, resumed), after = epochs_counted(lambda: run(tmp_path, *overrides, name="resumed"))
@@ -105,6 +108,20 @@ def test_transplant_copies_values_into_the_live_objects():
     assert live.weight is weight and torch.equal(weight, torch.ones(3))  # the same object, the saved values
     assert list(live.state) == [weight] and torch.equal(live.state[weight], torch.full((3,), 2.0))
     assert live.steps == 5 and live.names == ["b"]
+
+
+def test_transplant_restores_equal_values_each_in_its_place():
+    """Small ints (and interned strings) are shared objects: the saved 4 of one attribute must not be taken for
+    the saved 4 of another (GIM's resume inside its second task failed in its LSTM on this)."""
+
+    class Holder:
+        pass
+
+    live, saved = Holder(), Holder()
+    live.layers, live.width, live.name, live.other = 3, 5, "a", "c"
+    saved.layers, saved.width, saved.name, saved.other = 4, 4, "b", "b"
+    transplant(live, saved, {}, [])
+    assert (live.layers, live.width, live.name, live.other) == (4, 4, "b", "b")
 
 
 def test_a_zero_interval_is_refused_in_one_line(tmp_path):

@@ -59,8 +59,17 @@ class MaskedWeight(torch.autograd.Function):
         grad_pick = torch.take(grad, old).mul_(old_weights) if ctx.needs_input_grad[5] else None
         grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_weight = torch.add(grad, weight, alpha=ctx.decay).mul_(own) if ctx.decay else grad * own
+            grad_weight = _plus_decay(grad, weight, ctx.decay).mul_(own) if ctx.decay else grad * own
         return grad_weight, None, None, None, None, grad_pick, None, None
+
+
+def _plus_decay(grad: torch.Tensor, weight: torch.Tensor, decay: float) -> torch.Tensor:
+    """`grad + decay * weight`: eagerly as torch.add with `alpha` (one rounding, as L2 decay added to `.grad` was);
+    compiled as a product and a sum, since torch.compile (torch 2.14) takes an `alpha` read from the autograd
+    context as 1."""
+    if torch.compiler.is_compiling():
+        return grad + weight * decay
+    return torch.add(grad, weight, alpha=decay)
 
 
 def _masked_weight(layer: nn.Module) -> torch.Tensor:

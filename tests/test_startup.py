@@ -26,8 +26,9 @@ finally:
     print("IMPORTED " + json.dumps([m for m in heavy if m in sys.modules]), file=sys.stderr)
 """
 
-# runs clrun with the given arguments; prints which table and plot modules were imported when the first step was taken
-AT_FIRST_STEP = """
+# runs clrun with the given arguments; prints which table and plot modules were imported when the first step was
+# taken, and which torchvision modules at the end
+RUN_PROBE = """
 import json, sys
 import torch.optim.optimizer as optimizer
 seen = []
@@ -39,6 +40,8 @@ sys.argv = ["clrun", *{args!r}]
 from clrun.cli import main
 main()
 print("AT FIRST STEP " + json.dumps(seen[0]), file=sys.stderr)
+vision = ("torchvision", "torchvision.models", "torchvision.ops")
+print("IMPORTED " + json.dumps([m for m in vision if m in sys.modules]), file=sys.stderr)
 """
 
 
@@ -75,11 +78,16 @@ def test_shell_completion_imports_no_torch(tmp_path, warm_catalog):
     assert imported(tmp_path, "clrun.cli", "clrun", "-sc", "query=bash", env=env) == []
 
 
-def test_a_small_run_imports_no_torchvision_model_or_operator(tmp_path, warm_catalog):
+def test_a_small_run_imports_no_torchvision_and_takes_its_first_step_before_pandas_or_matplotlib(
+    tmp_path, warm_catalog
+):
     args = [*TINY_STREAM, "backbone=mlp", "method.train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
-    found = imported(tmp_path, "clrun.cli", "clrun", *args)
-    assert "torch" in found and (tmp_path / "run" / "summary.parquet").exists()  # it did run
-    assert not {"torchvision", "torchvision.models", "torchvision.ops"} & set(found)
+    code = RUN_PROBE.format(args=args)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    prefixes = ("AT FIRST STEP ", "IMPORTED ")
+    lines = {p: json.loads(x.removeprefix(p)) for x in done.stderr.splitlines() for p in prefixes if x.startswith(p)}
+    assert (tmp_path / "run" / "summary.parquet").exists(), done.stderr[-2000:]  # it ran to its end
+    assert lines["AT FIRST STEP "] == [] and lines["IMPORTED "] == []
 
 
 def test_the_catalog_holds_what_the_method_classes_say():
@@ -90,15 +98,6 @@ def test_the_catalog_holds_what_the_method_classes_say():
         assert catalog.describe_value(rebuilt, type(rebuilt)) == method["schema"], name  # rebuilt as described
     assert facts["ewc"]["budget_key"] == "replay.budget" and facts["rps_net"]["budget_key"] == "memory"
     assert "[class]" in facts["dgmw"]["help"] and "[task; class, domain with task_id]" in facts["cpg"]["help"]
-
-
-def test_a_small_run_takes_its_first_step_before_importing_pandas_or_matplotlib(tmp_path, warm_catalog):
-    args = [*TINY_STREAM, "backbone=mlp", "method.train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
-    code = AT_FIRST_STEP.format(args=args)
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    line = [x for x in done.stderr.splitlines() if x.startswith("AT FIRST STEP ")]
-    assert line and (tmp_path / "run" / "summary.parquet").exists(), done.stderr[-2000:]  # it ran to its end
-    assert json.loads(line[-1].removeprefix("AT FIRST STEP ")) == []
 
 
 def test_the_config_store_its_copies_share_still_hands_out_copies():

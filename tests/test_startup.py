@@ -51,9 +51,14 @@ def imported(tmp_path, module: str, prog: str, *args: str, env: dict | None = No
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
     )
-    line = [x for x in done.stderr.splitlines() if x.startswith("IMPORTED ")]
-    assert line, done.stderr[-2000:]
-    return json.loads(line[-1].removeprefix("IMPORTED "))
+    return printed(done.stderr, "IMPORTED ")
+
+
+def printed(stderr: str, prefix: str):
+    """What a probe printed as JSON after `prefix` (its last such line)."""
+    lines = [x for x in stderr.splitlines() if x.startswith(prefix)]
+    assert lines, stderr[-2000:]
+    return json.loads(lines[-1].removeprefix(prefix))
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +89,8 @@ def test_a_small_run_imports_no_torchvision_and_takes_its_first_step_before_pand
     args = [*TINY_STREAM, "backbone=mlp", "method.train.epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
     code = RUN_PROBE.format(args=args)
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    prefixes = ("AT FIRST STEP ", "IMPORTED ")
-    lines = {p: json.loads(x.removeprefix(p)) for x in done.stderr.splitlines() for p in prefixes if x.startswith(p)}
     assert (tmp_path / "run" / "summary.parquet").exists(), done.stderr[-2000:]  # it ran to its end
-    assert lines["AT FIRST STEP "] == [] and lines["IMPORTED "] == []
+    assert printed(done.stderr, "AT FIRST STEP ") == [] and printed(done.stderr, "IMPORTED ") == []
 
 
 def test_the_catalog_holds_what_the_method_classes_say():
